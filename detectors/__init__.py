@@ -1,0 +1,1 @@
+"""Detection stages, each usable on its own as a library."""

@@ -1,0 +1,1 @@
+"""Inference firewall: an Open Inference Protocol sidecar that protects image classifiers."""

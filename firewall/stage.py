@@ -1,0 +1,57 @@
+"""The one interface every pipeline stage implements: a request context in, findings out.
+
+A stage is a small callable, the way structlog chains processors and Envoy chains filters:
+
+    class Stage(Protocol):
+        name: str
+        def __call__(self, ctx: RequestContext) -> Sequence[Finding]: ...
+
+Stages run in order on a worker thread (never on the event loop). A stage may read and write
+the context (the sanitizer fills ``ctx.tensor``; the probing stage reads it) and returns the
+findings it raised, possibly none. The policy, not the stage, decides what a finding means
+for the client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Evidence that a request looks adversarial. Operators see all of it; clients see none."""
+
+    rule: str  # detector rule name, e.g. "probing.client"; becomes ECS rule.name
+    score: float
+    threshold: float
+    item: int | None = None  # index in the request batch, when the finding is per image
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RequestContext:
+    """Everything the stages know about one inference request."""
+
+    request_id: str
+    model: str
+    client_id: str
+    peer: str
+    images: list[np.ndarray]  # decoded inputs, each HxWxC, uint8 or float32 in [0, 1]
+    digests: list[bytes]  # sha256 of each item exactly as received (retries are byte-identical)
+    tensor: np.ndarray | None = None  # sanitized model-ready batch, float32 [B, C, H, W]
+    labels: np.ndarray | None = None  # int64 [B], set by the prediction step
+    findings: list[Finding] = field(default_factory=list)
+    scratch: dict[str, Any] = field(default_factory=dict)  # values stages share (embeddings, ...)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.images)
+
+
+class Stage(Protocol):
+    name: str
+
+    def __call__(self, ctx: RequestContext) -> Sequence[Finding]: ...

@@ -1,0 +1,1 @@
+"""Bundled protected models, their training scripts and ONNX tooling."""
