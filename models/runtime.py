@@ -1,0 +1,82 @@
+"""Loading an ONNX image classifier and running it with ONNX Runtime.
+
+One small wrapper shared by the embedded backend and by the detectors that need the model's own
+outputs. It reads the input spec (name, channels, height, width) from the graph so the firewall can
+bring any client input to it, and it never imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+
+def bundled_model_path(name: str) -> Path:
+    """Path of ``models/<name>/model.onnx``, from a checkout or an installed package alike."""
+    return Path(str(resources.files("models").joinpath(name, "model.onnx")))
+
+
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return options
+
+
+def default_providers() -> list[str]:
+    """CUDA first when the onnxruntime-gpu build is installed; the CPU always as fallback."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    channels: int
+    height: int
+    width: int
+
+
+def _input_spec(model: onnx.ModelProto) -> InputSpec:
+    initializers = {init.name for init in model.graph.initializer}
+    graph_input = next(i for i in model.graph.input if i.name not in initializers)
+    dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
+    if len(dims) != 4 or any(d <= 0 for d in dims[1:]):
+        raise ValueError(f"model input {graph_input.name!r} must be [N, C, H, W] with fixed C, H, W; got {dims}")
+    return InputSpec(graph_input.name, dims[1], dims[2], dims[3])
+
+
+class OnnxClassifier:
+    """An image classifier in ONNX: float32 [N, C, H, W] in [0, 1] in, logits [N, K] out."""
+
+    def __init__(self, path: str | Path, *, threads: int = 1, providers: list[str] | None = None):
+        self.path = Path(path)
+        proto = onnx.load(str(self.path))
+        self.input = _input_spec(proto)
+        self.output_name = proto.graph.output[0].name
+        self.session = ort.InferenceSession(
+            proto.SerializeToString(), session_options(threads), providers=providers or default_providers()
+        )
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.input.channels, self.input.height, self.input.width)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input.name: batch.astype(np.float32, copy=False)})[0]
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return softmax(self.logits(batch))
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self.logits(batch).argmax(axis=1).astype(np.int64)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
