@@ -1,0 +1,64 @@
+"""One protected model's pipeline: sanitize, detect, predict.
+
+The stages come from configuration (the sanitizer first, then each configured detector in
+order), so adding a detector means one module in ``detectors/`` and one config entry.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from firewall.backends import Predictor, build_predictor
+from firewall.codec import Limits
+from firewall.config import ProtectedModel, Settings
+from firewall.stage import RequestContext, Stage
+from models.runtime import OnnxClassifier
+
+
+@dataclass
+class ModelPipeline:
+    name: str
+    classifier: OnnxClassifier  # the local copy: input spec, and the model the detectors query
+    predictor: Predictor
+    limits: Limits
+    stages: list[Stage]
+    observe: Callable[[str, float], None] = lambda stage, seconds: None  # stage latency sink (metrics)
+
+    def inspect(self, ctx: RequestContext) -> None:
+        """Run every stage in order; findings accumulate on the context."""
+        for stage in self.stages:
+            started = time.perf_counter()
+            ctx.findings.extend(stage(ctx))
+            self.observe(stage.name, time.perf_counter() - started)
+
+    def predict(self, ctx: RequestContext) -> None:
+        started = time.perf_counter()
+        ctx.labels = self.predictor.predict(ctx.tensor)
+        self.observe("predict", time.perf_counter() - started)
+
+    def close(self) -> None:
+        for stage in self.stages:
+            close = getattr(stage, "close", None)
+            if close is not None:
+                close()
+        self.predictor.close()
+
+
+def build_pipeline(name: str, model: ProtectedModel, settings: Settings) -> ModelPipeline:
+    classifier = OnnxClassifier(settings.onnx_path(name))
+    stages: list[Stage] = [model.sanitizer.build(classifier)]
+    for detector in model.detectors:
+        stages.append(detector.build(classifier))
+    return ModelPipeline(
+        name=name,
+        classifier=classifier,
+        predictor=build_predictor(model.backend, classifier, settings.max_message_bytes),
+        limits=Limits(max_batch=model.limits.max_batch, max_pixels=model.limits.max_pixels),
+        stages=stages,
+    )
+
+
+def build_pipelines(settings: Settings) -> dict[str, ModelPipeline]:
+    return {name: build_pipeline(name, model, settings) for name, model in settings.models.items()}
