@@ -1,0 +1,228 @@
+"""Make an ONNX model's Dropout active at inference, for Monte-Carlo dropout.
+
+Gal & Ghahramani, "Dropout as a Bayesian Approximation: Representing Model Uncertainty in Deep
+Learning", ICML 2016: keeping dropout on at test time and running T stochastic passes samples an
+approximate posterior predictive; the spread of the T outputs measures the model's uncertainty.
+
+Why a rewrite: ONNX Runtime's graph optimizer (pass ``EliminateDropout``, on at the default level)
+deletes every Dropout node, even one whose ``training_mode`` input is true, so an exported model gives
+identical outputs run after run. Each Dropout node is therefore replaced by explicit mask ops, which
+no optimizer folds because random ops are never constant:
+
+    keep = Less(RandomUniformLike(X), 1 - p)        # each element kept with probability 1 - p
+    Y    = X * (Cast(keep) * 1 / (1 - p))           # inverted dropout: E[Y] = X
+
+Every element of every batch row draws its own mask, so N copies of one input in one batched run are
+N independent passes. p is each node's own ratio unless ``ratio`` overrides it; p = 0 turns a node
+into Identity, giving the deterministic model. The node's ``training_mode`` input is ignored: the
+rewritten dropout is always on. Only the main graph is rewritten (not If/Loop bodies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from google.protobuf.message import DecodeError
+from onnx import helper, numpy_helper
+
+from models.runtime import InputSpec, _input_spec, default_providers, session_options
+
+DEFAULT_RATIO = 0.5  # the ONNX default when a Dropout node gives no ratio
+REWRITE_MARKER = "mc_dropout.rewritten_nodes"  # metadata key set on rewritten models
+
+
+class NoDropoutError(ValueError):
+    """The model has no Dropout node to turn into Monte-Carlo dropout."""
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Values known before running: initializers and the outputs of Constant nodes."""
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def _node_ratio(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> float:
+    for attr in node.attribute:  # opset 7-11 keep the ratio as an attribute
+        if attr.name == "ratio":
+            return float(attr.f)
+    if len(node.input) > 1 and node.input[1]:  # opset 12+: an optional input
+        if node.input[1] not in constants:
+            raise ValueError(f"Dropout node {node.name!r} takes its ratio from a runtime input; pass ratio=")
+        return float(constants[node.input[1]])
+    return DEFAULT_RATIO
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    return {v.name: v.type.tensor_type.elem_type for v in values if v.type.HasField("tensor_type")}
+
+
+class _Names:
+    """Fresh tensor and node names that cannot clash with any already in the graph."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.used = {name for node in graph.node for name in (*node.input, *node.output, node.name)}
+        self.used |= {v.name for v in (*graph.input, *graph.output, *graph.initializer)}
+
+    def __call__(self, base: str) -> str:
+        name, n = base, 0
+        while name in self.used:
+            n += 1
+            name = f"{base}_{n}"
+        self.used.add(name)
+        return name
+
+
+def _mask_nodes(
+    node: onnx.NodeProto, p: float, elem_type: int, names: _Names, graph: onnx.GraphProto
+) -> list[onnx.NodeProto]:
+    """The explicit ops that replace one Dropout node with dropout probability ``p``."""
+    x, y = node.input[0], node.output[0]
+    mask_out = node.output[1] if len(node.output) > 1 and node.output[1] else None
+    base = node.name or y
+    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    if p == 0.0:
+        nodes = [helper.make_node("Identity", [x], [y], name=names(f"{base}/identity"))]
+        if mask_out:
+            shape = names(f"{base}/shape")
+            nodes += [
+                helper.make_node("Shape", [x], [shape], name=names(f"{base}/shape_op")),
+                helper.make_node(
+                    "ConstantOfShape", [shape], [mask_out], name=names(f"{base}/all_kept"),
+                    value=helper.make_tensor("value", onnx.TensorProto.BOOL, [1], [True]),
+                ),  # fmt: skip
+            ]
+        return nodes
+    keep_prob, scale = names(f"{base}/keep_prob"), names(f"{base}/scale")
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(1.0 - p, dtype=dtype), keep_prob),
+            numpy_helper.from_array(np.array(1.0 / (1.0 - p), dtype=dtype), scale),
+        ]
+    )
+    uniform, keep = names(f"{base}/uniform"), mask_out or names(f"{base}/keep")
+    kept, mask = names(f"{base}/kept"), names(f"{base}/mask")
+    return [
+        helper.make_node("RandomUniformLike", [x], [uniform], name=names(f"{base}/random"), dtype=elem_type),
+        helper.make_node("Less", [uniform, keep_prob], [keep], name=names(f"{base}/compare")),
+        helper.make_node("Cast", [keep], [kept], name=names(f"{base}/cast"), to=elem_type),
+        helper.make_node("Mul", [kept, scale], [mask], name=names(f"{base}/scale_mask")),
+        helper.make_node("Mul", [x, mask], [y], name=names(f"{base}/apply_mask")),
+    ]
+
+
+def _drop_unused_constants(graph: onnx.GraphProto, candidates: set[str]) -> None:
+    """Remove the Dropout nodes' former ratio/training_mode constants that nothing reads any more."""
+    consumed = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    unused = candidates - consumed
+    kept_nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in unused)]
+    kept_inits = [i for i in graph.initializer if i.name not in unused]
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept_inits)
+
+
+def mc_dropout_model(model: onnx.ModelProto, *, ratio: float | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` with every Dropout node rewritten into explicit, always-on mask ops.
+
+    ``ratio`` None keeps each node's own dropout probability; a number in [0, 1) replaces them all
+    (0 gives the deterministic model). Raises NoDropoutError when the model has no Dropout node.
+    """
+    if ratio is not None and not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    dropouts = [n for n in graph.node if n.op_type == "Dropout" and n.domain in ("", "ai.onnx")]
+    if not dropouts:
+        raise NoDropoutError("the model has no Dropout node; Monte-Carlo dropout needs a model trained with dropout")
+    constants, elem_types, names = _constants(graph), _elem_types(out), _Names(graph)
+    rewritten: list[onnx.NodeProto] = []
+    former_inputs: set[str] = set()
+    for node in graph.node:
+        if node not in dropouts:
+            rewritten.append(node)
+            continue
+        p = _node_ratio(node, constants) if ratio is None else ratio
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout node {node.name!r} has ratio {p}, outside [0, 1)")
+        elem_type = elem_types.get(node.input[0]) or onnx.TensorProto.FLOAT
+        rewritten.extend(_mask_nodes(node, p, elem_type, names, graph))
+        former_inputs.update(name for name in node.input[1:] if name)
+    del graph.node[:]
+    graph.node.extend(rewritten)
+    _drop_unused_constants(graph, former_inputs)
+    out.metadata_props.append(onnx.StringStringEntryProto(key=REWRITE_MARKER, value=str(len(dropouts))))
+    onnx.checker.check_model(out)
+    return out
+
+
+def mc_dropout_file(src: str | Path, dst: str | Path, *, ratio: float | None = None) -> int:
+    """Rewrite the model file ``src`` into ``dst``; returns the number of Dropout nodes rewritten."""
+    model = mc_dropout_model(onnx.load(str(src)), ratio=ratio)
+    onnx.save(model, str(dst))
+    return int(next(p.value for p in model.metadata_props if p.key == REWRITE_MARKER))
+
+
+def is_rewritten(model: onnx.ModelProto) -> bool:
+    return any(p.key == REWRITE_MARKER for p in model.metadata_props)
+
+
+class McDropoutClassifier:
+    """Runs T Monte-Carlo dropout passes of an image classifier as one batched ONNX Runtime call.
+
+    Takes a model with Dropout nodes (rewritten here, in memory) or one already rewritten by
+    ``firewall mc-dropout``. Session options are ONNX Runtime's defaults (full graph optimisation).
+    """
+
+    def __init__(self, model: str | Path | onnx.ModelProto, *, threads: int = 1, providers: list[str] | None = None):
+        proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+        if not is_rewritten(proto):
+            proto = mc_dropout_model(proto)
+        self.input: InputSpec = _input_spec(proto)
+        self.output_name = proto.graph.output[0].name
+        self.session = ort.InferenceSession(
+            proto.SerializeToString(), session_options(threads), providers=providers or default_providers()
+        )
+
+    def sample_logits(self, batch: np.ndarray, passes: int) -> np.ndarray:
+        """float32 [passes, B, K]: each of ``passes`` copies of the batch under its own dropout masks."""
+        if passes < 1:
+            raise ValueError(f"passes must be at least 1, got {passes}")
+        tiled = np.concatenate([batch.astype(np.float32, copy=False)] * passes)
+        logits = self.session.run([self.output_name], {self.input.name: tiled})[0]
+        return logits.reshape(passes, batch.shape[0], -1)
+
+
+def configure_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", type=Path, metavar="IN.onnx", help="model with Dropout nodes")
+    parser.add_argument("target", type=Path, metavar="OUT.onnx", help="where to write the rewritten model")
+    parser.add_argument(
+        "--ratio", type=float, default=None, metavar="P",
+        help="dropout probability for every node, in [0, 1) (default: each node's own)",
+    )  # fmt: skip
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    try:
+        count = mc_dropout_file(args.source, args.target, ratio=args.ratio)
+    except DecodeError:
+        print(f"firewall mc-dropout: {args.source} is not an ONNX model", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, onnx.checker.ValidationError) as error:
+        print(f"firewall mc-dropout: {error}", file=sys.stderr)
+        return 2
+    print(f"rewrote {count} Dropout node(s) into always-on dropout: {args.target}")
+    return 0

@@ -1,0 +1,204 @@
+"""Decoding with a header pixel limit, and the OpenCV sanitizing chain, on the real fixture images."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+
+from detectors.sanitizer import (
+    InvalidImage,
+    Sanitizer,
+    SanitizerConfig,
+    SanitizeStage,
+    decode_image,
+    median_filter,
+    reduce_bit_depth,
+)
+from firewall.stage import RequestContext
+from models.runtime import InputSpec
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CIFAR_JPEG = FIXTURES / "cifar10_test" / "cat" / "0134.jpg"
+MNIST = InputSpec("input", 1, 28, 28)
+CIFAR = InputSpec("input", 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def cifar_rgb() -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(CIFAR_JPEG)), cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="module")
+def mnist_digits() -> np.ndarray:
+    return np.load(FIXTURES / "mnist_heldout.npz")["images"][:8]
+
+
+def encode(image_rgb: np.ndarray, ext: str) -> bytes:
+    bgr = image_rgb if image_rgb.shape[2] == 1 else cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
+    ok, buffer = cv2.imencode(ext, bgr)
+    assert ok
+    return buffer.tobytes()
+
+
+@pytest.mark.parametrize("ext", [".png", ".bmp", ".webp", ".gif"])
+def test_lossless_formats_round_trip_in_rgb_order(cifar_rgb: np.ndarray, ext: str) -> None:
+    decoded = decode_image(encode(cifar_rgb, ext), max_pixels=32 * 32)
+    assert decoded.shape == (32, 32, 3) and decoded.dtype == np.uint8
+    if ext != ".gif":  # GIF quantizes to a palette
+        np.testing.assert_array_equal(decoded, cifar_rgb)
+
+
+def test_jpeg_fixture_decodes_in_rgb_order(cifar_rgb: np.ndarray) -> None:
+    decoded = decode_image(CIFAR_JPEG.read_bytes(), max_pixels=1024)
+    np.testing.assert_array_equal(decoded, cifar_rgb)
+
+
+def test_grey_stays_one_channel_and_alpha_is_kept(mnist_digits: np.ndarray, cifar_rgb: np.ndarray) -> None:
+    grey = decode_image(encode(mnist_digits[0][:, :, None], ".png"), max_pixels=784)
+    assert grey.shape == (28, 28, 1)
+    np.testing.assert_array_equal(grey[:, :, 0], mnist_digits[0])
+    rgba = np.dstack([cifar_rgb, np.full((32, 32), 200, np.uint8)])
+    ok, buffer = cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    decoded = decode_image(buffer.tobytes(), max_pixels=1024)
+    np.testing.assert_array_equal(decoded, rgba)
+
+
+def test_sixteen_bit_png_is_brought_to_eight_bits() -> None:
+    ok, buffer = cv2.imencode(".png", np.full((4, 8), 0xABCD, np.uint16))
+    decoded = decode_image(buffer.tobytes(), max_pixels=100)
+    assert decoded.dtype == np.uint8 and np.all(decoded == 0xAB)
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".webp", ".gif"])
+def test_image_over_the_pixel_limit_is_refused(cifar_rgb: np.ndarray, ext: str) -> None:
+    data = encode(cifar_rgb, ext)
+    assert decode_image(data, max_pixels=1024).shape[:2] == (32, 32)
+    with pytest.raises(InvalidImage):
+        decode_image(data, max_pixels=1023)
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def test_bomb_is_refused_from_its_header_alone() -> None:
+    # A 100,000 x 100,000 PNG header with a tiny compressed body: 10^10 pixels if decoded.
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0))
+    body = png_chunk(b"IDAT", zlib.compress(b"\x00" * 100_001 * 16)) + png_chunk(b"IEND", b"")
+    with pytest.raises(InvalidImage) as caught:
+        decode_image(b"\x89PNG\r\n\x1a\n" + header + body, max_pixels=4096 * 4096)
+    assert str(caught.value) == "invalid or unsupported image"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"not an image at all, just some text bytes", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b"GIF89a" + b"\xff" * 30],
+)
+def test_garbage_is_refused(data: bytes) -> None:
+    with pytest.raises(InvalidImage):
+        decode_image(data, max_pixels=10_000)
+
+
+def test_truncated_image_is_refused(cifar_rgb: np.ndarray) -> None:
+    with pytest.raises(InvalidImage):
+        decode_image(encode(cifar_rgb, ".png")[:60], max_pixels=1024)
+
+
+def test_unsupported_format_is_refused(cifar_rgb: np.ndarray) -> None:
+    with pytest.raises(InvalidImage):
+        decode_image(encode(cifar_rgb, ".tiff"), max_pixels=1024)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300), st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"RIFF\0\0\0\0WEBP"]))
+def test_random_bytes_either_decode_or_raise_invalid_image(data: bytes, prefix: bytes) -> None:
+    try:
+        image = decode_image(prefix + data, max_pixels=10_000)
+    except InvalidImage:
+        return
+    assert image.dtype == np.uint8 and image.ndim == 3
+
+
+def test_colour_input_becomes_the_mnist_tensor(cifar_rgb: np.ndarray) -> None:
+    batch = Sanitizer(SanitizerConfig(), MNIST)([cifar_rgb, cifar_rgb[:, :, :1], np.dstack([cifar_rgb, cifar_rgb[:, :, 0]])])
+    assert batch.shape == (3, 1, 28, 28) and batch.dtype == np.float32
+    assert 0.0 <= batch.min() and batch.max() <= 1.0
+    np.testing.assert_allclose(batch[0], batch[2])  # alpha dropped
+
+
+def test_grey_input_becomes_the_cifar_tensor(mnist_digits: np.ndarray) -> None:
+    batch = Sanitizer(SanitizerConfig(blur_sigma=0.5), CIFAR)([mnist_digits[0]])
+    assert batch.shape == (1, 3, 32, 32)
+    np.testing.assert_allclose(batch[0, 0], batch[0, 2])
+
+
+def test_uint8_and_float_inputs_agree(cifar_rgb: np.ndarray) -> None:
+    sanitizer = Sanitizer(SanitizerConfig(), CIFAR)
+    as_float = cifar_rgb.astype(np.float32) / 255.0
+    np.testing.assert_allclose(sanitizer([cifar_rgb]), sanitizer([as_float]), atol=1e-6)
+
+
+def test_large_input_is_resized_with_area_interpolation(mnist_digits: np.ndarray) -> None:
+    large = cv2.resize(mnist_digits[1], (280, 280), interpolation=cv2.INTER_NEAREST)[:, :, None]
+    no_blur = Sanitizer(SanitizerConfig(blur_kernel=0), MNIST)
+    np.testing.assert_allclose(no_blur([large]), no_blur([mnist_digits[1][:, :, None]]), atol=1e-6)
+
+
+def test_blur_is_mild_and_configurable(mnist_digits: np.ndarray) -> None:
+    images = [digit[:, :, None] for digit in mnist_digits]
+    plain = Sanitizer(SanitizerConfig(blur_kernel=0), MNIST)(images)
+    mild = Sanitizer(SanitizerConfig(), MNIST)(images)
+    strong = Sanitizer(SanitizerConfig(blur_kernel=7, blur_sigma=2.0), MNIST)(images)
+    assert 0 < np.abs(mild - plain).mean() < np.abs(strong - plain).mean()
+
+
+def test_out_of_range_floats_are_clipped() -> None:
+    image = np.full((28, 28, 1), 7.0, np.float32)
+    image[0, 0, 0] = np.nan
+    batch = Sanitizer(SanitizerConfig(), MNIST)([image])
+    assert np.all((batch >= 0) & (batch <= 1))
+
+
+def test_bad_shapes_and_dtypes_are_value_errors() -> None:
+    sanitizer = Sanitizer(SanitizerConfig(), MNIST)
+    for bad in (np.zeros((28, 28, 2), np.uint8), np.zeros((0, 28, 1), np.uint8), np.zeros((28, 28, 1), np.int32)):
+        with pytest.raises(ValueError):
+            sanitizer([bad])
+
+
+def test_bit_depth_reduction_keeps_the_given_levels() -> None:
+    values = np.linspace(0, 1, 101, dtype=np.float32)
+    assert set(np.unique(reduce_bit_depth(values, 1))) == {0.0, 1.0}
+    assert len(np.unique(reduce_bit_depth(values, 5))) == 32
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_median_filter_matches_scipy(size: int) -> None:
+    image = np.random.default_rng(0).random((9, 11, 3)).astype(np.float32)
+    expected = ndimage.median_filter(image, size=(size, size, 1), mode="reflect")
+    np.testing.assert_array_equal(median_filter(image, size), expected)
+
+
+def test_squeezers_apply_after_the_blur(mnist_digits: np.ndarray) -> None:
+    config = SanitizerConfig(bit_depth=1, median_size=2)
+    batch = Sanitizer(config, MNIST)([digit[:, :, None] for digit in mnist_digits])
+    assert set(np.unique(batch)) <= {0.0, 1.0}
+
+
+def test_even_blur_kernel_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        SanitizerConfig(blur_kernel=4)
+
+
+def test_stage_sets_the_context_tensor(mnist_digits: np.ndarray) -> None:
+    ctx = RequestContext("r", "mnist", "c", "peer", [d[:, :, None] for d in mnist_digits[:2]], [b"a", b"b"])
+    assert list(SanitizeStage(Sanitizer(SanitizerConfig(), MNIST))(ctx)) == []
+    assert ctx.tensor is not None and ctx.tensor.shape == (2, 1, 28, 28)
