@@ -1,0 +1,75 @@
+"""Shared test fixtures: held-out images, and a real firewall served on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+
+from firewall.config import Settings
+from firewall.server import Firewall
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def mnist_heldout() -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(FIXTURES / "mnist_heldout.npz")
+    return data["images"], data["labels"]
+
+
+def make_settings(**overrides) -> Settings:
+    """Embedded MNIST with pass-through detectors unless the test says otherwise."""
+    values = {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "models": {"mnist": {}}}
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextmanager
+def running_firewall(settings: Settings) -> Iterator[Firewall]:
+    """Serve ``settings`` on its own event loop thread; yields the started Firewall."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> Firewall:
+        firewall = Firewall(settings)
+        await firewall.start()
+        return firewall
+
+    firewall = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=60)
+    try:
+        yield firewall
+    finally:
+        asyncio.run_coroutine_threadsafe(firewall.stop(), loop).result(timeout=60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+def address(firewall: Firewall) -> str:
+    return f"127.0.0.1:{firewall.port}"
+
+
+def uint8_input(images: np.ndarray) -> triton.InferInput:
+    tensor = triton.InferInput("image", list(images.shape), "UINT8")
+    tensor.set_data_from_numpy(images)
+    return tensor
+
+
+@pytest.fixture(scope="module")
+def firewall() -> Iterator[Firewall]:
+    with running_firewall(make_settings()) as running:
+        yield running
+
+
+@pytest.fixture
+def client(firewall: Firewall) -> Iterator[triton.InferenceServerClient]:
+    with triton.InferenceServerClient(address(firewall)) as connected:
+        yield connected

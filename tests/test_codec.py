@@ -1,0 +1,111 @@
+"""The tensor codec: exact decoding of valid tensors, and only InvalidInput for anything else."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from firewall import codec
+from firewall.errors import InvalidInput
+from firewall.protocol import pb
+
+LIMITS = codec.Limits(max_batch=8, max_pixels=64 * 64)
+
+
+def request(datatype: str, shape, raw: bytes | None = None, contents=None, name: str = "image"):
+    tensor = pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape)
+    if contents is not None:
+        tensor.contents.CopyFrom(contents)
+    return pb.ModelInferRequest(model_name="m", inputs=[tensor], raw_input_contents=[raw] if raw is not None else [])
+
+
+def test_uint8_raw_round_trip():
+    pixels = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    decoded = codec.decode_request(request("UINT8", pixels.shape, pixels.tobytes()), LIMITS)
+    assert [image.shape for image in decoded.images] == [(3, 4, 1), (3, 4, 1)]
+    assert np.array_equal(decoded.images[1][:, :, 0], pixels[1])
+    assert decoded.digests[0] != decoded.digests[1]
+
+
+def test_fp32_typed_contents():
+    pixels = np.linspace(0, 1, 12, dtype=np.float32).reshape(1, 2, 2, 3)
+    contents = pb.InferTensorContents(fp32_contents=pixels.ravel().tolist())
+    decoded = codec.decode_request(request("FP32", pixels.shape, contents=contents), LIMITS)
+    assert np.allclose(decoded.images[0], pixels[0])
+
+
+def test_bytes_raw_and_typed_agree_and_retries_share_a_digest():
+    png = cv2.imencode(".png", np.full((5, 7), 200, np.uint8))[1].tobytes()
+    raw = b"".join(len(item).to_bytes(4, "little") + item for item in (png, png))
+    from_raw = codec.decode_request(request("BYTES", [2], raw), LIMITS)
+    from_typed = codec.decode_request(request("BYTES", [2], contents=pb.InferTensorContents(bytes_contents=[png, png])), LIMITS)
+    assert from_raw.digests == from_typed.digests and from_raw.digests[0] == from_raw.digests[1]
+    assert from_raw.images[0].shape == (5, 7, 1) and int(from_raw.images[0].max()) == 200
+
+
+def test_response_is_one_int64_label_tensor():
+    response = codec.encode_response(pb.ModelInferRequest(id="42"), "m", np.array([3, 1]))
+    assert response.id == "42" and [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [("label", "INT64", [2])]
+    assert np.frombuffer(response.raw_output_contents[0], "<i8").tolist() == [3, 1]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        request("UINT8", [1, 2, 2], bytes(4), name="input"),
+        request("UINT8", [1, 2, 2], bytes(3)),
+        request("UINT8", [1, 2, 2], bytes(4), contents=pb.InferTensorContents(uint_contents=[1, 2, 3, 4])),
+        request("UINT8", [1, 2, 2], contents=pb.InferTensorContents(uint_contents=[1, 2, 3, 999])),
+        request("FP32", [1, 1, 1], np.array([1.5], "<f4").tobytes()),
+        request("FP32", [1, 1, 1], np.array([-0.1], "<f4").tobytes()),
+        request("UINT8", [9, 1, 1], bytes(9)),
+        request("UINT8", [1, 65, 65], bytes(65 * 65)),
+        request("BYTES", [1, 1], b""),
+        request("BYTES", [2], (3).to_bytes(4, "little") + b"abc"),
+        request("FP64", [1, 1, 1], bytes(8)),
+        request("UINT8", [], b""),
+    ],
+)
+def test_invalid_tensors_are_rejected(bad):
+    with pytest.raises(InvalidInput):
+        codec.decode_request(bad, LIMITS)
+
+
+def test_unknown_requested_output_is_rejected():
+    bad = request("UINT8", [1, 1, 1], bytes(1))
+    bad.outputs.add(name="logits")
+    with pytest.raises(InvalidInput):
+        codec.decode_request(bad, LIMITS)
+
+
+datatypes = st.sampled_from(["UINT8", "FP32", "BYTES", "INT8", "FP16", ""])
+shapes = st.lists(st.integers(min_value=-2, max_value=70), min_size=0, max_size=5)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(datatype=datatypes, shape=shapes, raw=st.one_of(st.none(), st.binary(max_size=600)))
+def test_fuzzed_requests_decode_or_raise_invalid_input(datatype, shape, raw):
+    try:
+        decoded = codec.decode_request(request(datatype, shape, raw), LIMITS)
+    except InvalidInput as error:
+        assert str(error) and "Traceback" not in str(error)
+        return
+    assert 1 <= len(decoded.images) <= LIMITS.max_batch
+    for image in decoded.images:
+        assert image.ndim == 3 and image.shape[2] in codec.CHANNELS
+        assert image.shape[0] * image.shape[1] <= LIMITS.max_pixels
+
+
+@settings(max_examples=200, deadline=None)
+@given(payload=st.binary(min_size=0, max_size=300), prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8", b"BM", b"GIF89a", b"RIFF\x00\x00\x00\x00WEBP"]))
+def test_fuzzed_image_bytes_decode_or_raise_invalid_input(payload, prefix):
+    item = prefix + payload
+    raw = len(item).to_bytes(4, "little") + item
+    try:
+        decoded = codec.decode_request(request("BYTES", [1], raw), LIMITS)
+    except InvalidInput:
+        return
+    assert decoded.images[0].shape[0] * decoded.images[0].shape[1] <= LIMITS.max_pixels
