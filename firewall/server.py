@@ -75,7 +75,7 @@ class Firewall:
             await self._update_readiness()
 
     async def _update_readiness(self) -> None:
-        ready = await self.service._all_ready()
+        ready = await self.service.all_ready()
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in READINESS_SERVICES:
             await self.health.set(name, status)

@@ -60,7 +60,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=await self._all_ready())
+        return pb.ServerReadyResponse(ready=await self.all_ready())
 
     async def ModelReady(self, request, context):
         pipeline = await self._pipeline_or_abort(request.name, context)
@@ -82,7 +82,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(name=codec.OUTPUT_NAME, datatype="INT64", shape=[-1])],
         )
 
-    async def _all_ready(self) -> bool:
+    async def all_ready(self) -> bool:
         loop = asyncio.get_running_loop()
         checks = [loop.run_in_executor(self.executor, p.predictor.ready) for p in self.pipelines.values()]
         return all(await asyncio.gather(*checks))
