@@ -29,14 +29,13 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     return grpc.secure_channel(args.address, credentials, options=options)
 
 
-def check(args: argparse.Namespace) -> bool:
-    """True when the health service reports ``args.service`` as SERVING within the timeout."""
-    with _channel(args) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
-        except grpc.RpcError:
-            return False
+def serving(channel: grpc.Channel, service: str = "", timeout: float = 2.0) -> bool:
+    """True when the health service behind ``channel`` reports ``service`` as SERVING in time."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    except grpc.RpcError:
+        return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -67,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_cert is not None and args.tls_ca is None:
         parser.error("a client certificate needs --tls-ca")
-    return 0 if check(args) else 1
+    with _channel(args) as channel:
+        return 0 if serving(channel, args.service, args.timeout) else 1
 
 
 if __name__ == "__main__":
