@@ -4,8 +4,9 @@ The image's HEALTHCHECK runs it, and so do Kubernetes exec probes when the firew
 (the kubelet's own ``grpc:`` probe is plaintext only). Options fall back to HEALTHCHECK_* variables
 so a probe command stays short:
 
-    python /opt/firewall/healthcheck.py                                  # plaintext, 127.0.0.1:8001
-    python /opt/firewall/healthcheck.py --tls-ca /etc/firewall/tls/ca.crt --tls-server-name firewall
+    python /opt/firewall/healthcheck.py                                  # plaintext, 127.0.0.1:8001, service ""
+    python /opt/firewall/healthcheck.py --service liveness               # the process is up
+    python /opt/firewall/healthcheck.py --tls-ca /etc/firewall/tls/ca.crt --tls-server-name classifier
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ environment overrides, and the script waits for both to be healthy before it rep
 
 Ctrl-C or SIGTERM stops both, the firewall first so no client request reaches a stopped model
 server; exit status 0 then. If either process dies, the other is stopped and the status is 1.
-Run it from the repository root (the model server is the test suite's tests.upstream_server).
+Run it from the repository root: the model server is the tests' MLServer harness (tests/upstream.py)
+with the runtime in deploy/mlserver, so MLServer must be installed (the project's test extra).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from healthcheck import serving
 
 REPO = Path(__file__).resolve().parent.parent
 POD_CONFIG = REPO / "deploy" / "k8s" / "base" / "firewall.yaml"
-STOP_GRACE_S = 10.0
+STOP_GRACE_S = 30.0  # the firewall drains for shutdown_grace_s (10 s); MLServer takes several seconds
 _PR_SET_PDEATHSIG = 1
 
 
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             model_server = _start(
                 "model server",
-                [sys.executable, "-m", "tests.upstream_server", "--listen", args.upstream_listen, "--model", "mnist"],
+                [sys.executable, "-m", "tests.upstream", "--listen", args.upstream_listen, "--model", "mnist"],
             )
             children.append(model_server)
             failure = _wait_until(

@@ -63,6 +63,19 @@ healthcheck = _load(DEPLOY / "healthcheck.py")
 requirements = _load(DEPLOY / "requirements.py")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 # --- Kubernetes manifests ---------------------------------------------------------------------
 
 _rendered: dict[str, list[dict]] = {}
@@ -199,14 +212,19 @@ def test_network_policy_admits_only_the_firewall_ports(docs: list[dict]) -> None
     assert not admitted & set(model_server_ports(docs).values())
 
 
+# The firewall's health service: "liveness" while the process runs, "" while every model can answer.
+PROBE_SERVICES = {"startupProbe": "liveness", "readinessProbe": "", "livenessProbe": "liveness"}
+
+
 def test_firewall_probes_ask_grpc_health(docs: list[dict]) -> None:
     firewall = container(docs, "firewall")
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe, service in PROBE_SERVICES.items():
         if uses_tls(docs):  # the kubelet's grpc probe cannot speak TLS; the image's check can
             assert "grpc" not in firewall[probe]
-            assert firewall[probe]["exec"]["command"] == ["python", "/opt/firewall/healthcheck.py"]
+            command = ["python", "/opt/firewall/healthcheck.py"] + (["--service", service] if service else [])
+            assert firewall[probe]["exec"]["command"] == command
         else:
-            assert firewall[probe]["grpc"] == {"port": 8001}
+            assert firewall[probe]["grpc"] == {"port": 8001} | ({"service": service} if service else {})
 
 
 def test_security_context_is_locked_down(docs: list[dict]) -> None:
@@ -241,6 +259,25 @@ def test_firewall_reads_its_config_from_the_config_map_and_writes_only_volumes(d
     snapshot_dir = Path(firewall_config(docs)["snapshot_dir"])
     for writable in (Path("/tmp"), snapshot_dir):
         assert "emptyDir" in volumes[mounts[writable]]
+
+
+@pytest.mark.skipif(not _module_exists("firewall.config"), reason="needs the service's configuration (firewall.config)")
+def test_config_map_and_its_overrides_load_as_the_firewall_configuration(
+    docs: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from firewall.config import load_settings
+
+    config = tmp_path / "firewall.yaml"
+    config.write_text(yaml.safe_dump(firewall_config(docs)))
+    overrides = {k: v for k, v in env(container(docs, "firewall")).items() if k.startswith("FIREWALL_")}
+    for name, value in overrides.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings(config)
+    assert {settings.listen, settings.metrics_listen} == {f"0.0.0.0:{port}" for port in FIREWALL_PORTS}
+    if uses_tls(docs):
+        assert (str(settings.tls.cert), str(settings.tls.key)) == (
+            overrides["FIREWALL_TLS__CERT"], overrides["FIREWALL_TLS__KEY"]
+        )
 
 
 def test_disruption_budget_covers_the_pod(docs: list[dict]) -> None:
@@ -316,7 +353,7 @@ def test_image_is_multi_stage_non_root_with_grpc_health_check(variant: str) -> N
     assert uid.isdigit() and int(uid) != 0 and gid.isdigit()
     assert int(uid) == pod_user_of_the_manifests()
     (check,) = values("HEALTHCHECK")
-    assert check.endswith('CMD ["python", "/opt/firewall/healthcheck.py"]')
+    assert check.endswith('CMD ["python", "/opt/firewall/healthcheck.py", "--service", "liveness"]')
     assert "deploy/healthcheck.py /opt/firewall/healthcheck.py" in values("COPY")
     (volumes,) = values("VOLUME")
     snapshot_dir = yaml.safe_load((K8S / "base" / "firewall.yaml").read_text())["snapshot_dir"]
@@ -599,22 +636,9 @@ def test_alert_and_log_outputs_are_different_destinations() -> None:
 # --- Local pod, end to end --------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _module_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 @pytest.mark.skipif(
-    not (_module_exists("firewall.server") and _module_exists("tests.upstream_server")),
-    reason="needs the service (firewall.server) and the upstream test server (tests.upstream_server)",
+    not all(map(_module_exists, ("firewall.server", "tests.upstream", "mlserver"))),
+    reason="needs the service (firewall.server), the upstream harness (tests.upstream) and MLServer",
 )
 def test_local_pod_serves_through_the_firewall_and_stops_cleanly(tmp_path: Path) -> None:
     import tritonclient.grpc as triton
