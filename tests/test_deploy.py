@@ -292,6 +292,7 @@ def test_more_than_one_replica_means_sticky_routing_on_the_client_header(docs: l
     (rule,) = of_kind(docs, "DestinationRule")
     (service,) = of_kind(docs, "Service")
     assert rule["spec"]["host"] == service["metadata"]["name"]
+    assert {p["appProtocol"] for p in service["spec"]["ports"]} == {"grpc"}  # Istio hashes headers at L7 only
     consistent_hash = rule["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"]
     assert consistent_hash == {"httpHeaderName": firewall_config(docs)["client_id_header"]}
     assert not uses_tls(docs), "Istio cannot hash a header inside the firewall's own TLS"
