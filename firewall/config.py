@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     max_concurrent_requests: PositiveInt = 64
     workers: PositiveInt = 8  # threads running the pipeline; requests beyond them wait, bounded by the cap above
     shutdown_grace_s: PositiveFloat = 10.0
+    snapshot_dir: Path | None = None  # stateful detectors without their own snapshot_path persist here
     models: dict[str, ProtectedModel]
 
     @model_validator(mode="after")

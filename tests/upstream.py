@@ -2,7 +2,7 @@
 
     python -m tests.upstream --listen 127.0.0.1:9001 --model mnist [--onnx PATH]
 
-runs it in the foreground until interrupted (used by deploy/local-pod.sh as well as the tests).
+runs it in the foreground until interrupted (used by deploy/local_pod.py as well as the tests).
 """
 
 from __future__ import annotations
