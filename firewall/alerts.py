@@ -2,11 +2,12 @@
 
 A probing attack raises a finding on nearly every query; one line per finding would bury the
 operator and let an attacker flood the log. So the first finding of an episode is logged at once
-(``event.type`` contains "start"), then at most one line per ``interval_s`` carries the exact
-number of findings since the previous line (``firewall.count``) and the strongest of them, and a
-last line ("end") follows once the client has raised no finding for ``idle_s``, or at shutdown,
-or when the episode is evicted to keep at most ``max_episodes``. No finding is lost: the counts
-of an episode's lines add up to its findings.
+(``firewall.episode: start``), then at most one line per ``interval_s`` carries the exact number
+of findings since the previous line (``firewall.count``) and the strongest of them ("ongoing"),
+and a last line ("end") follows once the client has raised no finding for ``idle_s``, or at
+shutdown, or when the episode is evicted to keep at most ``max_episodes``. No finding is lost:
+the counts of an episode's lines add up to its findings. ``event.type`` is "denied", or
+"allowed" when the client got its genuine answer (monitor).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class AlertAggregator:
                     del self._episodes[key]
                     lines.append(self._last_line(episode))
                 elif episode.pending and now - episode.last_line_at >= self.config.interval_s:
-                    lines.append(self._line(episode, episode.strongest, episode.pending, None))
+                    lines.append(self._line(episode, episode.strongest, episode.pending, "ongoing"))
                     episode.pending, episode.strongest, episode.last_line_at = 0, None, now
         self._emit(lines)
 
@@ -130,14 +131,14 @@ class AlertAggregator:
         line["event.end"] = utc_now()
         return line
 
-    def _line(self, episode: Episode, alert: Alert, count: int, phase: str | None) -> dict[str, Any]:
+    def _line(self, episode: Episode, alert: Alert, count: int, phase: str) -> dict[str, Any]:
         outcome = "allowed" if alert.action in ALLOWING_ACTIONS else "denied"
         return {
             **request_fields(alert.request_id, alert.model, alert.client_id, alert.peer),
             "ecs.version": ECS_VERSION,
             "event.kind": "alert",
             "event.category": ["intrusion_detection"],
-            "event.type": [outcome, phase] if phase else [outcome],
+            "event.type": [outcome],
             "event.action": alert.action,
             "event.start": episode.started,
             "rule.id": f"{alert.model}/{alert.rule}",
@@ -145,6 +146,7 @@ class AlertAggregator:
             "firewall.score": finite(alert.score),
             "firewall.threshold": finite(alert.threshold),
             "firewall.count": count,
+            "firewall.episode": phase,
         }
 
     @staticmethod

@@ -68,7 +68,9 @@ class BanConfig(Strict):
     factor: float = Field(default=4.0, ge=1.0)
     max_s: PositiveFloat = 24 * 3600.0
     forget_s: PositiveFloat = 24 * 3600.0  # an offence this long after the previous one counts as a first
-    by_peer: bool = False  # also ban the peer address, so a new client id from the same address is refused
+    # Also ban the peer address, so a new client id from it is refused too. Not behind a proxy or
+    # NAT shared by others: the address banned would be theirs as well.
+    by_peer: bool = False
 
 
 class PolicyConfig(Strict):
@@ -96,11 +98,13 @@ class ProtectedModel(Strict):
 class ThrottleConfig(Strict):
     """Per-client token buckets, one token per image. A throttled request gets RESOURCE_EXHAUSTED.
 
-    A client whose findings were refused (``reject`` or ``ban``) draws from the tighter suspect
-    bucket for ``suspect_s`` seconds after its latest such finding.
+    A client whose findings were refused draws from the tighter suspect bucket for ``suspect_s``
+    seconds: after a ``reject``, or after the end of a ``ban``. ``decoy`` and ``monitor`` leave the
+    client's bucket as it was, so nothing visible changes.
     """
 
-    rate: PositiveFloat | None = 100.0  # images per second per client; null turns throttling off
+    enabled: bool = True
+    rate: PositiveFloat = 100.0  # images per second per client
     burst: PositiveInt = 200
     suspect_rate: PositiveFloat = 1.0
     suspect_burst: PositiveInt = 5

@@ -36,7 +36,7 @@ class ClientState(Protocol):
         """Apply ``change`` to the key's record (a fresh one if untracked) atomically; return its result."""
 
     def records(self) -> list[ClientRecord]:
-        """A snapshot of every tracked record (for metrics)."""
+        """Every tracked record, to read only (metrics)."""
 
     def __len__(self) -> int: ...
 

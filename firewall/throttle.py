@@ -62,7 +62,7 @@ class Admission:
         if record.banned_until > now:
             return Banned("client banned")
         config = self.config
-        if config.rate is None:
+        if not config.enabled:
             return None
         if record.suspect_until > now:
             allowed = take_tokens(record, cost, config.suspect_rate, config.suspect_burst, now)

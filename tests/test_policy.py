@@ -7,9 +7,10 @@ import time
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from pydantic import ValidationError
 from tritonclient.utils import InferenceServerException
 
-from firewall.config import BanConfig
+from firewall.config import BanConfig, load_settings
 from firewall.policy import start_ban
 from firewall.state import ClientRecord
 from tests.conftest import address, make_settings, running_firewall, uint8_input
@@ -29,7 +30,7 @@ def firewall():
         "monitor": {"onnx": onnx, "policy": {"action": "monitor"}},
         "override": {"onnx": onnx, "policy": {"action": "ban", "rules": {"test.flagger": "monitor"}}},
     }
-    with running_firewall(make_settings(models=models, throttle={"rate": None})) as running:
+    with running_firewall(make_settings(models=models, throttle={"enabled": False})) as running:
         with with_stage(running, Flagger()):
             yield running
 
@@ -127,3 +128,15 @@ def test_ban_escalates_and_forgets():
     assert start_ban(record, config, suspect_s=5, now=20) == 40
     assert start_ban(record, config, suspect_s=5, now=100) == 100  # capped
     assert start_ban(record, config, suspect_s=5, now=2000) == 10  # forgotten
+
+
+def test_policy_configuration_from_file_and_environment(monkeypatch, tmp_path):
+    config = tmp_path / "firewall.yaml"
+    config.write_text("models:\n  mnist:\n    policy: {action: decoy, rules: {probing.client: ban}, ban: {first_s: 5}}\n")
+    monkeypatch.setenv("FIREWALL_MODELS__MNIST__POLICY__BAN__BY_PEER", "true")
+    policy = load_settings(config).models["mnist"].policy
+    assert (policy.action, policy.rules, policy.ban.first_s, policy.ban.by_peer) == ("decoy", {"probing.client": "ban"}, 5, True)
+    assert make_settings().models["mnist"].policy.action == "ban"  # the default
+    config.write_text("models:\n  mnist:\n    policy: {action: explode}\n")
+    with pytest.raises(ValidationError, match="action"):
+        load_settings(config)

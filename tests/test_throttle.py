@@ -103,7 +103,7 @@ class Slow:
 
 def test_the_global_concurrency_cap_refuses_beyond_it(mnist_heldout):
     images, _ = mnist_heldout
-    settings = make_settings(max_concurrent_requests=2, throttle={"rate": None})
+    settings = make_settings(max_concurrent_requests=2, throttle={"enabled": False})
     codes: list[grpc.StatusCode] = []
     with running_firewall(settings) as firewall, with_stage(firewall, Slow()):
         with grpc.insecure_channel(address(firewall)) as channel:
