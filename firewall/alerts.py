@@ -3,7 +3,8 @@
 A probing attack raises a finding on nearly every query; one line per finding would bury the
 operator and let an attacker flood the log. So the first finding of an episode is logged at once
 (``firewall.episode: start``), then at most one line per ``interval_s`` carries the exact number
-of findings since the previous line (``firewall.count``) and the strongest of them ("ongoing"),
+of findings since the previous line (``firewall.count``) and the strongest of them, the one
+farthest past its threshold, whichever way the detector's score points ("ongoing"),
 and a last line ("end") follows once the client has raised no finding for ``idle_s``, or at
 shutdown, or when the episode is evicted to keep at most ``max_episodes``. No finding is lost:
 the counts of an episode's lines add up to its findings. ``event.type`` is "denied", or
@@ -47,6 +48,10 @@ class Alert:
     def key(self) -> tuple[str, str, str, str]:
         return (self.client_id, self.model, self.rule, self.action)
 
+    @property
+    def margin(self) -> float:
+        return abs(self.score - self.threshold)
+
 
 @dataclass
 class Episode:
@@ -54,7 +59,7 @@ class Episode:
     last_seen: float
     last_line_at: float
     latest: Alert
-    strongest: Alert | None = None  # the highest score among the findings not yet logged
+    strongest: Alert | None = None  # the largest margin among the findings not yet logged
     pending: int = 0
 
 
@@ -91,7 +96,7 @@ class AlertAggregator:
                 episode.last_seen = now
                 episode.latest = alert
                 episode.pending += 1
-                if episode.strongest is None or alert.score > episode.strongest.score:
+                if episode.strongest is None or alert.margin > episode.strongest.margin:
                     episode.strongest = alert
         self._emit(lines)
 

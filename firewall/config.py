@@ -89,9 +89,9 @@ class PolicyConfig(Strict):
 class ProtectedModel(Strict):
     onnx: Path | None = None  # local copy of the model; default: the bundled models/<name>/model.onnx
     backend: Backend = EmbeddedBackend()
+    policy: PolicyConfig = PolicyConfig()
     limits: InputLimits = InputLimits()
     sanitizer: SanitizerConfig = SanitizerConfig()
-    policy: PolicyConfig = PolicyConfig()
     detectors: list[dict] = []  # TODO(lead): detectors.registry.DetectorConfig once merged
 
 
@@ -145,14 +145,14 @@ class Settings(BaseSettings):
     listen: str = "0.0.0.0:8001"
     metrics_listen: str = "0.0.0.0:9108"
     client_id_header: str = "x-client-id"
-    max_message_bytes: PositiveInt = 16 * 1024 * 1024
-    max_concurrent_requests: PositiveInt = 64
-    workers: PositiveInt = 8  # threads running the pipeline; requests beyond them wait, bounded by the cap above
-    shutdown_grace_s: PositiveFloat = 10.0
     tls: ListenerTLS | None = None
     throttle: ThrottleConfig = ThrottleConfig()
     alerts: AlertConfig = AlertConfig()
     max_tracked_clients: PositiveInt = 100_000  # buckets and bans; least recently seen clients are forgotten first
+    max_message_bytes: PositiveInt = 16 * 1024 * 1024
+    max_concurrent_requests: PositiveInt = 64
+    workers: PositiveInt = 8  # threads running the pipeline; requests beyond them wait, bounded by the cap above
+    shutdown_grace_s: PositiveFloat = 10.0
     models: dict[str, ProtectedModel]
 
     @model_validator(mode="after")
