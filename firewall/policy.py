@@ -11,8 +11,9 @@ A request without findings is predicted and answered. With findings, the model's
   client's most recent genuine answer had (a fixed per-client label before it has one), so an
   attack's binary searches see a constant. The model still runs, so a decoy takes as long as a
   genuine answer. An explicit refusal is itself an oracle that adaptive attacks exploit (Feng,
-  Carlini et al., "Stateful Defenses for Machine Learning Models Are Not Yet Secure Against
-  Black-box Attacks", CCS 2023); a decoy keeps the attacker unaware while the alerts go on.
+  Hooda, Mangaokar, Fawaz, Jha & Prakash, "Stateful Defenses for Machine Learning Models Are Not
+  Yet Secure Against Black-box Attacks", CCS 2023); a decoy keeps the attacker unaware while the
+  alerts go on.
 - ``monitor``: the genuine answer; alerts only.
 
 Every finding becomes an alert. Refusals all carry the same generic message. After a refused

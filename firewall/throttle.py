@@ -5,8 +5,8 @@ per second after that; one token is one image, so batching does not multiply an 
 queries. A request may overdraw the bucket once it holds at least min(cost, burst) tokens, so a
 batch larger than the burst is slowed, not refused forever. A client whose recent findings were
 refused draws from the tighter suspect bucket (suspect_rate, suspect_burst) instead: decision-based
-attacks need thousands of queries (HopSkipJump, Chen et al. 2020), so slowing a suspect to a few
-queries per second stretches an attack from minutes into days.
+attacks need thousands of queries (HopSkipJumpAttack, Chen, Jordan & Wainwright, IEEE S&P 2020),
+so slowing a suspect to about one query per second stretches an attack from minutes into hours.
 """
 
 from __future__ import annotations
