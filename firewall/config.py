@@ -58,12 +58,85 @@ class InputLimits(Strict):
     max_pixels: PositiveInt = 4096 * 4096  # per image
 
 
+Action = Literal["reject", "ban", "decoy", "monitor"]
+
+
+class BanConfig(Strict):
+    """How long a ``ban`` lasts: ``first_s`` for a first offence, times ``factor`` for each repeat."""
+
+    first_s: PositiveFloat = 60.0
+    factor: float = Field(default=4.0, ge=1.0)
+    max_s: PositiveFloat = 24 * 3600.0
+    forget_s: PositiveFloat = 24 * 3600.0  # an offence this long after the previous one counts as a first
+    # Also ban the peer address, so a new client id from it is refused too. Not behind a proxy or
+    # NAT shared by others: the address banned would be theirs as well.
+    by_peer: bool = False
+
+
+class PolicyConfig(Strict):
+    """What a finding does to the client (see firewall/policy.py).
+
+    reject: PERMISSION_DENIED for that request. ban: PERMISSION_DENIED, and every request of the
+    client for a cool-down. decoy: a plausible label that carries no signal, the client is not told.
+    monitor: the genuine answer. Every action raises an alert.
+    """
+
+    action: Action = "ban"
+    rules: dict[str, Action] = {}  # per-rule overrides by rule name, e.g. {"squeeze": "monitor"}
+    ban: BanConfig = BanConfig()
+
+
 class ProtectedModel(Strict):
     onnx: Path | None = None  # local copy of the model; default: the bundled models/<name>/model.onnx
     backend: Backend = EmbeddedBackend()
+    policy: PolicyConfig = PolicyConfig()
     limits: InputLimits = InputLimits()
     sanitizer: SanitizerConfig = SanitizerConfig()
     detectors: list[dict] = []  # TODO(lead): detectors.registry.DetectorConfig once merged
+
+
+class ThrottleConfig(Strict):
+    """Per-client token buckets, one token per image. A throttled request gets RESOURCE_EXHAUSTED.
+
+    A client whose findings were refused draws from the tighter suspect bucket for ``suspect_s``
+    seconds: after a ``reject``, or after the end of a ``ban``. ``decoy`` and ``monitor`` leave the
+    client's bucket as it was, so nothing visible changes.
+    """
+
+    enabled: bool = True
+    rate: PositiveFloat = 100.0  # images per second per client
+    burst: PositiveInt = 200
+    suspect_rate: PositiveFloat = 1.0
+    suspect_burst: PositiveInt = 5
+    suspect_s: PositiveFloat = 600.0
+
+
+class AlertConfig(Strict):
+    """Alert aggregation per (client, model, rule, action): the first finding is logged at once,
+    then one line per ``interval_s`` with the count, and a last line once the client has been
+    quiet for ``idle_s`` (or at shutdown)."""
+
+    interval_s: PositiveFloat = 60.0
+    idle_s: PositiveFloat = 300.0
+    max_episodes: PositiveInt = 10_000  # beyond this the stalest episode is closed (its last line logged)
+
+
+class ListenerTLS(Strict):
+    """TLS on the gRPC listener; with ``client_ca`` set, mutual TLS: a client must present a
+    certificate signed by that CA and its identity (SAN, else CN) becomes the client id."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    # With mTLS, the client id header is honoured only from these peers: IP addresses or networks
+    # ("10.0.0.0/8") or certificate identities ("envoy.internal"). Others are identified by their certificate.
+    trusted_proxies: list[str] = []
+
+    @model_validator(mode="after")
+    def _proxies_need_mtls(self) -> "ListenerTLS":
+        if self.trusted_proxies and self.client_ca is None:
+            raise ValueError("tls.trusted_proxies: requires tls.client_ca (mutual TLS)")
+        return self
 
 
 class Settings(BaseSettings):
@@ -72,6 +145,10 @@ class Settings(BaseSettings):
     listen: str = "0.0.0.0:8001"
     metrics_listen: str = "0.0.0.0:9108"
     client_id_header: str = "x-client-id"
+    tls: ListenerTLS | None = None
+    throttle: ThrottleConfig = ThrottleConfig()
+    alerts: AlertConfig = AlertConfig()
+    max_tracked_clients: PositiveInt = 100_000  # buckets and bans; least recently seen clients are forgotten first
     max_message_bytes: PositiveInt = 16 * 1024 * 1024
     max_concurrent_requests: PositiveInt = 64
     workers: PositiveInt = 8  # threads running the pipeline; requests beyond them wait, bounded by the cap above

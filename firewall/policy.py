@@ -1,36 +1,126 @@
 """What the firewall does with a request once the stages have inspected it.
 
-A request without findings is predicted and answered. A request with findings is refused with
-one generic message, and every finding is logged for the operator.
+A request without findings is predicted and answered. With findings, the model's policy decides
+(the most severe action among its findings' rules wins, in the order monitor < decoy < reject < ban):
+
+- ``reject``: PERMISSION_DENIED for this request.
+- ``ban``: PERMISSION_DENIED, and every request of the client (and, with ``by_peer``, of its
+  address) is refused for a cool-down: ``first_s``, times ``factor`` per repeat offence, at most
+  ``max_s``; offences ``forget_s`` apart start over.
+- ``decoy``: the flagged images get a plausible label that carries no signal, the label the
+  client's most recent genuine answer had (a fixed per-client label before it has one), so an
+  attack's binary searches see a constant. The model still runs, so a decoy takes as long as a
+  genuine answer. An explicit refusal is itself an oracle that adaptive attacks exploit (Feng,
+  Hooda, Mangaokar, Fawaz, Jha & Prakash, "Stateful Defenses for Machine Learning Models Are Not
+  Yet Secure Against Black-box Attacks", CCS 2023); a decoy keeps the attacker unaware while the
+  alerts go on.
+- ``monitor``: the genuine answer; alerts only.
+
+Every finding becomes an alert. Refusals all carry the same generic message. After a refused
+finding (reject, or the end of a ban) the client draws from the tighter suspect bucket.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import time
+from typing import Callable
+
+import numpy as np
 import structlog
 
+from firewall.alerts import Alert, AlertAggregator
+from firewall.config import BanConfig, Settings
 from firewall.errors import Refused
 from firewall.pipeline import ModelPipeline
 from firewall.stage import RequestContext
+from firewall.state import ClientRecord, ClientState
+from firewall.throttle import Banned, peer_key
 
-log = structlog.get_logger("firewall.alerts")
+log = structlog.get_logger("firewall.policy")
+
+SEVERITY = ("monitor", "decoy", "reject", "ban")
+MAX_ESCALATIONS = 64  # factor ** offences stays a finite float
+
+
+def start_ban(record: ClientRecord, config: BanConfig, suspect_s: float, now: float) -> float | None:
+    """Ban the record's client; return the duration, or None when it is banned already."""
+    if record.banned_until > now:
+        return None  # findings of calls admitted before the ban began are not new offences
+    if now - record.last_offence_at > config.forget_s:
+        record.offences = 0
+    duration = min(config.first_s * config.factor ** min(record.offences, MAX_ESCALATIONS), config.max_s)
+    record.offences += 1
+    record.last_offence_at = now
+    record.banned_until = now + duration
+    record.suspect_until = record.banned_until + suspect_s
+    return duration
 
 
 class ResponsePolicy:
-    def decide(self, ctx: RequestContext, pipeline: ModelPipeline) -> None:
-        """Set ``ctx.labels`` to the answer, or raise the rejection the client gets."""
+    def __init__(
+        self, settings: Settings, state: ClientState, alerts: AlertAggregator, clock: Callable[[], float] = time.monotonic
+    ):
+        self.settings = settings
+        self.state = state
+        self.alerts = alerts
+        self.clock = clock
+        self._decoy_secret = os.urandom(16)  # fallback decoy labels cannot be computed outside
+
+    def decide(self, ctx: RequestContext, pipeline: ModelPipeline) -> str:
+        """Set ``ctx.labels`` to the answer and return the outcome, or raise the rejection the client gets."""
         if not ctx.findings:
             pipeline.predict(ctx)
-            return
+            self._remember(ctx, ctx.labels)
+            return "answered"
+        policy = self.settings.models[ctx.model].policy
+        action = max((policy.rules.get(f.rule, policy.action) for f in ctx.findings), key=SEVERITY.index)
         for finding in ctx.findings:
-            log.warning(
-                "alert",
-                rule=finding.rule,
-                score=finding.score,
-                threshold=finding.threshold,
-                item=finding.item,
-                client_id=ctx.client_id,
-                peer=ctx.peer,
-                model=ctx.model,
-                request_id=ctx.request_id,
+            self.alerts.record(
+                Alert(finding.rule, action, ctx.model, ctx.client_id, ctx.peer, ctx.request_id, finding.score, finding.threshold)
             )
-        raise Refused(f"{len(ctx.findings)} finding(s)")
+        if action == "ban":
+            self._ban(ctx, policy.ban)
+            raise Banned(f"{len(ctx.findings)} finding(s), ban")
+        if action == "reject":
+            suspect_until = self.clock() + self.settings.throttle.suspect_s
+            self.state.update(ctx.client_id, lambda record: setattr(record, "suspect_until", suspect_until))
+            raise Refused(f"{len(ctx.findings)} finding(s), reject")
+        pipeline.predict(ctx)
+        if action == "monitor":
+            self._remember(ctx, ctx.labels)
+            return "monitored"
+        flagged = np.zeros(ctx.batch_size, bool)
+        for finding in ctx.findings:
+            flagged[slice(None) if finding.item is None else finding.item] = True
+        decoy = self._decoy_label(ctx, pipeline)
+        self._remember(ctx, ctx.labels[~flagged])
+        ctx.labels = np.where(flagged, decoy, ctx.labels).astype(np.int64)
+        return "decoyed"
+
+    def _ban(self, ctx: RequestContext, config: BanConfig) -> None:
+        now = self.clock()
+        suspect_s = self.settings.throttle.suspect_s
+        keys = [ctx.client_id, peer_key(ctx.peer)] if config.by_peer else [ctx.client_id]
+        for key in keys:
+            duration = self.state.update(key, lambda record: start_ban(record, config, suspect_s, now))
+            if duration is not None:
+                log.warning("ban.started", banned=key, duration_s=duration)
+
+    def _remember(self, ctx: RequestContext, genuine: np.ndarray) -> None:
+        if len(genuine):
+            label = int(genuine[-1])
+            self.state.update(ctx.client_id, lambda record: record.last_labels.__setitem__(ctx.model, label))
+
+    def _decoy_label(self, ctx: RequestContext, pipeline: ModelPipeline) -> int:
+        record = self.state.get(ctx.client_id)
+        if record is not None and ctx.model in record.last_labels:
+            return record.last_labels[ctx.model]
+        digest = hashlib.sha256(self._decoy_secret + f"{ctx.model}\0{ctx.client_id}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") % class_count(pipeline)
+
+
+def class_count(pipeline: ModelPipeline) -> int:
+    classes = pipeline.classifier.session.get_outputs()[0].shape[-1]
+    return classes if isinstance(classes, int) and classes > 0 else 1

@@ -4,7 +4,8 @@ Health (grpc.health.v1): the service "liveness" is SERVING while the process run
 "inference.GRPCInferenceService" are SERVING while every protected model can answer (so a
 readiness probe fails while the upstream model server is down). On SIGTERM or SIGINT the server
 reports NOT_SERVING, stops accepting calls, lets in-flight calls finish within the grace period,
-then closes the stages (which persist their state).
+then closes the stages (which persist their state), logs the last line of every open alert
+episode and stops the metrics endpoint (``metrics_listen``).
 """
 
 from __future__ import annotations
@@ -20,12 +21,17 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from pydantic import ValidationError
 
+from firewall.alerts import AlertAggregator
 from firewall.config import Settings, load_settings
 from firewall.logs import configure_logging
+from firewall.metrics import Metrics
 from firewall.pipeline import build_pipelines
 from firewall.policy import ResponsePolicy
 from firewall.protocol import pb, pb_grpc
 from firewall.service import InferenceService, log
+from firewall.state import MemoryClientState
+from firewall.throttle import Admission
+from firewall.tls import server_credentials
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 READINESS_SERVICES = ("", SERVICE_NAME)
@@ -38,7 +44,14 @@ class Firewall:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.service = InferenceService(settings, build_pipelines(settings), ResponsePolicy())
+        pipelines = build_pipelines(settings)
+        state = MemoryClientState(settings.max_tracked_clients)
+        self.alerts = AlertAggregator(settings.alerts)
+        self.metrics = Metrics(pipelines, state)
+        for name, pipeline in pipelines.items():
+            pipeline.observe = self.metrics.observer(name)
+        policy = ResponsePolicy(settings, state, self.alerts)
+        self.service = InferenceService(settings, pipelines, policy, Admission(state, settings.throttle), self.metrics)
         self.health = HealthServicer()
         options = [
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -48,17 +61,30 @@ class Firewall:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         _enable_reflection(self.server)
-        self.port = self.server.add_insecure_port(settings.listen)
+        if settings.tls is None:
+            self.port = self.server.add_insecure_port(settings.listen)
+        else:
+            self.port = self.server.add_secure_port(settings.listen, server_credentials(settings.tls))
         if self.port == 0:
             raise OSError(f"cannot listen on {settings.listen}")
+        self.metrics_port: int | None = None  # set by start()
         self._readiness: asyncio.Task | None = None
+        self._alert_flusher: asyncio.Task | None = None
 
     async def start(self) -> None:
+        self.metrics_port = self.metrics.serve(self.settings.metrics_listen)
+        self._alert_flusher = asyncio.create_task(self.alerts.run())
         await self.server.start()
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._update_readiness()
         self._readiness = asyncio.create_task(self._watch_readiness())
-        log.info("server.started", listen=self.settings.listen, port=self.port, models=sorted(self.service.pipelines))
+        log.info(
+            "server.started",
+            listen=self.settings.listen,
+            port=self.port,
+            metrics_port=self.metrics_port,
+            models=sorted(self.service.pipelines),
+        )
 
     async def stop(self) -> None:
         log.info("server.stopping", grace_s=self.settings.shutdown_grace_s)
@@ -67,6 +93,10 @@ class Firewall:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_s)
         await asyncio.get_running_loop().run_in_executor(None, self.service.close)
+        if self._alert_flusher is not None:
+            self._alert_flusher.cancel()
+        self.alerts.close()
+        self.metrics.close()
         log.info("server.stopped")
 
     async def _watch_readiness(self) -> None:

@@ -1,13 +1,16 @@
 """The Open Inference Protocol servicer: identify, admit, decode, inspect, decide, predict, respond.
 
 gRPC handlers run on the event loop and only do bookkeeping; everything CPU-bound (decoding,
-sanitizing, detectors, the model) runs in one call on a bounded worker pool. Admission is capped
-before any work is queued, so hostile load cannot grow a queue.
+sanitizing, detectors, the model) runs in one call on a bounded worker pool. Admission (bans, the
+client's token bucket, the concurrency cap) is decided before any work is queued, so hostile load
+cannot grow a queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,11 +21,15 @@ import structlog
 
 from firewall import codec
 from firewall.config import Settings
-from firewall.errors import InvalidInput, Rejection, Throttled, UnknownModel
+from firewall.errors import InvalidInput, Refused, Rejection, Throttled, UnknownModel
+from firewall.logs import request_fields
+from firewall.metrics import Metrics, refusal_outcome
 from firewall.pipeline import ModelPipeline
 from firewall.policy import ResponsePolicy
 from firewall.protocol import pb, pb_grpc
 from firewall.stage import RequestContext
+from firewall.throttle import Admission, request_cost
+from firewall.tls import TrustedProxies, certificate_identity
 
 log = structlog.get_logger("firewall")
 
@@ -47,10 +54,20 @@ def peer_address(peer: str) -> str:
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, settings: Settings, pipelines: dict[str, ModelPipeline], policy: ResponsePolicy):
+    def __init__(
+        self,
+        settings: Settings,
+        pipelines: dict[str, ModelPipeline],
+        policy: ResponsePolicy,
+        admission: Admission,
+        metrics: Metrics,
+    ):
         self.settings = settings
         self.pipelines = pipelines
         self.policy = policy
+        self.admission = admission
+        self.metrics = metrics
+        self.trusted_proxies = TrustedProxies(settings.tls.trusted_proxies if settings.tls else [])
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="pipeline")
         self.in_flight = 0
 
@@ -113,34 +130,46 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def _identify(self, context) -> Identity:
         peer = peer_address(context.peer())
+        certified = certificate_identity(context)  # None unless mutual TLS
         claimed = dict(context.invocation_metadata() or ()).get(self.settings.client_id_header)
+        if certified is not None and not self.trusted_proxies.trusts(peer, certified):
+            claimed = None  # with mutual TLS only a trusted proxy speaks for another client
         if claimed is None:
-            return Identity(client_id=peer, peer=peer)
+            return Identity(client_id=certified or peer, peer=peer)
         if not claimed or len(claimed) > MAX_CLIENT_ID_LENGTH or not claimed.isprintable():
             raise InvalidInput("invalid client id")
         return Identity(client_id=claimed, peer=peer)
 
     async def _infer(self, request: pb.ModelInferRequest, identity: Identity) -> pb.ModelInferResponse:
         request_id = uuid.uuid4().hex
-        bound = log.bind(request_id=request_id, model=request.model_name, client_id=identity.client_id, peer=identity.peer)
-        try:
-            pipeline = self.pipelines.get(request.model_name)
-            if pipeline is None:
-                raise UnknownModel(f"model {request.model_name!r} is not protected here")
-            if self.in_flight >= self.settings.max_concurrent_requests:
-                raise Throttled("global concurrency cap reached")
-            self.in_flight += 1
+        pipeline = self.pipelines.get(request.model_name)
+        model = pipeline.name if pipeline else ""  # metric labels never take a client's string
+        self.metrics.requests.labels(model).inc()
+        fields = request_fields(request_id, request.model_name[:MAX_CLIENT_ID_LENGTH], identity.client_id, identity.peer)
+        with structlog.contextvars.bound_contextvars(**fields):
             try:
-                loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(self.executor, self._handle, pipeline, request, identity, request_id)
-            finally:
-                self.in_flight -= 1
-        except Rejection as rejection:
-            bound.info("request.refused", code=rejection.code.name, reason=rejection.detail)
-            raise
-        except Exception:
-            bound.exception("request.failed")
-            raise Rejection("unexpected error") from None
+                if pipeline is None:
+                    raise UnknownModel(f"model {request.model_name!r} is not protected here")
+                self.admission.admit(identity.client_id, identity.peer, request_cost(request, pipeline.limits.max_batch))
+                if self.in_flight >= self.settings.max_concurrent_requests:
+                    raise Throttled("global concurrency cap reached")
+                self.in_flight += 1
+                try:
+                    loop = asyncio.get_running_loop()
+                    handle = contextvars.copy_context().run  # the worker logs with this request's fields
+                    return await loop.run_in_executor(self.executor, handle, self._handle, pipeline, request, identity, request_id)
+                finally:
+                    self.in_flight -= 1
+            except Rejection as rejection:
+                self.metrics.decisions.labels(model, refusal_outcome(rejection)).inc()
+                # Policy refusals are reported by alerts and metrics; a line per refused query would flood the log.
+                level = logging.DEBUG if isinstance(rejection, (Refused, Throttled)) else logging.INFO
+                log.log(level, "request.refused", code=rejection.code.name, reason=rejection.detail)
+                raise
+            except Exception:
+                self.metrics.decisions.labels(model, "failed").inc()
+                log.exception("request.failed")
+                raise Rejection("unexpected error") from None
 
     def _handle(self, pipeline: ModelPipeline, request: pb.ModelInferRequest, identity: Identity, request_id: str):
         decoded = codec.decode_request(request, pipeline.limits)
@@ -153,7 +182,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             digests=decoded.digests,
         )
         pipeline.inspect(ctx)
-        self.policy.decide(ctx, pipeline)
+        for finding in ctx.findings:
+            self.metrics.findings.labels(pipeline.name, finding.rule).inc()
+        outcome = self.policy.decide(ctx, pipeline)
+        self.metrics.decisions.labels(pipeline.name, outcome).inc()
         return codec.encode_response(request, pipeline.name, ctx.labels)
 
     def close(self) -> None:

@@ -1,0 +1,98 @@
+"""Prometheus metrics on their own port, in a registry of their own (one per Firewall).
+
+    firewall_requests_total{model}                 inference requests received (model "" when unknown)
+    firewall_decisions_total{model, outcome}       how each request ended, see OUTCOMES
+    firewall_findings_total{model, rule}           findings raised, by detector rule
+    firewall_stage_seconds{model, stage}           latency of each pipeline stage and of the prediction
+    firewall_tracked_clients                       clients with state (buckets, bans)
+    firewall_bans_active                           clients and addresses banned right now
+    firewall_stage_stat{model, stage, stat}        what stages report from ``stats()`` (index sizes)
+
+Gauges that describe state are computed when Prometheus scrapes, never on the request path.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from firewall.errors import InvalidInput, Refused, Rejection, Throttled, UnknownModel
+from firewall.pipeline import ModelPipeline
+from firewall.state import ClientState
+from firewall.throttle import Banned
+
+OUTCOMES = (
+    "answered",  # no finding: the genuine label
+    "monitored",  # findings, genuine label (policy monitor)
+    "decoyed",  # findings, decoy label (policy decoy)
+    "rejected",  # findings, refused (policy reject)
+    "banned",  # findings that started a ban, or a request refused by an active ban
+    "throttled",  # refused by a token bucket or the concurrency cap
+    "invalid",  # bad input or unknown model
+    "failed",  # upstream unavailable or an internal error
+)
+REFUSAL_OUTCOMES = ((Banned, "banned"), (Refused, "rejected"), (Throttled, "throttled"), (InvalidInput, "invalid"), (UnknownModel, "invalid"))
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def refusal_outcome(rejection: Rejection) -> str:
+    return next((outcome for kind, outcome in REFUSAL_OUTCOMES if isinstance(rejection, kind)), "failed")
+
+
+class Metrics:
+    def __init__(
+        self,
+        pipelines: dict[str, ModelPipeline],
+        state: ClientState,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("firewall_requests", "Inference requests received", ["model"], registry=self.registry)
+        self.decisions = Counter("firewall_decisions", "How requests ended", ["model", "outcome"], registry=self.registry)
+        self.findings = Counter("firewall_findings", "Findings raised", ["model", "rule"], registry=self.registry)
+        self.stage_seconds = Histogram(
+            "firewall_stage_seconds", "Pipeline stage latency", ["model", "stage"], buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+        self.registry.register(StateCollector(pipelines, state, clock))
+        self._server = None
+
+    def observer(self, model: str) -> Callable[[str, float], None]:
+        """The pipeline's latency hook for one model."""
+        return lambda stage, seconds: self.stage_seconds.labels(model, stage).observe(seconds)
+
+    def serve(self, listen: str) -> int:
+        """Serve /metrics on HOST:PORT (port 0: any free port); return the port."""
+        host, _, port = listen.rpartition(":")
+        self._server, _ = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=self.registry)
+        return self._server.server_port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+class StateCollector:
+    """Gauges read from the client state and the stages at scrape time."""
+
+    def __init__(self, pipelines: dict[str, ModelPipeline], state: ClientState, clock: Callable[[], float]):
+        self.pipelines = pipelines
+        self.state = state
+        self.clock = clock
+
+    def collect(self) -> Iterable[Metric]:
+        now = self.clock()
+        yield GaugeMetricFamily("firewall_tracked_clients", "Clients with state (buckets, bans)", value=len(self.state))
+        bans = sum(record.banned_until > now for record in self.state.records())
+        yield GaugeMetricFamily("firewall_bans_active", "Clients and addresses banned now", value=bans)
+        stats = GaugeMetricFamily("firewall_stage_stat", "Stage statistics (index sizes)", labels=["model", "stage", "stat"])
+        for model, pipeline in self.pipelines.items():
+            for stage in pipeline.stages:
+                report = getattr(stage, "stats", None)
+                if report is not None:
+                    for name, value in report().items():
+                        stats.add_metric([model, stage.name, name], float(value))
+        yield stats

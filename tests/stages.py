@@ -1,0 +1,67 @@
+"""Test-only pipeline stages that raise findings on a condition the test controls."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+
+from firewall.server import Firewall
+from firewall.stage import Finding, RequestContext
+
+
+def marked(images: np.ndarray) -> np.ndarray:
+    """Copies of uint8 images with the top-left pixel set to 255: what ``Flagger`` flags."""
+    flagged = images.copy()
+    flagged[:, 0, 0] = 255
+    return flagged
+
+
+class Flagger:
+    """Flags every image whose top-left pixel (as received) is at full intensity."""
+
+    def __init__(self, name: str = "flagger", rule: str = "test.flagger", score: float = 0.9, threshold: float = 0.5):
+        self.name = name
+        self.rule = rule
+        self.score = score
+        self.threshold = threshold
+        self.flagged = 0
+
+    def __call__(self, ctx: RequestContext) -> list[Finding]:
+        findings = [
+            Finding(self.rule, self.score, self.threshold, item=index)
+            for index, image in enumerate(ctx.images)
+            if np.max(image[0, 0]) >= (255 if image.dtype == np.uint8 else 1.0)
+        ]
+        self.flagged += len(findings)
+        return findings
+
+    def stats(self) -> dict[str, float]:
+        return {"flagged_images": self.flagged}
+
+
+class Recorder:
+    """Records the client id of every request (to observe identification)."""
+
+    name = "recorder"
+
+    def __init__(self):
+        self.client_ids: list[str] = []
+
+    def __call__(self, ctx: RequestContext) -> list[Finding]:
+        self.client_ids.append(ctx.client_id)
+        return []
+
+
+@contextmanager
+def with_stage(firewall: Firewall, stage, models: list[str] | None = None) -> Iterator:
+    """Append ``stage`` to the pipelines of ``models`` (default: all) for the duration of the block."""
+    pipelines = [firewall.service.pipelines[name] for name in models or firewall.service.pipelines]
+    for pipeline in pipelines:
+        pipeline.stages.append(stage)
+    try:
+        yield stage
+    finally:
+        for pipeline in pipelines:
+            pipeline.stages.remove(stage)

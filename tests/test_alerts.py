@@ -1,0 +1,139 @@
+"""Alerts: JSON lines with ECS fields, aggregated per episode, and counts that add up exactly."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import structlog
+
+from firewall.alerts import Alert, AlertAggregator
+from firewall.config import AlertConfig
+from firewall.logs import logging_config
+from firewall.protocol import pb, pb_grpc
+from tests.conftest import address, make_settings, running_firewall
+from tests.stages import Flagger, marked, with_stage
+
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z$")
+
+
+@pytest.fixture
+def log_lines(tmp_path):
+    """Route structlog (with the service's configuration) to a file; yield a reader of its lines."""
+    path = tmp_path / "stdout.jsonl"
+    with path.open("w", buffering=1) as stream:
+        structlog.configure(**logging_config("INFO", stream))
+        try:
+            yield lambda: [json.loads(line) for line in path.read_text().splitlines()]
+        finally:
+            structlog.reset_defaults()
+
+
+def alert(client_id: str = "c1", rule: str = "probing.client", score: float = 0.5) -> Alert:
+    return Alert(rule, "ban", "mnist", client_id, "10.0.0.1", "r1", score, 0.1)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_aggregation_first_at_once_then_per_interval_then_end(log_lines):
+    clock = Clock()
+    aggregator = AlertAggregator(AlertConfig(interval_s=10, idle_s=30, max_episodes=100), clock)
+    for step in range(100):  # 100 findings over 50 s
+        clock.now = step * 0.5
+        aggregator.record(alert(score=step))
+        aggregator.flush()
+    clock.now = 49.5 + 30
+    aggregator.flush()
+    lines = log_lines()
+    assert [line["firewall.count"] for line in lines] == [1, 20, 20, 20, 20, 19]
+    assert [line["firewall.episode"] for line in lines] == ["start"] + ["ongoing"] * 4 + ["end"]
+    assert all(line["event.type"] == ["denied"] for line in lines)
+    assert lines[1]["firewall.score"] == 20.0  # the strongest finding of the interval
+    assert len({line["event.start"] for line in lines}) == 1 and "event.end" in lines[-1]
+    assert len(aggregator) == 0
+
+
+def test_eviction_and_shutdown_end_episodes_without_losing_counts(log_lines):
+    aggregator = AlertAggregator(AlertConfig(interval_s=60, idle_s=60, max_episodes=3), Clock())
+    for client in range(10):
+        for _ in range(5):
+            aggregator.record(alert(client_id=f"c{client}"))
+    assert len(aggregator) == 3
+    aggregator.close()
+    lines = log_lines()
+    counts: dict[str, int] = {}
+    for line in lines:
+        counts[line["user.id"]] = counts.get(line["user.id"], 0) + line["firewall.count"]
+    assert counts == {f"c{client}": 5 for client in range(10)}
+    assert len(lines) == 20  # a start and an end line per episode
+
+
+def stream_requests(images: np.ndarray, client_id: str):
+    for image in images:
+        tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=[1, 28, 28])
+        yield pb.ModelInferRequest(model_name="mnist", id=client_id, inputs=[tensor], raw_input_contents=[image.tobytes()])
+
+
+def test_thousand_query_attack_gives_a_few_lines_whose_counts_add_up(log_lines, mnist_heldout):
+    images, _ = mnist_heldout
+    attack = marked(images[np.arange(1000) % len(images)])
+    settings = make_settings(
+        throttle={"enabled": False},
+        alerts={"interval_s": 0.5, "idle_s": 60},
+        models={"mnist": {"policy": {"action": "monitor"}}},
+    )
+    with running_firewall(settings) as firewall, with_stage(firewall, Flagger()):
+        with grpc.insecure_channel(address(firewall)) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            answers = list(stub.ModelStreamInfer(stream_requests(attack, "attacker"), metadata=[("x-client-id", "attacker")]))
+            assert all(not answer.error_message for answer in answers) and len(answers) == 1000
+            stub.ModelInfer(next(stream_requests(marked(images[:1]), "other")), metadata=[("x-client-id", "other")])
+            with pytest.raises(grpc.RpcError):
+                stub.ModelInfer(pb.ModelInferRequest(model_name="mnist"), metadata=[("x-client-id", "clumsy")])
+    lines = log_lines()  # after shutdown, which ends the open episodes
+
+    alerts = [line for line in lines if line.get("event.kind") == "alert"]
+    by_client = {client: [a for a in alerts if a["user.id"] == client] for client in ("attacker", "other")}
+    assert sum(a["firewall.count"] for a in by_client["attacker"]) == 1000
+    assert 3 <= len(by_client["attacker"]) <= 40  # start, a line per 0.5 s, end
+    assert [a["firewall.count"] for a in by_client["other"]] == [1, 0]
+    for line in alerts:
+        assert line["event.category"] == ["intrusion_detection"] and line["event.action"] == "monitor"
+        assert line["rule.name"] == "test.flagger" and line["rule.id"] == "mnist/test.flagger"
+        assert line["source.ip"] == "127.0.0.1" and line["firewall.model"] == "mnist"
+        assert line["firewall.score"] == 0.9 and line["firewall.threshold"] == 0.5
+        assert re.fullmatch(r"[0-9a-f]{32}", line["firewall.request_id"])
+        assert ISO_UTC.match(line["@timestamp"]) and line["log.level"] == "warning" and line["message"] == "alert"
+        assert "event" not in line  # structlog's own key is renamed, so ECS's event.* expands cleanly
+    assert by_client["attacker"][0]["firewall.episode"] == "start" and by_client["attacker"][-1]["firewall.episode"] == "end"
+    assert all(line["event.type"] == ["allowed"] for line in alerts)
+
+    # Lines logged while serving a request carry that request's fields (bound per call).
+    refused = next(line for line in lines if line["message"] == "request.refused")
+    assert refused["user.id"] == "clumsy" and refused["code"] == "INVALID_ARGUMENT" and "firewall.request_id" in refused
+    assert {"server.started", "server.stopped"} <= {line["message"] for line in lines}
+
+
+def test_configure_logging_writes_json_to_stdout():
+    code = (
+        "import structlog; from firewall.logs import configure_logging; configure_logging();"
+        "structlog.contextvars.bind_contextvars(**{'user.id': 'u'});"
+        "log = structlog.get_logger()\n"
+        "try:\n    1 / 0\nexcept ZeroDivisionError:\n    log.exception('boom')"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    line = json.loads(output.stdout)
+    assert line["message"] == "boom" and line["user.id"] == "u" and line["log.level"] == "error"
+    assert line["exception"][0]["exc_type"] == "ZeroDivisionError"  # exceptions as dicts

@@ -1,0 +1,142 @@
+"""Each response policy's visible behaviour through a real tritonclient; ban expiry and escalation."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from pydantic import ValidationError
+from tritonclient.utils import InferenceServerException
+
+from firewall.config import BanConfig, load_settings
+from firewall.policy import start_ban
+from firewall.state import ClientRecord
+from tests.conftest import address, make_settings, running_firewall, uint8_input
+from tests.stages import Flagger, marked, with_stage
+
+BAN = {"first_s": 0.5, "factor": 3.0, "max_s": 60.0}
+
+
+@pytest.fixture(scope="module")
+def firewall():
+    onnx = str(make_settings().onnx_path("mnist"))
+    models = {
+        "reject": {"onnx": onnx, "policy": {"action": "reject"}},
+        "ban": {"onnx": onnx, "policy": {"action": "ban", "ban": BAN}},
+        "ban-peer": {"onnx": onnx, "policy": {"action": "ban", "ban": {**BAN, "by_peer": True}}},
+        "decoy": {"onnx": onnx, "policy": {"action": "decoy"}},
+        "monitor": {"onnx": onnx, "policy": {"action": "monitor"}},
+        "override": {"onnx": onnx, "policy": {"action": "ban", "rules": {"test.flagger": "monitor"}}},
+    }
+    with running_firewall(make_settings(models=models, throttle={"enabled": False})) as running:
+        with with_stage(running, Flagger()):
+            yield running
+
+
+@pytest.fixture
+def client(firewall):
+    with triton.InferenceServerClient(address(firewall)) as connected:
+        yield connected
+
+
+def infer(client, model: str, images: np.ndarray, client_id: str) -> np.ndarray:
+    return client.infer(model, [uint8_input(images)], headers={"x-client-id": client_id}).as_numpy("label")
+
+
+def refused(client, model: str, images: np.ndarray, client_id: str) -> bool:
+    try:
+        infer(client, model, images, client_id)
+    except InferenceServerException as error:
+        assert (error.status(), error.message()) == ("StatusCode.PERMISSION_DENIED", "request refused")
+        return True
+    return False
+
+
+def test_reject_refuses_only_the_flagged_request(client, mnist_heldout):
+    images, _ = mnist_heldout
+    assert refused(client, "reject", marked(images[:1]), "r1")
+    assert not refused(client, "reject", images[:1], "r1")
+    assert refused(client, "reject", np.concatenate([images[:3], marked(images[3:4])]), "r1")
+
+
+def test_ban_refuses_everything_then_expires_and_escalates(client, mnist_heldout):
+    images, _ = mnist_heldout
+    clean, flagged = images[:1], marked(images[:1])
+    assert refused(client, "ban", flagged, "b1")
+    banned_at = time.monotonic()
+    assert refused(client, "ban", clean, "b1") and refused(client, "monitor", clean, "b1")  # every model
+    assert not refused(client, "ban", clean, "b2")  # other clients are served
+    time.sleep(max(0.0, banned_at + 0.7 - time.monotonic()))
+    assert not refused(client, "ban", clean, "b1")  # first ban: 0.5 s
+
+    assert refused(client, "ban", flagged, "b1")
+    banned_at = time.monotonic()
+    time.sleep(0.8)
+    assert refused(client, "ban", clean, "b1")  # second ban: 0.5 s x 3
+    time.sleep(max(0.0, banned_at + 1.8 - time.monotonic()))
+    assert not refused(client, "ban", clean, "b1")
+
+
+def test_ban_by_peer_refuses_new_client_ids_from_the_address(client, mnist_heldout):
+    images, _ = mnist_heldout
+    assert refused(client, "ban-peer", marked(images[:1]), "p1")
+    assert refused(client, "ban-peer", images[:1], "p2")
+    time.sleep(0.7)
+    assert not refused(client, "ban-peer", images[:1], "p2")
+
+
+def test_decoy_answers_a_constant_the_client_cannot_tell_apart(client, mnist_heldout):
+    images, _ = mnist_heldout
+    genuine = infer(client, "decoy", images[:20], "d1")
+    last = genuine[-1]
+    decoys = [infer(client, "decoy", marked(images[i : i + 1]), "d1")[0] for i in range(20, 30)]
+    assert decoys == [last] * 10  # no signal: every flagged query gets the last genuine label
+    mixed = infer(client, "decoy", np.concatenate([images[30:32], marked(images[32:33])]), "d1")
+    assert mixed[:2].tolist() == infer(client, "decoy", images[30:32], "d2").tolist()
+    assert mixed[2] == last
+    # The unflagged items of the mixed batch were genuine answers: the next decoy follows them.
+    assert infer(client, "decoy", marked(images[33:34]), "d1")[0] == mixed[1]
+    # A client with no genuine answer yet gets a fixed label of its own.
+    fresh = {infer(client, "decoy", marked(images[i : i + 1]), "d3")[0] for i in range(40, 45)}
+    assert len(fresh) == 1 and 0 <= fresh.pop() < 10
+
+
+def test_monitor_and_rule_override_answer_genuinely(firewall, client, mnist_heldout):
+    images, _ = mnist_heldout
+    flagged = marked(images[:16])
+    pipeline = firewall.service.pipelines["monitor"]
+    with_flagger = infer(client, "monitor", flagged, "m1")
+    flagger = next(stage for stage in pipeline.stages if isinstance(stage, Flagger))
+    pipeline.stages.remove(flagger)
+    try:
+        genuine = infer(client, "monitor", flagged, "m2")
+    finally:
+        pipeline.stages.append(flagger)
+    assert with_flagger.tolist() == genuine.tolist()
+    assert infer(client, "override", flagged, "o1").tolist() == genuine.tolist()
+    assert not refused(client, "override", images[:1], "o1")  # monitor, not the model's ban
+
+
+def test_ban_escalates_and_forgets():
+    config = BanConfig(first_s=10, factor=4, max_s=100, forget_s=1000)
+    record = ClientRecord()
+    assert start_ban(record, config, suspect_s=5, now=0) == 10
+    assert start_ban(record, config, suspect_s=5, now=5) is None  # already banned: not a new offence
+    assert record.suspect_until == 15
+    assert start_ban(record, config, suspect_s=5, now=20) == 40
+    assert start_ban(record, config, suspect_s=5, now=100) == 100  # capped
+    assert start_ban(record, config, suspect_s=5, now=2000) == 10  # forgotten
+
+
+def test_policy_configuration_from_file_and_environment(monkeypatch, tmp_path):
+    config = tmp_path / "firewall.yaml"
+    config.write_text("models:\n  mnist:\n    policy: {action: decoy, rules: {probing.client: ban}, ban: {first_s: 5}}\n")
+    monkeypatch.setenv("FIREWALL_MODELS__MNIST__POLICY__BAN__BY_PEER", "true")
+    policy = load_settings(config).models["mnist"].policy
+    assert (policy.action, policy.rules, policy.ban.first_s, policy.ban.by_peer) == ("decoy", {"probing.client": "ban"}, 5, True)
+    assert make_settings().models["mnist"].policy.action == "ban"  # the default
+    config.write_text("models:\n  mnist:\n    policy: {action: explode}\n")
+    with pytest.raises(ValidationError, match="action"):
+        load_settings(config)
