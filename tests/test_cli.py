@@ -56,7 +56,7 @@ def test_serve_answers_then_drains_on_sigterm(mnist_heldout):
     for result, error in results:
         assert error is None or error.status() == "StatusCode.UNAVAILABLE"
     log = process.stdout.read()
-    assert '"event": "server.stopped"' in log
+    assert '"message": "server.stopped"' in log
 
 
 def test_invalid_configuration_fails_at_start_naming_the_field(tmp_path):
