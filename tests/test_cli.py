@@ -12,7 +12,8 @@ import time
 import numpy as np
 import tritonclient.grpc as triton
 
-from tests.conftest import uint8_input
+from tests.conftest import address, make_settings, running_firewall, uint8_input
+from tests.stages import with_stage
 from tests.upstream import free_port
 
 
@@ -46,17 +47,40 @@ def test_serve_answers_then_drains_on_sigterm(mnist_heldout):
             wait_live(client, process)
             assert client.infer("mnist", [uint8_input(images[:4])]).as_numpy("label").tolist() == labels[:4].tolist()
             for index in range(16):
-                client.async_infer("mnist", [uint8_input(images[index : index + 1])], lambda r, e: answers.put((r, e)))
+                client.async_infer("mnist", [uint8_input(images[index : index + 1])], lambda result, error: answers.put((result, error)))
             process.send_signal(signal.SIGTERM)
             results = [answers.get(timeout=30) for _ in range(16)]
         assert process.wait(timeout=30) == 0
     finally:
         process.kill()
-    # Calls already admitted finish; none hangs, and no internal error leaks.
+    # None hangs and no internal error leaks: calls the server had not started yet are turned away.
     for result, error in results:
-        assert error is None or error.status() == "StatusCode.UNAVAILABLE"
+        assert error is None or error.status() in ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED")
     log = process.stdout.read()
     assert '"message": "server.stopped"' in log
+
+
+class Slow:
+    name = "slow"
+
+    def __call__(self, ctx):
+        time.sleep(1.0)
+        return []
+
+
+def test_stop_lets_in_flight_calls_finish(mnist_heldout):
+    images, labels = mnist_heldout
+    answers: queue.Queue = queue.Queue()
+    with running_firewall(make_settings()) as firewall:
+        client = triton.InferenceServerClient(address(firewall))
+        with with_stage(firewall, Slow()):
+            client.async_infer("mnist", [uint8_input(images[:1])], lambda result, error: answers.put((result, error)))
+            time.sleep(0.3)  # the call is inside the slow stage when the stop begins
+    try:
+        result, error = answers.get(timeout=30)
+    finally:
+        client.close()
+    assert error is None and result.as_numpy("label").tolist() == labels[:1].tolist()
 
 
 def test_invalid_configuration_fails_at_start_naming_the_field(tmp_path):
