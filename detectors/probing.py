@@ -470,7 +470,7 @@ class ProbingStage:
 
     def __call__(self, ctx: RequestContext) -> Sequence[Finding]:
         if ctx.tensor is None or not len(ctx.tensor):
-            return ()
+            return []
         vectors = self.embedder(ctx.tensor)
         ctx.scratch["embeddings"] = vectors
         digests = [digest_key(d) for d in ctx.digests]

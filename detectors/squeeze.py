@@ -58,10 +58,10 @@ class SqueezeStage:
 
     def __call__(self, ctx: RequestContext) -> Sequence[Finding]:
         if ctx.tensor is None or not len(ctx.tensor):
-            return ()
+            return []
         scores = squeeze_scores(self.model, ctx.tensor, self.config.bit_depth, self.config.median_size)
         worst = int(scores.argmax())
         if scores[worst] <= self.config.threshold:
-            return ()
+            return []
         details = {"flagged_items": int((scores > self.config.threshold).sum())}
         return [Finding("squeeze", float(scores[worst]), self.config.threshold, item=worst, details=details)]

@@ -68,12 +68,12 @@ class UncertaintyStage:
 
     def __call__(self, ctx: RequestContext) -> Sequence[Finding]:
         if ctx.tensor is None or not len(ctx.tensor):
-            return ()
+            return []
         scores = self.scores(ctx.tensor)
         chosen = scores[self.config.score]
         worst = int(chosen.argmax())
         if chosen[worst] <= self.config.threshold:
-            return ()
+            return []
         details = {
             "score": self.config.score,
             "passes": self.config.passes,
