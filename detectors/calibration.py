@@ -39,6 +39,13 @@ BURSTS = 500  # images turned into camera bursts
 BURST_SHIFTS = 4  # one-pixel shifts following each of them
 BATCH = 256
 MAX_IMAGE_PIXELS = 4096 * 4096
+# What a calibrated threshold depends on, and so what the written file pins; operational settings
+# (windows, caps, snapshot path) stay with the service configuration.
+CALIBRATED_FIELDS = {
+    "probing": {"kind", "embedding", "k", "threshold", "global_k", "global_threshold"},
+    "uncertainty": {"kind", "passes", "score", "threshold"},
+    "squeeze": {"kind", "bit_depth", "median_size", "threshold"},
+}
 
 
 def load_benign_images(path: Path, limit: int, seed: int = 0) -> list[np.ndarray]:
@@ -194,7 +201,7 @@ def run_cli(args: argparse.Namespace) -> int:
     detectors, report = calibrate(model, sanitizer, default_detectors(model), images)
     document = {
         "sanitizer": sanitizer.model_dump(mode="json"),
-        "detectors": [d.model_dump(mode="json", exclude_none=True) for d in detectors],
+        "detectors": [d.model_dump(mode="json", include=CALIBRATED_FIELDS[d.kind]) for d in detectors],
         "calibration": {
             "date": date.today().isoformat(),
             "model": str(args.model),

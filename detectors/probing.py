@@ -56,6 +56,7 @@ log = structlog.get_logger(__name__)
 DIGEST_BYTES = 32
 SNAPSHOT_FORMAT = "firewall-probing-1"
 INITIAL_ROWS = 64
+TRAIN_POINTS_PER_LIST = 16  # the global IVF index is trained once this many queries per list arrived
 
 
 def digest_key(digest: bytes) -> bytes:
@@ -160,9 +161,12 @@ class RingHistory:
 
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
         """Distances from each query to its k nearest stored vectors, ascending, inf-padded."""
-        oldest = (self.head - self.count) % self.capacity
-        end = oldest + self.count
-        parts = [(oldest, min(end, self.capacity))] + ([(0, end - self.capacity)] if end > self.capacity else [])
+        if self.count == self.capacity:  # full: every row is live, order does not matter
+            parts = [(0, self.capacity)]
+        else:  # the live rows may wrap around the end after time-based expiry
+            oldest = (self.head - self.count) % self.capacity
+            end = oldest + self.count
+            parts = [(oldest, min(end, self.capacity))] + ([(0, end - self.capacity)] if end > self.capacity else [])
         found = [np.full((len(queries), k), np.inf, np.float32)]
         for start, stop in parts:
             if stop > start:
@@ -200,9 +204,10 @@ def _check_and_add(
         queries = np.ascontiguousarray(vectors[fresh], dtype=np.float32)
         if len(history):
             distances = history.search(queries, k)
-        within = np.sqrt(np.maximum(((queries[:, None, :] - queries[None, :, :]) ** 2).sum(-1), 0.0))
-        within[np.triu_indices(len(fresh))] = np.inf  # only earlier images of the same request count
-        distances = np.sort(np.concatenate([distances, within], axis=1), axis=1)[:, :k]
+        if len(fresh) > 1:  # earlier images of the same request count too
+            within = np.sqrt(np.maximum(((queries[:, None, :] - queries[None, :, :]) ** 2).sum(-1), 0.0))
+            within[np.triu_indices(len(fresh))] = np.inf
+            distances = np.sort(np.concatenate([distances, within], axis=1), axis=1)[:, :k]
     verdicts: dict[int, Verdict] = {}
     for row, i in enumerate(fresh):
         kth = float(distances[row, k - 1])
@@ -229,7 +234,7 @@ class IndexedHistory:
     def __init__(self, dim: int, window: int, lists: int, probes: int):
         self.ring = RingHistory(dim, window)
         self.lists, self.probes = lists, probes
-        self.train_size = min(window, 39 * lists)
+        self.train_size = min(window, TRAIN_POINTS_PER_LIST * lists)
         self.index: faiss.IndexIVFFlat | None = None
         self.removed_below = 0
         self.lock = self.ring.lock
@@ -257,6 +262,7 @@ class IndexedHistory:
         stored = ring.vectors[[(ring.head - ring.count + i) % ring.capacity for i in range(ring.count)]]
         quantizer = faiss.IndexFlatL2(ring.dim)
         index = faiss.IndexIVFFlat(quantizer, ring.dim, self.lists)
+        index.cp.min_points_per_centroid = TRAIN_POINTS_PER_LIST
         index.train(stored)
         index.nprobe = self.probes
         index.add_with_ids(stored, np.arange(self._oldest_id(), ring.total, dtype=np.int64))
@@ -419,8 +425,8 @@ class ProbingConfig(BaseModel):
     global_k: int = Field(1, ge=1, le=100)
     global_threshold: float = Field(0.05, ge=0.0, description="global distance threshold")
     global_window: int = Field(100_000, ge=1, description="queries remembered across all clients")
-    global_lists: int = Field(256, ge=1, description="IVF lists of the global index")
-    global_probes: int = Field(16, ge=1, description="IVF lists searched per query")
+    global_lists: int = Field(1024, ge=1, description="IVF lists of the global index")
+    global_probes: int = Field(8, ge=1, description="IVF lists searched per query")
     snapshot_path: Path | None = Field(None, description="history written here at shutdown and read at start")
 
     def build(self, model: OnnxClassifier) -> ProbingStage:
