@@ -38,7 +38,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detectors.probing import ProbingConfig, ProbingStage  # noqa: E402
+from detectors.probing import ProbingStage, digest_key  # noqa: E402
 from detectors.registry import DetectorConfig  # noqa: E402
 from detectors.sanitizer import Sanitizer, SanitizerConfig  # noqa: E402
 from detectors.squeeze import SqueezeConfig, squeeze_scores  # noqa: E402
@@ -91,7 +91,7 @@ def filler_vectors(stage: ProbingStage, sanitizer: Sanitizer, images: np.ndarray
 
 def fill(history, vectors: np.ndarray, tag: str) -> None:
     for i, vector in enumerate(vectors):
-        history._add(vector, hashlib.sha256(f"{tag}{i}".encode()).digest(), False, time.time())
+        history._add(vector, digest_key(f"{tag}{i}".encode()), False, time.time())
 
 
 def latency(name: str, data: Path, queries: int = 500) -> dict:

@@ -17,7 +17,6 @@ configuration includes for that model.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from datetime import date
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from detectors.probing import ProbingConfig, RingHistory
+from detectors.probing import ProbingConfig, RingHistory, digest_key
 from detectors.registry import DetectorConfig
 from detectors.sanitizer import InvalidImage, Sanitizer, SanitizerConfig, decode_image
 from detectors.squeeze import SqueezeConfig, squeeze_scores
@@ -76,8 +75,8 @@ def _sanitize(sanitizer: Sanitizer, images: list[np.ndarray]) -> np.ndarray:
 def _kth_distances(vectors: np.ndarray, config: ProbingConfig, k: int) -> np.ndarray:
     """Each query's k-th nearest earlier query, through the detector's own history."""
     history = RingHistory(vectors.shape[1], config.client_window)
-    digests = [hashlib.sha256(vector.tobytes()).digest() for vector in vectors]
-    verdicts = [history.check_and_add(vectors[i : i + 1], digests[i : i + 1], 0.0, k, 0.0)[0] for i in range(len(vectors))]
+    keys = [digest_key(vector.tobytes()) for vector in vectors]
+    verdicts = [history.check_and_add(vectors[i : i + 1], keys[i : i + 1], 0.0, k, 0.0)[0] for i in range(len(vectors))]
     return np.array([v.kth_distance for v in verdicts if not v.retry])
 
 

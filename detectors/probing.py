@@ -54,14 +54,19 @@ faiss.omp_set_num_threads(1)  # beside ONNX Runtime, more FAISS threads oversubs
 log = structlog.get_logger(__name__)
 
 DIGEST_BYTES = 32
-SNAPSHOT_FORMAT = "firewall-probing-1"
+SNAPSHOT_FORMAT = "firewall-probing-2"
 INITIAL_ROWS = 64
 TRAIN_POINTS_PER_LIST = 16  # the global IVF index is trained once this many queries per list arrived
 
 
-def digest_key(digest: bytes) -> bytes:
-    """Digests are sha256 (32 bytes); anything else is hashed to that size."""
-    return digest if len(digest) == DIGEST_BYTES else hashlib.sha256(digest).digest()
+def digest_key(digest: bytes) -> int:
+    """A query's 64-bit key: the first 8 bytes of its sha256 digest (any other digest is hashed first).
+
+    0 marks an empty slot, so a key of 0 becomes 1; a collision needs about 2**32 queries in one
+    window.
+    """
+    digest = digest if len(digest) == DIGEST_BYTES else hashlib.sha256(digest).digest()
+    return int.from_bytes(digest[:8], "little") or 1
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class History(Protocol):
     """Recent queries of one client or of all clients. A shared store can implement this."""
 
     def check_and_add(
-        self, vectors: np.ndarray, digests: Sequence[bytes], now: float, k: int, threshold: float
+        self, vectors: np.ndarray, keys: Sequence[int], now: float, k: int, threshold: float
     ) -> list[Verdict]: ...
 
     def __len__(self) -> int: ...
@@ -92,7 +97,8 @@ class RingHistory:
     """The last ``window`` queries (and, optionally, only those of the last ``seconds``).
 
     Vectors live in a ring buffer that grows by doubling up to ``window`` rows and is searched
-    exactly with ``faiss.knn``; digests map to [count, flagged] for the retry rule.
+    exactly with ``faiss.knn``. Beside each vector: its time, its digest key and whether it was
+    flagged (for the retry rule); no Python object per query.
     """
 
     def __init__(self, dim: int, window: int, seconds: float | None = None):
@@ -100,8 +106,8 @@ class RingHistory:
         rows = min(INITIAL_ROWS, window)
         self.vectors = np.zeros((rows, dim), np.float32)
         self.times = np.zeros(rows, np.float64)
-        self.slot_digests: list[bytes | None] = [None] * rows
-        self.digests: dict[bytes, list] = {}  # digest -> [copies in window, flagged]
+        self.keys = np.zeros(rows, np.uint64)  # 0: empty slot
+        self.flagged = np.zeros(rows, bool)
         self.head = 0  # next slot written
         self.count = 0
         self.total = 0  # queries ever added (sequence number of the next one)
@@ -117,23 +123,21 @@ class RingHistory:
 
     def _grow(self) -> None:
         rows = min(2 * self.capacity, self.window)
-        order = [(self.head - self.count + i) % self.capacity for i in range(self.count)]
-        vectors = np.zeros((rows, self.dim), np.float32)
-        vectors[: self.count] = self.vectors[order]
-        times = np.zeros(rows, np.float64)
-        times[: self.count] = self.times[order]
-        self.slot_digests = [self.slot_digests[i] for i in order] + [None] * (rows - self.count)
-        self.vectors, self.times, self.head = vectors, times, self.count % rows
+        order = self._order()
+        arrays = []
+        for old in (self.vectors, self.times, self.keys, self.flagged):
+            new = np.zeros((rows, *old.shape[1:]), old.dtype)
+            new[: self.count] = old[order]
+            arrays.append(new)
+        self.vectors, self.times, self.keys, self.flagged = arrays
+        self.head = self.count % rows
+
+    def _order(self) -> np.ndarray:
+        """Slots of the live queries, oldest first."""
+        return (self.head - self.count + np.arange(self.count)) % self.capacity
 
     def _drop_oldest(self) -> None:
-        oldest = (self.head - self.count) % self.capacity
-        digest = self.slot_digests[oldest]
-        self.slot_digests[oldest] = None
-        entry = self.digests.get(digest)
-        if entry is not None:
-            entry[0] -= 1
-            if entry[0] == 0:
-                del self.digests[digest]
+        self.keys[(self.head - self.count) % self.capacity] = 0
         self.count -= 1
 
     def expire(self, now: float) -> None:
@@ -143,7 +147,7 @@ class RingHistory:
         while self.count and self.times[(self.head - self.count) % self.capacity] < cutoff:
             self._drop_oldest()
 
-    def _add(self, vector: np.ndarray, digest: bytes, flagged: bool, now: float) -> None:
+    def _add(self, vector: np.ndarray, key: int, flagged: bool, now: float) -> None:
         if self.count == self.capacity:
             if self.capacity < self.window:
                 self._grow()
@@ -151,13 +155,16 @@ class RingHistory:
                 self._drop_oldest()
         self.vectors[self.head] = vector
         self.times[self.head] = now
-        self.slot_digests[self.head] = digest
-        entry = self.digests.setdefault(digest, [0, False])
-        entry[0] += 1
-        entry[1] = entry[1] or flagged
+        self.keys[self.head] = key
+        self.flagged[self.head] = flagged
         self.head = (self.head + 1) % self.capacity
         self.count += 1
         self.total += 1
+
+    def repeat_of(self, key: int) -> bool | None:
+        """None when no query in the window has this key, else whether any copy was flagged."""
+        slots = np.flatnonzero(self.keys == np.uint64(key))
+        return bool(self.flagged[slots].any()) if len(slots) else None
 
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
         """Distances from each query to its k nearest stored vectors, ascending, inf-padded."""
@@ -175,29 +182,30 @@ class RingHistory:
         return np.sort(np.concatenate(found, axis=1), axis=1)[:, :k]
 
     def check_and_add(
-        self, vectors: np.ndarray, digests: Sequence[bytes], now: float, k: int, threshold: float
+        self, vectors: np.ndarray, keys: Sequence[int], now: float, k: int, threshold: float
     ) -> list[Verdict]:
         self.expire(now)
-        return _check_and_add(self, vectors, digests, now, k, threshold)
+        return _check_and_add(self, vectors, keys, now, k, threshold)
 
 
 def _check_and_add(
     history: RingHistory | IndexedHistory,
     vectors: np.ndarray,
-    digests: Sequence[bytes],
+    keys: Sequence[int],
     now: float,
     k: int,
     threshold: float,
 ) -> list[Verdict]:
     """The detection rule, shared by both histories (the caller holds the history's lock)."""
-    batch_flags: dict[bytes, bool] = {}
-    repeats: list[int] = []
+    batch_flags: dict[int, bool] = {}
+    repeats: dict[int, bool | None] = {}  # item -> verdict of its original in the history
     fresh: list[int] = []
-    for i, digest in enumerate(digests):
-        if digest in batch_flags or digest in history.digests:
-            repeats.append(i)
+    for i, key in enumerate(keys):
+        earlier = None if key in batch_flags else history.repeat_of(key)
+        if key in batch_flags or earlier is not None:
+            repeats[i] = earlier
         else:
-            batch_flags[digest] = False
+            batch_flags[key] = False
             fresh.append(i)
     distances = np.full((len(fresh), k), np.inf, np.float32)
     if fresh:
@@ -212,15 +220,14 @@ def _check_and_add(
     for row, i in enumerate(fresh):
         kth = float(distances[row, k - 1])
         flagged = kth < threshold
-        batch_flags[digests[i]] = flagged
+        batch_flags[keys[i]] = flagged
         verdicts[i] = Verdict(kth, int((distances[row] < threshold).sum()), retry=False, flagged=flagged)
-        history._add(vectors[i], digests[i], flagged, now)
-    for i in repeats:
-        entry = history.digests.get(digests[i])
-        flagged = bool(entry[1]) if entry is not None else batch_flags[digests[i]]
+        history._add(vectors[i], keys[i], flagged, now)
+    for i, earlier in repeats.items():
+        flagged = earlier if earlier is not None else batch_flags[keys[i]]
         history.retries += 1
         verdicts[i] = Verdict(0.0, 0, retry=True, flagged=flagged)
-    return [verdicts[i] for i in range(len(digests))]
+    return [verdicts[i] for i in range(len(keys))]
 
 
 class IndexedHistory:
@@ -242,9 +249,8 @@ class IndexedHistory:
     def __len__(self) -> int:
         return len(self.ring)
 
-    @property
-    def digests(self) -> dict[bytes, list]:
-        return self.ring.digests
+    def repeat_of(self, key: int) -> bool | None:
+        return self.ring.repeat_of(key)
 
     @property
     def retries(self) -> int:
@@ -258,14 +264,13 @@ class IndexedHistory:
         return self.ring.total - len(self.ring)
 
     def _build_index(self) -> None:
-        ring = self.ring
-        stored = ring.vectors[[(ring.head - ring.count + i) % ring.capacity for i in range(ring.count)]]
-        quantizer = faiss.IndexFlatL2(ring.dim)
-        index = faiss.IndexIVFFlat(quantizer, ring.dim, self.lists)
+        stored = self.ring.vectors[self.ring._order()]
+        quantizer = faiss.IndexFlatL2(self.ring.dim)
+        index = faiss.IndexIVFFlat(quantizer, self.ring.dim, self.lists)
         index.cp.min_points_per_centroid = TRAIN_POINTS_PER_LIST
         index.train(stored)
         index.nprobe = self.probes
-        index.add_with_ids(stored, np.arange(self._oldest_id(), ring.total, dtype=np.int64))
+        index.add_with_ids(stored, np.arange(self._oldest_id(), self.ring.total, dtype=np.int64))
         self.index, self.quantizer, self.removed_below = index, quantizer, self._oldest_id()
 
     def reindex(self) -> None:
@@ -274,8 +279,8 @@ class IndexedHistory:
         if len(self.ring) >= self.train_size:
             self._build_index()
 
-    def _add(self, vector: np.ndarray, digest: bytes, flagged: bool, now: float) -> None:
-        self.ring._add(vector, digest, flagged, now)
+    def _add(self, vector: np.ndarray, key: int, flagged: bool, now: float) -> None:
+        self.ring._add(vector, key, flagged, now)
         if self.index is not None:
             self.index.add_with_ids(vector[None, :], np.array([self.ring.total - 1], np.int64))
             if self._oldest_id() - self.removed_below >= max(1, self.ring.window // 20):
@@ -287,16 +292,19 @@ class IndexedHistory:
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
         if self.index is None:
             return self.ring.search(queries, k)
-        live = faiss.IDSelectorRange(self._oldest_id(), self.ring.total)  # skips expired ids not yet removed
-        squared, ids = self.index.search(queries, k, params=faiss.SearchParametersIVF(sel=live, nprobe=self.probes))
+        if self._oldest_id() > self.removed_below:  # skip expired ids not yet removed
+            live = faiss.IDSelectorRange(self._oldest_id(), self.ring.total)
+            squared, ids = self.index.search(queries, k, params=faiss.SearchParametersIVF(sel=live, nprobe=self.probes))
+        else:
+            squared, ids = self.index.search(queries, k)
         distances = np.sqrt(np.maximum(squared, 0.0))
         distances[ids < 0] = np.inf  # fewer than k found
         return distances
 
     def check_and_add(
-        self, vectors: np.ndarray, digests: Sequence[bytes], now: float, k: int, threshold: float
+        self, vectors: np.ndarray, keys: Sequence[int], now: float, k: int, threshold: float
     ) -> list[Verdict]:
-        return _check_and_add(self, vectors, digests, now, k, threshold)
+        return _check_and_add(self, vectors, keys, now, k, threshold)
 
 
 class ClientHistories:
@@ -350,24 +358,26 @@ class ClientHistories:
 # Snapshot
 
 
+SNAPSHOT_ARRAYS = ("vectors", "times", "keys", "flagged", "counters")
+
+
 def _ring_arrays(ring: RingHistory) -> dict[str, np.ndarray]:
-    order = [(ring.head - ring.count + i) % ring.capacity for i in range(ring.count)]
-    flagged = [bool(ring.digests[ring.slot_digests[i]][1]) for i in order]
+    order = ring._order()
     return {
         "vectors": ring.vectors[order],
         "times": ring.times[order],
-        "digests": np.frombuffer(b"".join(ring.slot_digests[i] for i in order), np.uint8).reshape(-1, DIGEST_BYTES),
-        "flagged": np.array(flagged, bool),
+        "keys": ring.keys[order],
+        "flagged": ring.flagged[order],
         "counters": np.array([ring.total, ring.retries], np.int64),
     }
 
 
 def _restore_ring(ring: RingHistory, arrays: dict[str, np.ndarray]) -> None:
-    vectors, times, digests, flagged = arrays["vectors"], arrays["times"], arrays["digests"], arrays["flagged"]
-    if vectors.ndim != 2 or vectors.shape[1] != ring.dim or not len(vectors) == len(times) == len(digests):
+    vectors, times, keys, flagged = arrays["vectors"], arrays["times"], arrays["keys"], arrays["flagged"]
+    if vectors.ndim != 2 or vectors.shape[1] != ring.dim or not len(vectors) == len(times) == len(keys) == len(flagged):
         raise ValueError("snapshot arrays do not match the embedding")
-    for vector, when, digest, flag in zip(vectors, times, digests, flagged):
-        ring._add(vector.astype(np.float32), digest.tobytes(), bool(flag), float(when))
+    for vector, when, key, flag in zip(vectors, times, keys, flagged):
+        ring._add(vector.astype(np.float32), int(key), bool(flag), float(when))
     ring.total, ring.retries = int(arrays["counters"][0]), int(arrays["counters"][1])
 
 
@@ -393,14 +403,13 @@ def load_snapshot(path: Path, dim: int, clients: ClientHistories, global_history
         if str(data["format"]) != SNAPSHOT_FORMAT or int(data["dim"]) != dim:
             raise ValueError("snapshot format or embedding size differs")
         for n, client_id in enumerate(data["client_ids"]):
-            arrays = {key: data[f"client{n}_{key}"] for key in ("vectors", "times", "digests", "flagged", "counters")}
+            arrays = {key: data[f"client{n}_{key}"] for key in SNAPSHOT_ARRAYS}
             history = clients.get(str(client_id))
             before = history.capacity
             _restore_ring(history, arrays)
             clients.account(str(client_id), before, history)
         if global_history is not None and "global_vectors" in data:
-            keys = ("vectors", "times", "digests", "flagged", "counters")
-            _restore_ring(global_history.ring, {key: data[f"global_{key}"] for key in keys})
+            _restore_ring(global_history.ring, {key: data[f"global_{key}"] for key in SNAPSHOT_ARRAYS})
             global_history.reindex()
 
 
@@ -479,19 +488,19 @@ class ProbingStage:
             return []
         vectors = self.embedder(ctx.tensor)
         ctx.scratch["embeddings"] = vectors
-        digests = [digest_key(d) for d in ctx.digests]
+        keys = [digest_key(d) for d in ctx.digests]
         now = time.time()
         history = self.clients.get(ctx.client_id)
         with history.lock:
             rows_before = history.capacity
-            verdicts = history.check_and_add(vectors, digests, now, self.config.k, self.config.threshold)
+            verdicts = history.check_and_add(vectors, keys, now, self.config.k, self.config.threshold)
             retries = history.retries
         self.clients.account(ctx.client_id, rows_before, history)
         findings = [self._finding("probing.client", verdicts, self.config.k, self.config.threshold, retries)]
         if self.global_history is not None:
             with self.global_history.lock:
                 verdicts = self.global_history.check_and_add(
-                    vectors, digests, now, self.config.global_k, self.config.global_threshold
+                    vectors, keys, now, self.config.global_k, self.config.global_threshold
                 )
             findings.append(
                 self._finding("probing.global", verdicts, self.config.global_k, self.config.global_threshold, None)

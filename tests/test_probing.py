@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from detectors.embedders import PixelEmbeddingConfig
-from detectors.probing import ClientHistories, IndexedHistory, ProbingConfig, ProbingStage, RingHistory
+from detectors.probing import ClientHistories, IndexedHistory, ProbingConfig, ProbingStage, RingHistory, digest_key
 from detectors.sanitizer import Sanitizer, SanitizerConfig
 from firewall.stage import RequestContext
 from models.runtime import InputSpec, OnnxClassifier, bundled_model_path
@@ -75,23 +75,23 @@ def test_ring_history_search_is_exact_and_keeps_the_last_window() -> None:
     vectors = unit_vectors(300, 16)
     history = RingHistory(16, window=100)
     for i, vector in enumerate(vectors):
-        history._add(vector, bytes([i % 256, i // 256]) * 16, False, 0.0)
+        history._add(vector, i + 1, False, 0.0)
     assert len(history) == 100 and history.capacity == 100
     queries = unit_vectors(5, 16, seed=1)
     expected = np.sort(np.linalg.norm(queries[:, None] - vectors[None, 200:], axis=2), axis=1)[:, :3]
     np.testing.assert_allclose(history.search(queries, 3), expected, rtol=1e-4, atol=1e-5)
-    assert len(history.digests) == 100  # digests of overwritten slots left with them
+    assert history.repeat_of(300) is not None and history.repeat_of(200) is None  # keys left with their slots
 
 
 def test_ring_history_forgets_queries_older_than_its_time_window() -> None:
     history = RingHistory(4, window=100, seconds=10.0)
     vectors = unit_vectors(3, 4)
     for when, vector in zip((0.0, 5.0, 12.0), vectors):
-        history.check_and_add(vector[None], [bytes([int(when)]) * 32], when, 1, 0.0)
+        history.check_and_add(vector[None], [int(when) + 1], when, 1, 0.0)
     history.expire(14.0)
     assert len(history) == 2
     history.expire(30.0)
-    assert len(history) == 0 and not history.digests
+    assert len(history) == 0 and history.repeat_of(13) is None
 
 
 def test_indexed_history_matches_exact_search_after_training() -> None:
@@ -99,7 +99,7 @@ def test_indexed_history_matches_exact_search_after_training() -> None:
     indexed = IndexedHistory(16, window=2000, lists=8, probes=8)
     ring = RingHistory(16, window=2000)
     for i, vector in enumerate(vectors):
-        key = hashlib.sha256(str(i).encode()).digest()
+        key = i + 1
         indexed._add(vector, key, False, 0.0)
         ring._add(vector, key, False, 0.0)
     assert indexed.index is not None and indexed.index.ntotal <= 2000 + 2000 // 20
@@ -125,7 +125,7 @@ def test_client_histories_bound_the_stored_vectors() -> None:
         history = clients.get(name)
         before = history.capacity
         for i, vector in enumerate(vectors):
-            history._add(vector, hashlib.sha256(f"{name}{i}".encode()).digest(), False, 0.0)
+            history._add(vector, digest_key(f"{name}{i}".encode()), False, 0.0)
         clients.account(name, before, history)
     assert clients.rows <= 300
     assert [name for name, _ in clients.items()] == ["c"]
