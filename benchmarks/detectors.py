@@ -10,7 +10,8 @@ here is timed inside a test. Sections:
 - latency: median and p99 per stage, the probing stage with full client histories (W = 1,000 and
   10,000) beside a full global window of 100,000.
 - memory: resident memory per tracked client at W = 1,000 and 10,000 for 1 to 10,000 clients
-  (each sends W queries; ``max_vectors`` evicts beyond its budget), global window 100,000.
+  (each sends W queries; ``max_vectors`` evicts beyond its budget), global window 100,000; RSS
+  growth (meaningful for many clients) and the exact bytes of the history arrays.
 - attacks: ART HopSkipJump, Boundary and Sign-OPT (label-only), plain, blinded with fresh uniform
   noise of +-0.05 on every query, spread round-robin over 20 ids (Sybil), and taking a new id
   after every refusal and sending the refused query again (as is, or blinded afresh); share
@@ -149,13 +150,15 @@ def memory_one(name: str, data: Path, window: int, clients: int) -> dict:
         stage.clients.account(f"client{n}", rows, history)
     after = resident_bytes()
     tracked = int(stage.stats()["tracked_clients"])
+    arrays = sum(h.vectors.nbytes + h.times.nbytes + h.keys.nbytes + h.flagged.nbytes for _, h in stage.clients.items())
     return {
         "window": window,
         "clients": clients,
         "tracked_clients": tracked,
         "global_mib": round((after_global - before) / 2**20, 1),
         "clients_mib": round((after - after_global) / 2**20, 1),
-        "per_tracked_client_kib": round((after - after_global) / tracked / 1024, 1),
+        "rss_per_tracked_client_kib": round((after - after_global) / tracked / 1024, 1),
+        "arrays_per_tracked_client_kib": round(arrays / tracked / 1024, 1),
     }
 
 
