@@ -262,4 +262,4 @@ class SanitizeStage:
 
     def __call__(self, ctx: RequestContext) -> Sequence[Finding]:
         ctx.tensor = self.sanitizer(ctx.images)
-        return ()
+        return []

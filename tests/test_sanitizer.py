@@ -200,5 +200,5 @@ def test_even_blur_kernel_is_rejected() -> None:
 
 def test_stage_sets_the_context_tensor(mnist_digits: np.ndarray) -> None:
     ctx = RequestContext("r", "mnist", "c", "peer", [d[:, :, None] for d in mnist_digits[:2]], [b"a", b"b"])
-    assert list(SanitizeStage(Sanitizer(SanitizerConfig(), MNIST))(ctx)) == []
+    assert SanitizeStage(Sanitizer(SanitizerConfig(), MNIST))(ctx) == []
     assert ctx.tensor is not None and ctx.tensor.shape == (2, 1, 28, 28)

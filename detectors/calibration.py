@@ -1,0 +1,219 @@
+"""`firewall calibrate`: detector thresholds for a target false-positive rate on benign images.
+
+Benign images (a folder of image files, the MNIST IDX folder - images 0-7,999 only - or the
+CIFAR-10 zip - its ``train/`` split only) are sanitized and run through every detector; each
+threshold is set so that at most the target share of them would raise a finding:
+
+- probing: 0.1 % per query (the operating point of Chen, Carlini & Wagner 2019), on the benign
+  traffic patterns it must tolerate: one client sending the images in order, clients that each
+  send only one (predicted) class, and camera bursts (an image followed by one-pixel shifts of it).
+  The threshold is the smallest of the per-pattern ones, so each pattern stays within the target.
+- uncertainty and squeeze: 5 % of images (the operating point of Feature Squeezing, NDSS 2018).
+
+The result is a YAML file with the sanitizer and the calibrated detector list, which the service
+configuration includes for that model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from detectors.probing import ProbingConfig, RingHistory, digest_key
+from detectors.registry import DetectorConfig
+from detectors.sanitizer import InvalidImage, Sanitizer, SanitizerConfig, decode_image
+from detectors.squeeze import SqueezeConfig, squeeze_scores
+from detectors.uncertainty import UncertaintyConfig, UncertaintyStage
+from models.data import MNIST_IMAGES, MNIST_TRAIN, load_cifar10, load_mnist
+from models.runtime import OnnxClassifier, bundled_model_path
+
+PROBING_FALSE_POSITIVES = 0.001
+SCORE_FALSE_POSITIVES = 0.05
+BURSTS = 500  # images turned into camera bursts
+BURST_SHIFTS = 4  # one-pixel shifts following each of them
+BATCH = 256
+MAX_IMAGE_PIXELS = 4096 * 4096
+# What a calibrated threshold depends on, and so what the written file pins; operational settings
+# (windows, caps, snapshot path) stay with the service configuration.
+CALIBRATED_FIELDS = {
+    "probing": {"kind", "embedding", "k", "threshold", "global_k", "global_threshold"},
+    "uncertainty": {"kind", "passes", "score", "threshold"},
+    "squeeze": {"kind", "bit_depth", "median_size", "threshold"},
+}
+
+
+def load_benign_images(path: Path, limit: int, seed: int = 0) -> list[np.ndarray]:
+    """HxWxC uint8 benign images from a folder of files, the MNIST folder or the CIFAR-10 zip."""
+    if path.is_dir() and (path / MNIST_IMAGES).exists():
+        images = list(load_mnist(path, *MNIST_TRAIN)[0][..., None])
+    elif path.suffix == ".zip":
+        images = list(load_cifar10(path, "train")[0])
+    elif path.is_dir():
+        images = []
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            try:
+                images.append(decode_image(file.read_bytes(), MAX_IMAGE_PIXELS))
+            except InvalidImage:
+                print(f"skipped {file}: not a supported image", file=sys.stderr)
+    else:
+        raise ValueError(f"{path}: expected a folder of images, the MNIST folder or the CIFAR-10 zip")
+    if len(images) > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(len(images), limit, replace=False))
+        images = [images[i] for i in keep]
+    return images
+
+
+def _sanitize(sanitizer: Sanitizer, images: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([sanitizer(images[i : i + BATCH]) for i in range(0, len(images), BATCH)])
+
+
+def _kth_distances(vectors: np.ndarray, config: ProbingConfig, k: int) -> np.ndarray:
+    """Each query's k-th nearest earlier query, through the detector's own history."""
+    history = RingHistory(vectors.shape[1], config.client_window)
+    keys = [digest_key(vector.tobytes()) for vector in vectors]
+    verdicts = [history.check_and_add(vectors[i : i + 1], keys[i : i + 1], 0.0, k, 0.0)[0] for i in range(len(vectors))]
+    return np.array([v.kth_distance for v in verdicts if not v.retry])
+
+
+def _lower_threshold(distances: np.ndarray, rate: float) -> float:
+    """Largest threshold with at most ``rate`` of the finite distances strictly below it."""
+    finite = np.sort(distances[np.isfinite(distances)])
+    return float(finite[int(rate * len(finite))]) if len(finite) else float("inf")
+
+
+def _upper_threshold(scores: np.ndarray, rate: float) -> float:
+    """Smallest threshold with at most ``rate`` of the scores strictly above it."""
+    ordered = np.sort(scores)
+    return float(ordered[len(ordered) - int(rate * len(ordered)) - 1])
+
+
+def _bursts(images: list[np.ndarray], seed: int) -> list[list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    chosen = rng.choice(len(images), min(BURSTS, len(images)), replace=False)
+    bursts = []
+    for i in chosen:
+        shifts = [offsets[j] for j in rng.choice(len(offsets), BURST_SHIFTS, replace=False)]
+        bursts.append([images[i]] + [np.roll(images[i], shift, axis=(0, 1)) for shift in shifts])
+    return bursts
+
+
+def calibrate_probing(
+    config: ProbingConfig, model: OnnxClassifier, sanitizer: Sanitizer, images: list[np.ndarray], seed: int = 0
+) -> tuple[ProbingConfig, dict]:
+    embedder = config.embedding.build(model.input)
+    batch = _sanitize(sanitizer, images)
+    vectors = np.concatenate([embedder(batch[i : i + BATCH]) for i in range(0, len(batch), BATCH)])
+    labels = np.concatenate([model.predict(batch[i : i + BATCH]) for i in range(0, len(batch), BATCH)])
+    report: dict[str, dict] = {}
+    thresholds: dict[str, float] = {}
+    for name, k in (("client", config.k), ("global", config.global_k)):
+        patterns = {
+            "one_client_in_order": _kth_distances(vectors, config, k),
+            "one_class_per_client": np.concatenate(
+                [_kth_distances(vectors[labels == c], config, k) for c in np.unique(labels)]
+            ),
+            "camera_bursts": np.concatenate(
+                [
+                    _kth_distances(embedder(sanitizer(burst)), config, k)
+                    for burst in _bursts(images, seed)
+                ]
+            ),
+        }
+        per_pattern = {key: _lower_threshold(d, PROBING_FALSE_POSITIVES) for key, d in patterns.items()}
+        thresholds[name] = min(per_pattern.values())
+        report[name] = {
+            "k": k,
+            "threshold": thresholds[name],
+            "per_pattern_threshold": per_pattern,
+            "false_positive_rate": {
+                key: float(np.mean(d[np.isfinite(d)] < thresholds[name])) for key, d in patterns.items()
+            },
+        }
+    calibrated = config.model_copy(update={"threshold": thresholds["client"], "global_threshold": thresholds["global"]})
+    return calibrated, report
+
+
+def calibrate_scores(
+    config: UncertaintyConfig | SqueezeConfig, model: OnnxClassifier, sanitizer: Sanitizer, images: list[np.ndarray]
+) -> tuple[UncertaintyConfig | SqueezeConfig, dict]:
+    batch = _sanitize(sanitizer, images)
+    if isinstance(config, UncertaintyConfig):
+        stage = config.build(model)
+        assert isinstance(stage, UncertaintyStage)
+        scores = np.concatenate([stage.scores(batch[i : i + BATCH])[config.score] for i in range(0, len(batch), BATCH)])
+    else:
+        scores = np.concatenate(
+            [squeeze_scores(model, batch[i : i + BATCH], config.bit_depth, config.median_size) for i in range(0, len(batch), BATCH)]
+        )
+    threshold = _upper_threshold(scores, SCORE_FALSE_POSITIVES)
+    report = {"threshold": threshold, "false_positive_rate": float(np.mean(scores > threshold)), "median_score": float(np.median(scores))}
+    return config.model_copy(update={"threshold": threshold}), report
+
+
+def default_detectors(model: OnnxClassifier) -> list[DetectorConfig]:
+    """The detectors a bundled model ships with; squeezers as in Feature Squeezing for grey or colour."""
+    squeezers = {"bit_depth": 1, "median_size": 2} if model.input.channels == 1 else {"bit_depth": 5, "median_size": 2}
+    return [ProbingConfig(), UncertaintyConfig(), SqueezeConfig(**squeezers)]
+
+
+def calibrate(
+    model: OnnxClassifier, sanitizer_config: SanitizerConfig, detectors: list[DetectorConfig], images: list[np.ndarray]
+) -> tuple[list[DetectorConfig], dict]:
+    sanitizer = Sanitizer(sanitizer_config, model.input)
+    calibrated: list[DetectorConfig] = []
+    report: dict[str, dict] = {}
+    for config in detectors:
+        if isinstance(config, ProbingConfig):
+            result, report[config.kind] = calibrate_probing(config, model, sanitizer, images)
+        else:
+            result, report[config.kind] = calibrate_scores(config, model, sanitizer, images)
+        calibrated.append(result)
+    return calibrated, report
+
+
+def configure_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="mnist", help="bundled model name or path of an ONNX file (default mnist)")
+    parser.add_argument("--data", type=Path, required=True, help="folder of benign images, MNIST folder or CIFAR-10 zip")
+    parser.add_argument("--out", type=Path, required=True, help="YAML file to write (e.g. models/mnist/thresholds.yaml)")
+    parser.add_argument("--limit", type=int, default=10_000, help="most benign images used (default 10000)")
+    parser.add_argument("--blur-sigma", type=float, default=None, help="sanitizer Gaussian sigma (default 0.7)")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    model_path = Path(args.model) if args.model.endswith(".onnx") else bundled_model_path(args.model)
+    try:
+        model = OnnxClassifier(model_path)
+        images = load_benign_images(args.data, args.limit)
+    except (OSError, ValueError) as error:
+        print(f"firewall calibrate: {error}", file=sys.stderr)
+        return 2
+    if not images:
+        print("firewall calibrate: no benign images found", file=sys.stderr)
+        return 2
+    sanitizer = SanitizerConfig() if args.blur_sigma is None else SanitizerConfig(blur_sigma=args.blur_sigma)
+    detectors, report = calibrate(model, sanitizer, default_detectors(model), images)
+    document = {
+        "sanitizer": sanitizer.model_dump(mode="json"),
+        "detectors": [d.model_dump(mode="json", include=CALIBRATED_FIELDS[d.kind]) for d in detectors],
+        "calibration": {
+            "date": date.today().isoformat(),
+            "model": str(args.model),
+            "data": args.data.name,
+            "images": len(images),
+            "targets": {"probing": PROBING_FALSE_POSITIVES, "uncertainty": SCORE_FALSE_POSITIVES, "squeeze": SCORE_FALSE_POSITIVES},
+            "report": report,
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# written by: firewall calibrate --model {args.model} --data {args.data.name} --limit {args.limit}\n"
+    args.out.write_text(header + yaml.safe_dump(document, sort_keys=False))
+    for kind, result in report.items():
+        print(f"{kind}: {result}")
+    print(f"wrote {args.out}")
+    return 0

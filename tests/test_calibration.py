@@ -1,0 +1,66 @@
+"""`firewall calibrate` on a folder of real benign images, and the service config it produces."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+from pydantic import TypeAdapter
+
+from detectors.calibration import _lower_threshold, _upper_threshold, configure_cli, load_benign_images, run_cli
+from detectors.registry import DetectorConfig
+from models.runtime import bundled_model_path
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_lower_threshold_keeps_the_rate_strictly_below() -> None:
+    distances = np.arange(1000, dtype=np.float32)
+    threshold = _lower_threshold(np.r_[distances, np.inf], 0.001)
+    assert np.mean(distances < threshold) <= 0.001 and threshold == 1.0
+
+
+def test_upper_threshold_keeps_the_rate_strictly_above() -> None:
+    scores = np.arange(100, dtype=np.float32)
+    threshold = _upper_threshold(scores, 0.05)
+    assert np.mean(scores > threshold) == 0.05
+
+
+def test_folder_of_images_is_read_and_bad_files_skipped(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not an image")
+    images = load_benign_images(FIXTURES / "cifar10_test", limit=1000)
+    assert len(images) == 100 and images[0].shape == (32, 32, 3)
+    assert len(load_benign_images(FIXTURES / "cifar10_test", limit=30)) == 30
+    assert load_benign_images(tmp_path, limit=10) == []
+
+
+def cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    configure_cli(parser)
+    return run_cli(parser.parse_args(list(argv)))
+
+
+def test_calibrate_writes_thresholds_the_service_config_accepts(tmp_path: Path) -> None:
+    if not bundled_model_path("mnist").exists():
+        pytest.skip("bundled MNIST model not built yet")
+    folder = tmp_path / "benign"
+    folder.mkdir()
+    for i, image in enumerate(np.load(FIXTURES / "mnist_heldout.npz")["images"][:300]):
+        cv2.imwrite(str(folder / f"{i:04d}.png"), image)
+    out = tmp_path / "thresholds.yaml"
+    assert cli("--model", "mnist", "--data", str(folder), "--out", str(out)) == 0
+    document = yaml.safe_load(out.read_text())
+    detectors = TypeAdapter(list[DetectorConfig]).validate_python(document["detectors"])
+    assert [d.kind for d in detectors] == ["probing", "uncertainty", "squeeze"]
+    assert all(0 < d.threshold < 2 for d in detectors)
+    report = document["calibration"]["report"]
+    assert report["uncertainty"]["false_positive_rate"] <= 0.05 and report["squeeze"]["false_positive_rate"] <= 0.05
+    assert all(rate <= 0.001 for rate in report["probing"]["client"]["false_positive_rate"].values())
+
+
+def test_missing_data_is_a_clear_error(tmp_path: Path) -> None:
+    assert cli("--data", str(tmp_path / "nowhere.bin"), "--out", str(tmp_path / "t.yaml")) == 2

@@ -1,0 +1,72 @@
+"""Feature Squeezing disagreement on the bundled MNIST model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from detectors.sanitizer import Sanitizer, SanitizerConfig
+from detectors.squeeze import SqueezeConfig, SqueezeStage, squeeze_scores
+from firewall.stage import RequestContext
+from models.runtime import OnnxClassifier, bundled_model_path
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def model() -> OnnxClassifier:
+    path = bundled_model_path("mnist")
+    if not path.exists():
+        pytest.skip("bundled MNIST model not built yet")
+    return OnnxClassifier(path)
+
+
+@pytest.fixture(scope="module")
+def digits() -> np.ndarray:
+    return np.load(FIXTURES / "mnist_heldout.npz")["images"][:100, None].astype(np.float32) / 255.0
+
+
+def sanitized(model: OnnxClassifier, batch: np.ndarray) -> np.ndarray:
+    return Sanitizer(SanitizerConfig(), model.input)([image.transpose(1, 2, 0) for image in batch])
+
+
+def test_a_squeezer_is_required() -> None:
+    with pytest.raises(ValueError):
+        SqueezeConfig(bit_depth=None, median_size=None)
+
+
+def test_scores_are_l1_distances_between_distributions(model: OnnxClassifier, digits: np.ndarray) -> None:
+    scores = squeeze_scores(model, sanitized(model, digits), 1, 2)
+    assert scores.shape == (100,) and np.all((scores >= 0) & (scores <= 2))
+    assert np.median(scores) < 0.05  # squeezing barely moves the model on clean digits
+
+
+def test_each_squeezer_alone_works(model: OnnxClassifier, digits: np.ndarray) -> None:
+    batch = sanitized(model, digits[:10])
+    both = squeeze_scores(model, batch, 1, 2)
+    bits, median = squeeze_scores(model, batch, 1, None), squeeze_scores(model, batch, None, 2)
+    np.testing.assert_allclose(both, np.maximum(bits, median), atol=1e-6)
+
+
+def test_stage_flags_the_worst_image(model: OnnxClassifier, digits: np.ndarray) -> None:
+    batch = sanitized(model, digits[:5])
+    ctx = RequestContext("r", "mnist", "c", "peer", [d.transpose(1, 2, 0) for d in digits[:5]], [b""] * 5, tensor=batch)
+    scores = squeeze_scores(model, batch, 1, 2)
+    (finding,) = SqueezeStage(SqueezeConfig(threshold=1e-9), model)(ctx)
+    assert finding.rule == "squeeze" and finding.item == int(scores.argmax())
+    assert SqueezeStage(SqueezeConfig(threshold=2.0), model)(ctx) == []
+
+
+def test_fgsm_examples_disagree_more_than_benign(model: OnnxClassifier, digits: np.ndarray) -> None:
+    from art.attacks.evasion import FastGradientMethod
+
+    from detectors.gradients import art_classifier
+
+    crafted = FastGradientMethod(art_classifier(model.path, (1, 28, 28), 10), eps=0.2).generate(digits)
+    benign = squeeze_scores(model, sanitized(model, digits), 1, 2)
+    adversarial = squeeze_scores(model, sanitized(model, crafted), 1, 2)
+    labels = np.r_[np.zeros(len(benign)), np.ones(len(adversarial))]
+    assert roc_auc_score(labels, np.r_[benign, adversarial]) > 0.9  # measured 0.97 on these digits
