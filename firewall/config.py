@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from detectors.registry import DetectorConfig
 from detectors.sanitizer import SanitizerConfig
-from models.runtime import bundled_model_path
+from models.runtime import bundled_calibration, bundled_model_path
 
 
 class Strict(BaseModel):
@@ -82,7 +83,9 @@ class PolicyConfig(Strict):
     """
 
     action: Action = "ban"
-    rules: dict[str, Action] = {}  # per-rule overrides by rule name, e.g. {"squeeze": "monitor"}
+    # Per-rule overrides by rule name. The per-image detectors are calibrated at 5% benign false
+    # positives (the Feature Squeezing standard): enough to alert on, far too many to refuse on.
+    rules: dict[str, Action] = {"uncertainty": "monitor", "squeeze": "monitor"}
     ban: BanConfig = BanConfig()
 
 
@@ -92,7 +95,7 @@ class ProtectedModel(Strict):
     policy: PolicyConfig = PolicyConfig()
     limits: InputLimits = InputLimits()
     sanitizer: SanitizerConfig = SanitizerConfig()
-    detectors: list[dict] = []  # TODO(lead): detectors.registry.DetectorConfig once merged
+    detectors: list[DetectorConfig] = []  # in order; a bundled model without this key gets its calibrated set
 
 
 class ThrottleConfig(Strict):
@@ -155,6 +158,20 @@ class Settings(BaseSettings):
     shutdown_grace_s: PositiveFloat = 10.0
     snapshot_dir: Path | None = None  # stateful detectors without their own snapshot_path persist here
     models: dict[str, ProtectedModel]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _calibrated_defaults(cls, data: Any) -> Any:
+        """A bundled model configured without detectors gets the sanitizer and detectors calibrated for it."""
+        if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+            return data
+        models = {}
+        for name, model in data["models"].items():
+            if isinstance(model, dict) and model.get("onnx") is None and "detectors" not in model:
+                calibrated = bundled_calibration(name)
+                model = {**{key: calibrated[key] for key in ("sanitizer", "detectors") if key in calibrated}, **model}
+            models[name] = model
+        return {**data, "models": models}
 
     @model_validator(mode="after")
     def _at_least_one_model(self) -> "Settings":

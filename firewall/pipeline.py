@@ -50,6 +50,9 @@ def build_pipeline(name: str, model: ProtectedModel, settings: Settings) -> Mode
     classifier = OnnxClassifier(settings.onnx_path(name))
     stages: list[Stage] = [model.sanitizer.build(classifier)]
     for detector in model.detectors:
+        if settings.snapshot_dir is not None and "snapshot_path" in type(detector).model_fields and detector.snapshot_path is None:
+            path = settings.snapshot_dir / f"{name}.{detector.kind}.snapshot"
+            detector = detector.model_copy(update={"snapshot_path": path})
         stages.append(detector.build(classifier))
     return ModelPipeline(
         name=name,

@@ -14,11 +14,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import yaml
 
 
 def bundled_model_path(name: str) -> Path:
     """Path of ``models/<name>/model.onnx``, from a checkout or an installed package alike."""
     return Path(str(resources.files("models").joinpath(name, "model.onnx")))
+
+
+def bundled_calibration(name: str) -> dict:
+    """The sanitizer and detector settings calibrated for a bundled model (``thresholds.yaml``), or {}."""
+    path = Path(str(resources.files("models").joinpath(name, "thresholds.yaml")))
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 
 def session_options(threads: int = 1) -> ort.SessionOptions:

@@ -25,9 +25,10 @@ def mnist_heldout() -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_settings(**overrides) -> Settings:
-    """Embedded MNIST with pass-through detectors unless the test says otherwise."""
+    """Embedded MNIST with no detectors (pass-through) unless the test configures some."""
     values = {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "models": {"mnist": {}}}
     values.update(overrides)
+    values["models"] = {name: {"detectors": [], **model} for name, model in values["models"].items()}
     return Settings(**values)
 
 
