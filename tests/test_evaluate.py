@@ -66,8 +66,9 @@ class NearDuplicateProbe:
             "event.action": "reject",
             "rule.name": self.name,
             "user.id": client_id,
-            "score": score,
-            "threshold": 0.0,
+            "firewall.score": score,
+            "firewall.threshold": 0.0,
+            "firewall.count": 1,
         }
         with self.alert_log.open("a") as log:
             log.write(json.dumps(line) + "\n")

@@ -1,11 +1,13 @@
 """The firewall's alert log, read back after the run: the operator's view of what was detected.
 
 Alerts are JSON objects, one per line, with flat ECS keys: ``"event.kind": "alert"``, ``@timestamp``,
-``rule.name``, ``user.id`` (the client id), ``event.action`` (the response taken), ``score`` and
-``threshold``. Other lines (start-up logs, plain text) are skipped. Alerts are aggregated per
-client and rule, but the first one for a client is written at once, so the number of queries a
-client had sent by its first alert's timestamp is its queries to detection. This compares the
-firewall's clock with the evaluator's, so it holds when both run on one host or synchronised hosts.
+``rule.name``, ``user.id`` (the client id), ``event.action`` (the response taken), and the
+firewall's ``firewall.score``, ``firewall.threshold`` and ``firewall.count`` (findings the line
+stands for; lines without it count one). Other lines (start-up logs, plain text) are skipped.
+Alerts are aggregated per client and rule, but the first one for a client is written at once, so
+the number of queries a client had sent by its first alert's timestamp is its queries to
+detection. That compares the firewall's clock with the evaluator's: it holds when both run on one
+host or on synchronised hosts.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Alert:
     action: str
     score: float | None
     threshold: float | None
+    count: int
 
 
 def read_alerts(path: str | Path, client_prefix: str) -> list[Alert]:
@@ -51,8 +54,9 @@ def read_alerts(path: str | Path, client_prefix: str) -> list[Alert]:
                     client_id=client_id,
                     rule=str(record.get("rule.name", "")),
                     action=str(record.get("event.action", "")),
-                    score=_number(record.get("score")),
-                    threshold=_number(record.get("threshold")),
+                    score=_number(record.get("firewall.score")),
+                    threshold=_number(record.get("firewall.threshold")),
+                    count=int(_number(record.get("firewall.count", 1)) or 0),
                 )
             )
     return sorted(alerts, key=lambda alert: alert.time)

@@ -209,11 +209,11 @@ def evaluate(args: argparse.Namespace) -> list[Path]:
         alerted_benign = {alert.client_id for alert in alerts if alert.client_id in set(benign_ids)}
         benign_report["target"]["alerted_clients"] = len(alerted_benign)
         benign_report["target"]["alerted_clients_share"] = len(alerted_benign) / len(benign_ids)
-        by_rule: dict[str, dict[str, int]] = {}
+        by_rule: dict[str, dict[str, int]] = {}  # rule -> role -> findings
         for alert in alerts:
             role = roles.get(alert.client_id) or ("cost" if alert.client_id.startswith(f"{prefix}-cost-") else "other")
             by_rule.setdefault(alert.rule, {}).setdefault(role, 0)
-            by_rule[alert.rule][role] += 1
+            by_rule[alert.rule][role] += alert.count
         alerts_report = {"lines": len(alerts), "by_rule": by_rule}
 
     scenario_reports = []

@@ -132,8 +132,8 @@ def markdown(report: dict) -> str:
             )
     if report.get("alerts"):
         alerts = report["alerts"]
-        lines += ["", "## Alert log", "", f"{alerts['lines']} alert lines about this run's clients, by rule and role:", ""]
-        lines += ["| rule | role | alert lines |", "| --- | --- | ---: |"]
+        lines += ["", "## Alert log", "", f"{alerts['lines']} alert lines about this run's clients; findings by rule and role:", ""]
+        lines += ["| rule | role | findings |", "| --- | --- | ---: |"]
         for rule, by_role in sorted(alerts["by_rule"].items()):
             for role, count in sorted(by_role.items()):
                 lines.append(f"| {rule} | {role} | {count} |")
