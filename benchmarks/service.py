@@ -158,10 +158,8 @@ def table(results: dict, callers_levels: list[int]) -> str:
     for callers in callers_levels:
         for name in ("echo", "firewall"):
             latencies, elapsed = results[(name, callers)]
-            ms = np.array(latencies) * 1000.0
-            lines.append(
-                f"| {name} | {callers} | {len(ms) / elapsed:.0f} | {np.percentile(ms, 50):.2f} | {np.percentile(ms, 99):.2f} |"
-            )
+            p50, p99 = np.percentile(np.array(latencies) * 1000.0, [50, 99])
+            lines.append(f"| {name} | {callers} | {len(latencies) / elapsed:.0f} | {p50:.2f} | {p99:.2f} |")
     lines += ["", "| callers | firewall / echo throughput |", "| ---: | ---: |"]
     for callers in callers_levels:
         rates = {name: len(results[(name, callers)][0]) / results[(name, callers)][1] for name in ("echo", "firewall")}

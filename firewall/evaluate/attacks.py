@@ -78,7 +78,9 @@ ATTACKS: dict[str, AttackSpec] = {
         ),
         # GeoDA plans its iterations from max_iter and cannot plan fewer than about 500 queries.
         AttackSpec("geoda", True, lambda c, budget: _GeoDA(c, norm=2, max_iter=max(budget, 500), verbose=False)),
-        AttackSpec("simba", False, lambda c, budget: SimBA(c, attack="dct", max_iter=budget, epsilon=0.2, verbose=False)),
+        AttackSpec(
+            "simba", False, lambda c, budget: SimBA(c, attack="dct", max_iter=budget, epsilon=0.2, verbose=False)
+        ),
     )
 }
 LABEL_ONLY_ATTACKS = tuple(name for name, spec in ATTACKS.items() if spec.label_only)

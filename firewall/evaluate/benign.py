@@ -27,9 +27,10 @@ class ClientTraffic:
     sent: list[float] = field(default_factory=list, repr=False)  # wall-clock time of each query
 
 
-@dataclass(frozen=True)
+@dataclass
 class BenignResult:
     clients: list[ClientTraffic]
+    baseline_accuracy: float | None = None  # the bare model on the same images
 
     def summary(self) -> dict:
         queries = sum(c.queries for c in self.clients)

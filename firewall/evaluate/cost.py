@@ -88,7 +88,9 @@ async def _measure(
     on_slot: Callable[[], None],
 ) -> list[CostLevel]:
     clients = {name: AsyncEndpoint(endpoint) for name, endpoint in endpoints.items()}
-    requests = {name: [endpoint.request(pixels[i : i + 1]) for i in range(len(pixels))] for name, endpoint in endpoints.items()}
+    requests = {
+        name: [endpoint.request(pixels[i : i + 1]) for i in range(len(pixels))] for name, endpoint in endpoints.items()
+    }
     try:
         for name, client in clients.items():
             for request in requests[name][:WARMUP_REQUESTS]:

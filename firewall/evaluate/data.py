@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from firewall.evaluate.errors import EvaluationError
 from models.data import MNIST_HELDOUT, MNIST_IMAGES, load_cifar10, load_mnist
 
 CIFAR10_ARCHIVE = "cifar10-jpg.zip"
@@ -24,7 +25,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 DEFAULT_MAX_L2 = {1: 2.0, 3: 0.5}
 
 
-class DataError(Exception):
+class DataError(EvaluationError):
     """The data path does not hold a usable data set."""
 
 

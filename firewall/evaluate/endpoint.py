@@ -22,6 +22,7 @@ import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from firewall.evaluate.errors import EvaluationError
 from models.runtime import softmax
 
 Kind = Literal["auto", "firewall", "model"]
@@ -33,7 +34,7 @@ MODEL_OUTPUT = "logits"
 REFUSAL_STATUSES = ("StatusCode.PERMISSION_DENIED", "StatusCode.RESOURCE_EXHAUSTED")
 
 
-class EndpointError(Exception):
+class EndpointError(EvaluationError):
     """The endpoint cannot be used: unreachable, unknown model, or a failure that is no refusal."""
 
 

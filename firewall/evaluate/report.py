@@ -132,7 +132,8 @@ def markdown(report: dict) -> str:
             )
     if report.get("alerts"):
         alerts = report["alerts"]
-        lines += ["", "## Alert log", "", f"{alerts['lines']} alert lines about this run's clients; findings by rule and role:", ""]
+        summary = f"{alerts['lines']} alert lines about this run's clients; findings by rule and role:"
+        lines += ["", "## Alert log", "", summary, ""]
         lines += ["| rule | role | findings |", "| --- | --- | ---: |"]
         for rule, by_role in sorted(alerts["by_rule"].items()):
             for role, count in sorted(by_role.items()):
@@ -144,29 +145,43 @@ def markdown(report: dict) -> str:
 def _plot_detection(runs: list[AttackRun], budget: int, path: Path) -> Path:
     target_runs = [run for run in runs if run.endpoint == "target" and run.ended != "skipped"]
     scenarios = list(dict.fromkeys(_scenario_name(run) for run in target_runs))
-    figure, axis = plt.subplots(figsize=(max(6, 1.4 * len(scenarios)), 4))
+    series: dict[str, tuple[str, str, list[tuple[float, int]]]] = {  # label -> colour, marker, points
+        "refused (client view)": ("tab:red", "o", []),
+        "not refused within the budget": ("tab:gray", "x", []),
+        "first alert (alert log)": ("tab:blue", "^", []),
+    }
     for x, scenario in enumerate(scenarios):
-        runs_here = [run for run in target_runs if _scenario_name(run) == scenario]
-        jitter = np.linspace(-0.12, 0.12, len(runs_here)) if len(runs_here) > 1 else [0.0]
-        for offset, run in zip(jitter, runs_here):
-            if run.first_refusal is not None:
-                axis.scatter(x + offset - 0.05, run.first_refusal, color="tab:red", marker="o", label="refused (client view)")
+        here = [run for run in target_runs if _scenario_name(run) == scenario]
+        offsets = np.linspace(-0.15, 0.15, len(here)) if len(here) > 1 else [0.0]
+        for offset, run in zip(offsets, here):
+            if run.first_refusal is None:
+                series["not refused within the budget"][2].append((x + offset, budget))
             else:
-                axis.scatter(x + offset - 0.05, budget, color="tab:gray", marker="x", label="not refused within budget")
+                series["refused (client view)"][2].append((x + offset, run.first_refusal))
             if run.first_alert is not None:
-                axis.scatter(x + offset + 0.05, run.first_alert, color="tab:blue", marker="^", label="first alert (alert log)")
-    handles, labels = axis.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    if unique:
-        axis.legend(unique.values(), unique.keys(), fontsize=8)
+                series["first alert (alert log)"][2].append((x + offset + 0.05, run.first_alert))
+    figure, axis = plt.subplots(figsize=(max(6, 1.4 * len(scenarios)), 4))
+    for label, (color, marker, points) in series.items():
+        if points:
+            axis.scatter(*zip(*points), color=color, marker=marker, label=label)
+    axis.legend(fontsize=8)
     axis.set_xticks(range(len(scenarios)), scenarios, rotation=20)
     axis.set_yscale("log")
+    _log_axis(axis.yaxis)
+    axis.set_ylim(0.8, budget * 1.5)
     axis.set_ylabel("queries until first detection")
     axis.set_title("Queries to detection per attack (target)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def _log_axis(axis) -> None:
+    """Plain numbers at 1, 2, 5 per decade on a log axis, and no labels on the other ticks (they overlap)."""
+    axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def _scenario_name(run: AttackRun) -> str:
@@ -203,7 +218,7 @@ def _plot_latency(cost: list[CostLevel], path: Path) -> Path:
             if len(latencies):
                 axis.plot(latencies, np.arange(1, len(latencies) + 1) / len(latencies), label=name)
         axis.set_xscale("log")
-        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a log axis
+        _log_axis(axis.xaxis)
         axis.set_xlabel("latency (ms)")
         axis.set_ylabel("share of requests")
         axis.set_title(f"{level.callers} concurrent caller(s)")
