@@ -18,6 +18,8 @@ ART's predict function cannot fail, so the oracle ends an attack by raising a pr
 that ``run_attack`` catches around ``generate``: at the query budget, or when the endpoint has
 refused every client id the attacker holds. A Sybil attacker holds several ids and spreads its
 queries round-robin over them; a refused id is dropped and the query is retried with the next.
+Throttled tries are waited out and retried (see ``Endpoint.send_patiently``); they are counted
+apart and are not queries: no detector saw them.
 
 Success is judged the way an attacker would use the result: the smallest-distortion input the
 attack saw misclassified (it keeps that even if stopped early) is sent once more by a fresh client
@@ -119,6 +121,7 @@ class Oracle:
         self.sent: list[tuple[str, float]] = []  # (client id, wall-clock time) per query, for the alert log
         self.first_refusal: int | None = None
         self.refused_ids: list[str] = []
+        self.throttled = 0  # tries answered RESOURCE_EXHAUSTED and retried after a pause
         self.best: np.ndarray | None = None
         self.best_l2 = math.inf
         self.queries_to_success: int | None = None  # first query misclassified within max_l2, attacker's view
@@ -140,13 +143,15 @@ class Oracle:
             client_id = self.live_ids[self.turn % len(self.live_ids)]
             self.turn += 1
             self.sent.append((client_id, time.time()))
+            request = self.endpoint.request(x.transpose(1, 2, 0)[None])
             try:
-                answer = self.endpoint.classify(x.transpose(1, 2, 0)[None], client_id)
+                answer, throttled = self.endpoint.send_patiently(request, client_id)
             except Refusal:
                 self.first_refusal = self.first_refusal or self.queries
                 self.live_ids.remove(client_id)
                 self.refused_ids.append(client_id)
                 continue
+            self.throttled += throttled
             label = int(answer.labels[0])
             self._keep_best(x, label)
             if self.scores and answer.probabilities is not None:
@@ -174,6 +179,7 @@ class AttackRun:
     ended: str = "skipped"  # finished | budget | refused | skipped (the endpoint misclassifies the clean image)
     first_refusal: int | None = None  # client view: index of the first refused query
     refused_ids: int = 0
+    throttled: int = 0
     first_alert: int | None = None  # alert-log view: queries sent up to the first alert for these ids
     best_l2: float | None = None
     queries_to_success: int | None = None
@@ -213,7 +219,7 @@ def run_attack(
     except _Stop as stop:
         run.ended = stop.reason
     run.queries, run.sent = oracle.queries, oracle.sent
-    run.first_refusal, run.refused_ids = oracle.first_refusal, len(oracle.refused_ids)
+    run.first_refusal, run.refused_ids, run.throttled = oracle.first_refusal, len(oracle.refused_ids), oracle.throttled
     run.queries_to_success = oracle.queries_to_success
     if oracle.best is not None and run.ended != "skipped":
         run.best_l2 = oracle.best_l2
@@ -225,7 +231,7 @@ def run_attack(
 def verify(endpoint: Endpoint, candidate: np.ndarray, label: int, client_id: str) -> str:
     """Send the attack's result once, as a user of the adversarial example would."""
     try:
-        answer = endpoint.classify(candidate.transpose(1, 2, 0)[None], client_id)
+        answer, _ = endpoint.send_patiently(endpoint.request(candidate.transpose(1, 2, 0)[None]), client_id)
     except Refusal:
         return "refused"
     return "misclassified" if int(answer.labels[0]) != label else "correct"

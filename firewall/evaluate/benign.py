@@ -2,7 +2,8 @@
 
 Each client waits an exponentially distributed gap (mean ``interval_s``) before each image, as
 independent users do, and with probability ``retry_rate`` sends the same request again byte for
-byte, as a client does after a lost answer. Every refusal of this traffic is a false positive.
+byte, as a client does after a lost answer. Every refusal of this traffic is a false positive;
+throttling is waited out and counted apart.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class ClientTraffic:
     queries: int = 0
     retries: int = 0
     refused: int = 0
+    throttled: int = 0  # tries answered RESOURCE_EXHAUSTED, then retried
     answered: int = 0
     correct: int = 0
     sent: list[float] = field(default_factory=list, repr=False)  # wall-clock time of each query
@@ -42,6 +44,7 @@ class BenignResult:
             "queries": queries,
             "retries": sum(c.retries for c in self.clients),
             "refused_queries": refused,
+            "throttled_tries": sum(c.throttled for c in self.clients),
             "refused_clients": refused_clients,
             "false_positives_per_query": refused / queries if queries else None,
             "false_positives_per_client": refused_clients / len(self.clients) if self.clients else None,
@@ -72,10 +75,11 @@ def run_benign(
                 traffic.queries += 1
                 traffic.sent.append(time.time())
                 try:
-                    answer = endpoint.send(request, traffic.client_id)
+                    answer, throttled = endpoint.send_patiently(request, traffic.client_id)
                 except Refusal:
                     traffic.refused += 1
                     continue
+                traffic.throttled += throttled
                 traffic.answered += 1
                 traffic.correct += int(answer.labels[0] == labels[index])
             traffic.retries += retry
@@ -90,6 +94,6 @@ def accuracy(endpoint: Endpoint, images: np.ndarray, labels: np.ndarray, client_
     """Plain accuracy in batches: the baseline's reference for what sanitizing costs in accuracy."""
     correct = 0
     for start in range(0, len(images), batch):
-        answer = endpoint.classify(images[start : start + batch], client_id)
+        answer, _ = endpoint.send_patiently(endpoint.request(images[start : start + batch]), client_id)
         correct += int((answer.labels == labels[start : start + batch]).sum())
     return correct / len(images)

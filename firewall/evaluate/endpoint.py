@@ -9,11 +9,14 @@ Two kinds of endpoint answer differently, so each gets an adapter:
 ``auto`` picks ``firewall`` when ModelMetadata lists an input named ``image``.
 
 Every call carries the simulated client's ``x-client-id``. A refusal (PERMISSION_DENIED or
-RESOURCE_EXHAUSTED) is an answer the evaluation counts; any other failure ends the run.
+RESOURCE_EXHAUSTED) is an answer the evaluation counts; any other failure ends the run. Clients
+wait out throttling (RESOURCE_EXHAUSTED) the way a well-behaved client does, with exponential
+backoff, so that a rate limit slows an attack down but is not mistaken for a detection.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +35,9 @@ FIREWALL_OUTPUT = "label"
 MODEL_INPUT = "input"
 MODEL_OUTPUT = "logits"
 REFUSAL_STATUSES = ("StatusCode.PERMISSION_DENIED", "StatusCode.RESOURCE_EXHAUSTED")
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 1.0
+PATIENCE_S = 30.0  # a client gives up on a request it has been throttled on for this long
 
 
 class EndpointError(EvaluationError):
@@ -44,6 +50,10 @@ class Refusal(Exception):
     def __init__(self, status: str):
         super().__init__(status)
         self.status = status.removeprefix("StatusCode.")
+
+    @property
+    def throttled(self) -> bool:
+        return self.status == "RESOURCE_EXHAUSTED"
 
 
 @dataclass(frozen=True)
@@ -147,8 +157,21 @@ class Endpoint:
             raise _failure(self.address, error) from None
         return self.adapter.answer(result)
 
-    def classify(self, pixels: np.ndarray, client_id: str) -> Answer:
-        return self.send(self.request(pixels), client_id)
+    def send_patiently(self, request: Request, client_id: str, patience_s: float = PATIENCE_S) -> tuple[Answer, int]:
+        """``send``, retried with backoff while throttled, for up to ``patience_s`` seconds of waiting.
+
+        Returns the answer and how many tries were throttled; raises the last Refusal otherwise."""
+        delay, waited, throttled = BACKOFF_FIRST_S, 0.0, 0
+        while True:
+            try:
+                return self.send(request, client_id), throttled
+            except Refusal as refusal:
+                if not refusal.throttled or waited >= patience_s:
+                    raise
+            throttled += 1
+            time.sleep(delay)
+            waited += delay
+            delay = min(2 * delay, BACKOFF_MAX_S)
 
     def close(self) -> None:
         self.client.close()

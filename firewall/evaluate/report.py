@@ -38,6 +38,7 @@ def scenario_summary(runs: list[AttackRun], alerts_read: bool) -> dict:
         "median_queries_to_alert": median(alerted) if alerted else None,
         "median_queries": median(run.queries for run in attempted) if attempted else None,
         "median_best_l2": median(distortions) if distortions else None,
+        "throttled_tries": sum(run.throttled for run in attempted),
     }
 
 
@@ -83,8 +84,8 @@ def markdown(report: dict) -> str:
         "## Attacks",
         "",
         "| scenario | endpoint | runs | success | refused | median queries to refusal | alerted "
-        "| median queries to alert | median best L2 |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| median queries to alert | median best L2 | throttled tries |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for scenario in report["scenarios"]:
         for endpoint in ("target", "baseline"):
@@ -95,7 +96,7 @@ def markdown(report: dict) -> str:
                 f"| {scenario['scenario']} | {endpoint} | {s['runs']} | {_percent(s['success_rate'])} "
                 f"| {_percent(s['refused_rate'])} | {_cell(s['median_queries_to_refusal'], 0)} "
                 f"| {_percent(s['alerted_rate'])} | {_cell(s['median_queries_to_alert'], 0)} "
-                f"| {_cell(s['median_best_l2'])} |"
+                f"| {_cell(s['median_best_l2'])} | {s['throttled_tries']} |"
             )
     benign = report["benign"]
     target = benign["target"]
@@ -106,14 +107,14 @@ def markdown(report: dict) -> str:
         f"{target['clients']} clients, {target['queries']} queries ({target['retries']} byte-identical retries).",
         "",
         "| endpoint | refused queries | false positives per query | false positives per client | alerted clients "
-        "| accuracy |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| throttled tries | accuracy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         f"| target | {target['refused_queries']} | {_percent(target['false_positives_per_query'])} "
         f"| {_percent(target['false_positives_per_client'])} | {_cell(target.get('alerted_clients'))} "
-        f"| {_percent(target['accuracy'])} |",
+        f"| {target['throttled_tries']} | {_percent(target['accuracy'])} |",
     ]
     if "baseline" in benign:
-        lines.append(f"| baseline | - | - | - | - | {_percent(benign['baseline']['accuracy'])} |")
+        lines.append(f"| baseline | - | - | - | - | - | {_percent(benign['baseline']['accuracy'])} |")
     if report["cost"]:
         lines += [
             "",
