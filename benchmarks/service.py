@@ -148,8 +148,8 @@ def measure(addresses: dict[str, str], callers_levels: list[int], seconds: float
                 latencies, elapsed = asyncio.run(load(addresses[name], request, callers, seconds))
                 kept, total = results[(name, callers)]
                 results[(name, callers)] = (kept + latencies, total + elapsed)
-                print(f"  round {round_index + 1}, {callers} callers, {name}: {len(latencies) / elapsed:.0f} req/s",
-                      file=sys.stderr)  # fmt: skip
+                rate = len(latencies) / elapsed
+                print(f"  round {round_index + 1}, {callers} callers, {name}: {rate:.0f} req/s", file=sys.stderr)
     return results
 
 
@@ -183,15 +183,15 @@ def main() -> int:
         try:
             for _, address in servers.values():
                 wait_ready(address)
-            results = measure({name: address for name, (_, address) in servers.items()}, callers_levels,
-                              args.seconds, args.rounds)  # fmt: skip
+            addresses = {name: address for name, (_, address) in servers.items()}
+            results = measure(addresses, callers_levels, args.seconds, args.rounds)
         finally:
             for process, _ in servers.values():
                 process.send_signal(signal.SIGTERM)
             for process, _ in servers.values():
                 process.wait(timeout=30)
-    print(f"\n{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
-          f"{args.rounds} interleaved rounds of {args.seconds:g} s per server and caller count\n")  # fmt: skip
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    print(f"\n{machine}; {args.rounds} interleaved rounds of {args.seconds:g} s per server and caller count\n")
     print(table(results, callers_levels))
     return 0
 

@@ -190,3 +190,13 @@ def test_missing_alert_log(endpoints, capsys, tmp_path):
     code = evaluate("--target", endpoints[0], "--data", str(DATA), "--alerts", str(tmp_path / "none.jsonl"))
     assert code == 2
     assert "alert log" in _error_line(capsys)
+
+
+def test_data_sets_from_files_and_class_folders():
+    from firewall.evaluate.data import load_dataset
+
+    mnist = load_dataset(DATA)
+    assert mnist.images.shape == (1000, 28, 28, 1) and mnist.default_max_l2 == 2.0
+    cifar = load_dataset(FIXTURES / "cifar10_test")
+    assert cifar.images.shape == (100, 32, 32, 3) and cifar.images.dtype == np.uint8
+    assert np.bincount(cifar.labels).tolist() == [10] * 10 and cifar.default_max_l2 == 0.5

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -60,7 +61,7 @@ def run_benign(
     interval_s: float,
     retry_rate: float,
     seed: int,
-    on_query=lambda: None,
+    on_query: Callable[[], None] = lambda: None,
 ) -> BenignResult:
     """Images are uint8 [N, H, W, C]; client k sends images k, k + clients, k + 2 * clients, ..."""
 

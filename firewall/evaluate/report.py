@@ -42,8 +42,14 @@ def scenario_summary(runs: list[AttackRun], alerts_read: bool) -> dict:
     }
 
 
-def write_report(report: dict, out: Path, runs: list[AttackRun], alerts: list[Alert] | None, cost: list[CostLevel],
-                 roles: dict[str, str]) -> list[Path]:
+def write_report(
+    report: dict,
+    out: Path,
+    runs: list[AttackRun],
+    alerts: list[Alert] | None,
+    cost: list[CostLevel],
+    roles: dict[str, str],
+) -> list[Path]:
     """Write the files; ``roles`` maps each client id of the run to benign, attack, verify or cost."""
     plots = [_plot_detection(runs, report["setup"]["query_budget"], out / PLOT_DETECTION)]
     if alerts and any(alert.score is not None for alert in alerts):
@@ -191,8 +197,12 @@ def _scenario_name(run: AttackRun) -> str:
 
 def _plot_scores(alerts: list[Alert], roles: dict[str, str], path: Path) -> Path:
     rules = sorted({alert.rule for alert in alerts if alert.score is not None})
-    figure, axes = plt.subplots(1, len(rules), figsize=(5 * len(rules), 3.6), squeeze=False)
-    for axis, rule in zip(axes[0], rules):
+    columns = min(2, len(rules))
+    rows = -(-len(rules) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.4 * rows), squeeze=False)
+    for axis in axes.flat[len(rules) :]:
+        axis.set_visible(False)
+    for axis, rule in zip(axes.flat, rules):
         scored = [alert for alert in alerts if alert.rule == rule and alert.score is not None]
         for role, color in (("benign", "tab:green"), ("attack", "tab:red")):
             scores = [alert.score for alert in scored if roles.get(alert.client_id) == role]
@@ -204,7 +214,7 @@ def _plot_scores(alerts: list[Alert], roles: dict[str, str], path: Path) -> Path
         axis.set_title(rule)
         axis.set_xlabel("score (dashed: threshold)")
         axis.legend(fontsize=8)
-    figure.suptitle("Alert scores: benign vs attack clients")
+    figure.suptitle("Alert scores, benign vs attack clients (alerts only: each episode's first and strongest)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

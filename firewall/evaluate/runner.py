@@ -114,9 +114,15 @@ class Evaluation:
         self.roles.update(dict.fromkeys(ids, "benign"))
         images, labels = self.dataset.images[: self.benign_count], self.dataset.labels[: self.benign_count]
         result = run_benign(
-            self.endpoints["target"], images, labels, ids, args.benign_interval, args.retry_rate, args.seed,
+            self.endpoints["target"],
+            images,
+            labels,
+            client_ids=ids,
+            interval_s=args.benign_interval,
+            retry_rate=args.retry_rate,
+            seed=args.seed,
             on_query=lambda: progress.update(1),
-        )  # fmt: skip
+        )
         if "baseline" in self.endpoints:
             checker = f"{self.prefix}-accuracy"
             self.roles[checker] = "benign"
@@ -134,13 +140,20 @@ class Evaluation:
                     verifier = f"{self.prefix}-verify-{len(runs)}"
                     self.roles.update(dict.fromkeys(ids, "attack"))
                     self.roles[verifier] = "verify"
-                    image, label = self.dataset.images[index], int(self.dataset.labels[index])
-                    runs.append(
-                        run_attack(
-                            ATTACKS[scenario.attack], endpoint, endpoint_name, image, index, label, ids, verifier,
-                            args.queries, args.classes, self.max_l2,
-                        )
-                    )  # fmt: skip
+                    run = run_attack(
+                        ATTACKS[scenario.attack],
+                        endpoint,
+                        endpoint_name,
+                        image=self.dataset.images[index],
+                        image_index=index,
+                        label=int(self.dataset.labels[index]),
+                        client_ids=ids,
+                        verifier_id=verifier,
+                        budget=args.queries,
+                        nb_classes=args.classes,
+                        max_l2=self.max_l2,
+                    )
+                    runs.append(run)
                     progress.update(1)
         return runs
 
@@ -150,9 +163,14 @@ class Evaluation:
             return []
         progress.set_description("cost")
         return measure_cost(
-            self.endpoints, self.dataset.images[: self.benign_count], args.concurrency, args.cost_seconds,
-            args.cost_rounds, f"{self.prefix}-cost", on_slot=lambda: progress.update(1),
-        )  # fmt: skip
+            self.endpoints,
+            self.dataset.images[: self.benign_count],
+            levels=args.concurrency,
+            duration_s=args.cost_seconds,
+            rounds=args.cost_rounds,
+            prefix=f"{self.prefix}-cost",
+            on_slot=lambda: progress.update(1),
+        )
 
     # -- the alert log and the report ----------------------------------------------------------
 
