@@ -8,8 +8,9 @@
 Each server runs in its own process; this process is the load generator: N callers on one
 grpc.aio channel, each with its own ``x-client-id``, sending one 28x28 UINT8 ``image`` per
 request back to back. The two servers take turns for every caller count and round, so background
-load on a shared machine falls on both alike. Prints a Markdown table and the throughput ratio
-(b)/(a) per caller count.
+load on a shared machine falls on both alike. Prints a Markdown table, with the server process's
+CPU time per request (read from /proc, all its threads: steadier than throughput on a shared
+machine), and the throughput ratio (b)/(a) per caller count.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -118,9 +120,31 @@ def payload() -> pb.ModelInferRequest:
     )
 
 
-async def load(address: str, request: pb.ModelInferRequest, callers: int, seconds: float) -> tuple[list[float], float]:
-    """Latencies (s) of the calls completed in ``seconds``, and the time it took."""
-    latencies: list[float] = []
+@dataclass
+class Sample:
+    latencies_s: list[float] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    server_cpu_s: float = 0.0  # CPU time the server process spent meanwhile, all its threads
+
+    def add(self, other: "Sample") -> None:
+        self.latencies_s += other.latencies_s
+        self.elapsed_s += other.elapsed_s
+        self.server_cpu_s += other.server_cpu_s
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies_s) / self.elapsed_s
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load(address: str, request: pb.ModelInferRequest, callers: int, seconds: float, server_pid: int) -> Sample:
+    """The calls completed in ``seconds`` after a short warm-up."""
+    sample = Sample()
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
 
@@ -129,41 +153,47 @@ async def load(address: str, request: pb.ModelInferRequest, callers: int, second
             while time.perf_counter() < deadline:
                 started = time.perf_counter()
                 await stub.ModelInfer(request, metadata=metadata)
-                latencies.append(time.perf_counter() - started)
+                sample.latencies_s.append(time.perf_counter() - started)
 
         await asyncio.gather(*(caller(n, time.perf_counter() + 0.5) for n in range(callers)))  # warm-up
-        latencies.clear()
-        started = time.perf_counter()
+        sample.latencies_s.clear()
+        cpu, started = cpu_seconds(server_pid), time.perf_counter()
         await asyncio.gather(*(caller(n, started + seconds) for n in range(callers)))
-        return latencies, time.perf_counter() - started
+        sample.elapsed_s = time.perf_counter() - started
+        sample.server_cpu_s = cpu_seconds(server_pid) - cpu
+    return sample
 
 
-def measure(addresses: dict[str, str], callers_levels: list[int], seconds: float, rounds: int) -> dict:
+def measure(servers: dict[str, tuple[str, int]], callers_levels: list[int], seconds: float, rounds: int) -> dict:
+    """``servers``: name -> (address, pid). Returns (name, callers) -> Sample."""
     request = payload()
-    results = {(name, callers): ([], 0.0) for name in addresses for callers in callers_levels}
+    results = {(name, callers): Sample() for name in servers for callers in callers_levels}
     for round_index in range(rounds):
         for callers in callers_levels:
-            order = list(addresses) if round_index % 2 == 0 else list(reversed(addresses))
+            order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
             for name in order:
-                latencies, elapsed = asyncio.run(load(addresses[name], request, callers, seconds))
-                kept, total = results[(name, callers)]
-                results[(name, callers)] = (kept + latencies, total + elapsed)
-                rate = len(latencies) / elapsed
-                print(f"  round {round_index + 1}, {callers} callers, {name}: {rate:.0f} req/s", file=sys.stderr)
+                address, pid = servers[name]
+                sample = asyncio.run(load(address, request, callers, seconds, pid))
+                results[(name, callers)].add(sample)
+                print(f"  round {round_index + 1}, {callers} callers, {name}: {sample.rate:.0f} req/s", file=sys.stderr)
     return results
 
 
-def table(results: dict, callers_levels: list[int]) -> str:
-    lines = ["| server | callers | requests/s | p50 ms | p99 ms |", "| --- | ---: | ---: | ---: | ---: |"]
+def table(results: dict[tuple[str, int], Sample], callers_levels: list[int]) -> str:
+    lines = [
+        "| server | callers | requests/s | p50 ms | p99 ms | server CPU ms per request |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for callers in callers_levels:
         for name in ("echo", "firewall"):
-            latencies, elapsed = results[(name, callers)]
-            p50, p99 = np.percentile(np.array(latencies) * 1000.0, [50, 99])
-            lines.append(f"| {name} | {callers} | {len(latencies) / elapsed:.0f} | {p50:.2f} | {p99:.2f} |")
+            sample = results[(name, callers)]
+            p50, p99 = np.percentile(np.array(sample.latencies_s) * 1000.0, [50, 99])
+            cpu_ms = 1000.0 * sample.server_cpu_s / len(sample.latencies_s)
+            lines.append(f"| {name} | {callers} | {sample.rate:.0f} | {p50:.2f} | {p99:.2f} | {cpu_ms:.2f} |")
     lines += ["", "| callers | firewall / echo throughput |", "| ---: | ---: |"]
     for callers in callers_levels:
-        rates = {name: len(results[(name, callers)][0]) / results[(name, callers)][1] for name in ("echo", "firewall")}
-        lines.append(f"| {callers} | {rates['firewall'] / rates['echo']:.2f} |")
+        ratio = results[("firewall", callers)].rate / results[("echo", callers)].rate
+        lines.append(f"| {callers} | {ratio:.2f} |")
     return "\n".join(lines)
 
 
@@ -183,7 +213,7 @@ def main() -> int:
         try:
             for _, address in servers.values():
                 wait_ready(address)
-            addresses = {name: address for name, (_, address) in servers.items()}
+            addresses = {name: (address, process.pid) for name, (process, address) in servers.items()}
             results = measure(addresses, callers_levels, args.seconds, args.rounds)
         finally:
             for process, _ in servers.values():
