@@ -11,6 +11,13 @@ a tighter, calibrated threshold: an attack is flagged within a few queries, and 
 embedding keeps matching when an attacker blinds every query with fresh noise (which defeats
 exact hashes).
 
+A second per-client rule catches the first steps of the attacks' binary and line searches, which
+are still far apart: the queries ``(1 - a) x + a u`` of a binary search between ``x`` and ``u``
+(HopSkipJump, Boundary, GeoDA) and ``x + c d`` of a line search (Sign-OPT) all lie on one line, and
+their normalized embeddings in one plane through the origin. A query closer than
+``line_threshold`` to the plane spanned by its nearest and any other of the client's latest
+``line_window`` queries raises the same finding. Benign images almost never are such blends.
+
 Rules that keep benign traffic clean:
 - Byte-identical repeats (retries, ``ctx.digests``) are counted apart and never trigger by
   themselves: a repeat takes the verdict of its original, so a retried benign image stays
@@ -70,11 +77,22 @@ def digest_key(digest: bytes) -> int:
 
 
 @dataclass(frozen=True)
+class Rule:
+    """When a history flags a query."""
+
+    k: int
+    threshold: float  # flag when the k-th nearest earlier query is closer
+    line_window: int = 0  # how many of the latest queries the line rule looks at (0: off)
+    line_threshold: float = 0.0  # flag when the query is this close to a line through two of them
+
+
+@dataclass(frozen=True)
 class Verdict:
     """What the history says about one query."""
 
     kth_distance: float  # distance to the k-th nearest earlier query (inf when fewer than k)
     neighbours: int  # earlier queries closer than the threshold, among the k nearest
+    line_distance: float  # distance to the nearest line through two recent queries (inf: not checked)
     retry: bool  # byte-identical to an earlier query still in the window
     flagged: bool
 
@@ -82,9 +100,7 @@ class Verdict:
 class History(Protocol):
     """Recent queries of one client or of all clients. A shared store can implement this."""
 
-    def check_and_add(
-        self, vectors: np.ndarray, keys: Sequence[int], now: float, k: int, threshold: float
-    ) -> list[Verdict]: ...
+    def check_and_add(self, vectors: np.ndarray, keys: Sequence[int], now: float, rule: Rule) -> list[Verdict]: ...
 
     def __len__(self) -> int: ...
 
@@ -181,22 +197,43 @@ class RingHistory:
                 found.append(np.sqrt(np.maximum(squared, 0.0)))
         return np.sort(np.concatenate(found, axis=1), axis=1)[:, :k]
 
-    def check_and_add(
-        self, vectors: np.ndarray, keys: Sequence[int], now: float, k: int, threshold: float
-    ) -> list[Verdict]:
+    def line_distances(self, queries: np.ndarray, recent: int) -> np.ndarray:
+        """Distance from each query to the plane through the origin spanned by two of the latest
+        ``recent`` queries: the one nearest to it and whichever other fits best (inf if fewer than 2).
+
+        Embeddings are normalized, so every blend ``(1 - a) x + a u`` of two earlier queries, and
+        every point ``x + c d`` on a ray through two of them, lies in (or very near) that plane:
+        the binary and line searches of decision-based attacks land there from their first steps.
+        """
+        count = min(self.count, recent)
+        found = np.full(len(queries), np.inf, np.float32)
+        if count < 2:
+            return found
+        latest = self.vectors[(self.head - count + np.arange(count)) % self.capacity]
+        squared_norms = (latest * latest).sum(axis=1)
+        for row, query in enumerate(queries):
+            nearest = int(np.argmin(squared_norms - 2.0 * (latest @ query)))
+            axis = latest[nearest] / max(float(np.sqrt(squared_norms[nearest])), 1e-6)
+            residual = query - (query @ axis) * axis  # the query off the nearest one's direction
+            along = latest @ axis
+            across = squared_norms - along * along  # each candidate's squared part off that direction
+            across[nearest] = 0.0
+            usable = across > 1e-8
+            if usable.any():
+                explained = (latest[usable] @ residual) ** 2 / across[usable]
+                found[row] = np.sqrt(max(float(residual @ residual - explained.max()), 0.0))
+        return found
+
+    def check_and_add(self, vectors: np.ndarray, keys: Sequence[int], now: float, rule: Rule) -> list[Verdict]:
         self.expire(now)
-        return _check_and_add(self, vectors, keys, now, k, threshold)
+        return _check_and_add(self, vectors, keys, now, rule)
 
 
 def _check_and_add(
-    history: RingHistory | IndexedHistory,
-    vectors: np.ndarray,
-    keys: Sequence[int],
-    now: float,
-    k: int,
-    threshold: float,
+    history: RingHistory | IndexedHistory, vectors: np.ndarray, keys: Sequence[int], now: float, rule: Rule
 ) -> list[Verdict]:
-    """The detection rule, shared by both histories (the caller holds the history's lock)."""
+    """The detection rules, shared by both histories (the caller holds the history's lock)."""
+    k, threshold = rule.k, rule.threshold
     batch_flags: dict[int, bool] = {}
     repeats: dict[int, bool | None] = {}  # item -> verdict of its original in the history
     fresh: list[int] = []
@@ -208,25 +245,29 @@ def _check_and_add(
             batch_flags[key] = False
             fresh.append(i)
     distances = np.full((len(fresh), k), np.inf, np.float32)
+    lines = np.full(len(fresh), np.inf, np.float32)
     if fresh:
         queries = np.ascontiguousarray(vectors[fresh], dtype=np.float32)
         if len(history):
             distances = history.search(queries, k)
+        if rule.line_window and isinstance(history, RingHistory):
+            lines = history.line_distances(queries, rule.line_window)
         if len(fresh) > 1:  # earlier images of the same request count too
             within = np.sqrt(np.maximum(((queries[:, None, :] - queries[None, :, :]) ** 2).sum(-1), 0.0))
             within[np.triu_indices(len(fresh))] = np.inf
             distances = np.sort(np.concatenate([distances, within], axis=1), axis=1)[:, :k]
     verdicts: dict[int, Verdict] = {}
     for row, i in enumerate(fresh):
-        kth = float(distances[row, k - 1])
-        flagged = kth < threshold
+        kth, line = float(distances[row, k - 1]), float(lines[row])
+        flagged = kth < threshold or line < rule.line_threshold
         batch_flags[keys[i]] = flagged
-        verdicts[i] = Verdict(kth, int((distances[row] < threshold).sum()), retry=False, flagged=flagged)
+        neighbours = int((distances[row] < threshold).sum())
+        verdicts[i] = Verdict(kth, neighbours, line, retry=False, flagged=flagged)
         history._add(vectors[i], keys[i], flagged, now)
     for i, earlier in repeats.items():
         flagged = earlier if earlier is not None else batch_flags[keys[i]]
         history.retries += 1
-        verdicts[i] = Verdict(0.0, 0, retry=True, flagged=flagged)
+        verdicts[i] = Verdict(0.0, 0, np.inf, retry=True, flagged=flagged)
     return [verdicts[i] for i in range(len(keys))]
 
 
@@ -301,10 +342,8 @@ class IndexedHistory:
         distances[ids < 0] = np.inf  # fewer than k found
         return distances
 
-    def check_and_add(
-        self, vectors: np.ndarray, keys: Sequence[int], now: float, k: int, threshold: float
-    ) -> list[Verdict]:
-        return _check_and_add(self, vectors, keys, now, k, threshold)
+    def check_and_add(self, vectors: np.ndarray, keys: Sequence[int], now: float, rule: Rule) -> list[Verdict]:
+        return _check_and_add(self, vectors, keys, now, rule)
 
 
 class ClientHistories:
@@ -426,6 +465,8 @@ class ProbingConfig(BaseModel):
     embedding: EmbeddingConfig = Field(default_factory=PixelEmbeddingConfig)
     k: int = Field(1, ge=1, le=100, description="flag when the k-th nearest earlier query is closer than threshold")
     threshold: float = Field(0.05, ge=0.0, description="per-client distance threshold (calibrate: 0.1% benign FP)")
+    line_window: int = Field(64, ge=0, description="latest client queries the line rule looks at; 0 turns it off")
+    line_threshold: float = Field(0.03, ge=0.0, description="flag a query this close to a line through two of them")
     client_window: int = Field(10_000, ge=1, description="queries remembered per client")
     client_window_seconds: float | None = Field(None, gt=0, description="forget a client's queries after this long")
     max_clients: int = Field(10_000, ge=1, description="tracked clients; least recently seen evicted first")
@@ -450,16 +491,22 @@ class ProbingStage:
     def __init__(self, config: ProbingConfig, embedder: Embedder):
         self.config = config
         self.embedder = embedder
+        self.client_rule = Rule(config.k, config.threshold, config.line_window, config.line_threshold)
+        self.global_rule = Rule(config.global_k, config.global_threshold)
+        self._start_empty()
+        if config.snapshot_path is not None:
+            self._load(config.snapshot_path)
+
+    def _start_empty(self) -> None:
+        config, dim = self.config, self.embedder.dim
         self.clients = ClientHistories(
-            embedder.dim, config.client_window, config.client_window_seconds, config.max_clients, config.max_vectors
+            dim, config.client_window, config.client_window_seconds, config.max_clients, config.max_vectors
         )
         self.global_history = (
-            IndexedHistory(embedder.dim, config.global_window, config.global_lists, config.global_probes)
+            IndexedHistory(dim, config.global_window, config.global_lists, config.global_probes)
             if config.global_index
             else None
         )
-        if config.snapshot_path is not None:
-            self._load(config.snapshot_path)
 
     def _load(self, path: Path) -> None:
         if not path.exists():
@@ -469,17 +516,7 @@ class ProbingStage:
             load_snapshot(path, self.embedder.dim, self.clients, self.global_history)
         except Exception as error:  # a bad snapshot must never stop the firewall
             log.warning("probing snapshot unreadable, starting empty", path=str(path), error=type(error).__name__)
-            self.clients = ClientHistories(
-                self.embedder.dim,
-                self.config.client_window,
-                self.config.client_window_seconds,
-                self.config.max_clients,
-                self.config.max_vectors,
-            )
-            if self.global_history is not None:
-                self.global_history = IndexedHistory(
-                    self.embedder.dim, self.config.global_window, self.config.global_lists, self.config.global_probes
-                )
+            self._start_empty()
         else:
             log.info("probing snapshot loaded", path=str(path), clients=len(self.clients))
 
@@ -493,39 +530,37 @@ class ProbingStage:
         history = self.clients.get(ctx.client_id)
         with history.lock:
             rows_before = history.capacity
-            verdicts = history.check_and_add(vectors, keys, now, self.config.k, self.config.threshold)
+            verdicts = history.check_and_add(vectors, keys, now, self.client_rule)
             retries = history.retries
         self.clients.account(ctx.client_id, rows_before, history)
-        findings = [self._finding("probing.client", verdicts, self.config.k, self.config.threshold, retries)]
+        findings = [self._finding("probing.client", verdicts, self.client_rule, retries)]
         if self.global_history is not None:
             with self.global_history.lock:
-                verdicts = self.global_history.check_and_add(
-                    vectors, keys, now, self.config.global_k, self.config.global_threshold
-                )
-            findings.append(
-                self._finding("probing.global", verdicts, self.config.global_k, self.config.global_threshold, None)
-            )
+                verdicts = self.global_history.check_and_add(vectors, keys, now, self.global_rule)
+            findings.append(self._finding("probing.global", verdicts, self.global_rule, None))
         return [finding for finding in findings if finding is not None]
 
     @staticmethod
-    def _finding(
-        rule: str, verdicts: list[Verdict], k: int, threshold: float, retries: int | None
-    ) -> Finding | None:
+    def _finding(name: str, verdicts: list[Verdict], rule: Rule, retries: int | None) -> Finding | None:
         flagged = [i for i, verdict in enumerate(verdicts) if verdict.flagged]
         if not flagged:
             return None
         first = flagged[0]
         verdict = verdicts[first]
+        on_line = not verdict.retry and verdict.kth_distance >= rule.threshold
         details = {
-            "k": k,
+            "matched": "retry" if verdict.retry else "line" if on_line else "nearest",
+            "k": rule.k,
             "kth_distance": verdict.kth_distance,
             "neighbours_within_threshold": verdict.neighbours,
-            "retry_of_flagged_query": verdict.retry,
+            "line_distance": verdict.line_distance,
             "flagged_items": len(flagged),
         }
         if retries is not None:
             details["client_retries"] = retries
-        return Finding(rule, verdict.kth_distance, threshold, item=first, details=details)
+        if on_line:
+            return Finding(name, verdict.line_distance, rule.line_threshold, item=first, details=details)
+        return Finding(name, verdict.kth_distance, rule.threshold, item=first, details=details)
 
     def stats(self) -> dict[str, float]:
         clients = self.clients.items()
