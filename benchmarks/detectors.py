@@ -39,7 +39,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detectors.probing import ProbingStage, digest_key  # noqa: E402
+from detectors.history import digest_key  # noqa: E402
+from detectors.probing import ProbingStage  # noqa: E402
 from detectors.registry import DetectorConfig  # noqa: E402
 from detectors.sanitizer import Sanitizer, SanitizerConfig  # noqa: E402
 from detectors.squeeze import SqueezeConfig, squeeze_scores  # noqa: E402
@@ -247,7 +248,7 @@ def attacks(name: str, data: Path, count: int) -> dict:
     results: dict[str, dict] = {}
     for kind in ("HopSkipJump", "Boundary", "SignOPT"):
         for mode in ("plain", "blinded", "sybil", "rotating", "rotating blinded"):
-            firsts, client_firsts, global_firsts, per_identity = [], [], [], []
+            firsts, client_firsts, global_firsts, per_identity, gave_up = [], [], [], [], 0
             for n in range(count):
                 stage = detectors["probing"].build(model)
                 attacker = Attacker(model, sanitizer, stage, ids=mode.split()[0], blind=mode.endswith("blinded"), seed=n)
@@ -258,6 +259,7 @@ def attacks(name: str, data: Path, count: int) -> dict:
                 except BudgetSpent:
                     pass
                 firsts.append(min(attacker.first.values(), default=None))
+                gave_up += not attacker.first and attacker.queries < QUERY_BUDGET  # stopped by itself, unflagged
                 client_firsts.append(attacker.first.get("probing.client"))
                 global_firsts.append(attacker.first.get("probing.global"))
                 per_identity += attacker.per_identity[1:]  # ids after the first one
@@ -265,6 +267,7 @@ def attacks(name: str, data: Path, count: int) -> dict:
             row = {
                 "attacks": count,
                 "flagged": len(flagged),
+                "unflagged_gave_up_by_themselves": gave_up,
                 "median_first_flag": float(np.median(flagged)) if flagged else None,
                 "max_first_flag": max(flagged) if flagged else None,
                 "median_first_client_flag": _median(client_firsts),

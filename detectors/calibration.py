@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from detectors.probing import ProbingConfig, RingHistory, Rule, digest_key
+from detectors.history import RingHistory, Rule, digest_key
+from detectors.probing import ProbingConfig
 from detectors.registry import DetectorConfig
 from detectors.sanitizer import InvalidImage, Sanitizer, SanitizerConfig, decode_image
 from detectors.squeeze import SqueezeConfig, squeeze_scores

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from detectors.embedders import PixelEmbeddingConfig
-from detectors.probing import ClientHistories, IndexedHistory, ProbingConfig, ProbingStage, RingHistory, Rule, digest_key
+from detectors.history import ClientHistories, IndexedHistory, RingHistory, Rule, digest_key
+from detectors.probing import ProbingConfig, ProbingStage
 from detectors.sanitizer import Sanitizer, SanitizerConfig
 from firewall.stage import RequestContext
 from models.runtime import InputSpec, OnnxClassifier, bundled_model_path
