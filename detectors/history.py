@@ -68,6 +68,8 @@ class History(Protocol):
 
     def check_and_add(self, vectors: np.ndarray, keys: Sequence[int], now: float, rule: Rule) -> list[Verdict]: ...
 
+    def mark_flagged(self, key: int) -> None: ...
+
     def __len__(self) -> int: ...
 
 
@@ -143,6 +145,10 @@ class RingHistory:
         """None when no query in the window has this key, else whether any copy was flagged."""
         slots = np.flatnonzero(self.keys == np.uint64(key))
         return bool(self.flagged[slots].any()) if len(slots) else None
+
+    def mark_flagged(self, key: int) -> None:
+        """Record that another rule flagged this query, so that its repeats stay flagged here too."""
+        self.flagged[self.keys == np.uint64(key)] = True
 
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
         """Distances from each query to its k nearest stored vectors, ascending, inf-padded."""
@@ -254,6 +260,9 @@ class IndexedHistory:
 
     def repeat_of(self, key: int) -> bool | None:
         return self.ring.repeat_of(key)
+
+    def mark_flagged(self, key: int) -> None:
+        self.ring.mark_flagged(key)
 
     @property
     def retries(self) -> int:

@@ -21,7 +21,8 @@ their normalized embeddings in one plane through the origin. A query closer than
 Rules that keep benign traffic clean:
 - Byte-identical repeats (retries, ``ctx.digests``) are counted apart and never trigger by
   themselves: a repeat takes the verdict of its original, so a retried benign image stays
-  accepted and a refused probe stays refused, whichever client id re-sends it.
+  accepted and a refused probe stays refused, whichever client id re-sends it (a query flagged
+  by a client rule is marked flagged in the global history too).
 - Every image of a request is compared with the earlier images of the same request too.
 
 A second, global history across all clients ("probing.global", nearest-query rule only) catches
@@ -141,8 +142,11 @@ class ProbingStage:
         findings = [self._finding("probing.client", verdicts, self.client_rule, retries)]
         if self.global_history is not None:
             with self.global_history.lock:
-                verdicts = self.global_history.check_and_add(vectors, keys, now, self.global_rule)
-            findings.append(self._finding("probing.global", verdicts, self.global_rule, None))
+                global_verdicts = self.global_history.check_and_add(vectors, keys, now, self.global_rule)
+                for key, verdict in zip(keys, verdicts):
+                    if verdict.flagged:  # a repeat from another id is then refused by the global rule
+                        self.global_history.mark_flagged(key)
+            findings.append(self._finding("probing.global", global_verdicts, self.global_rule, None))
         return [finding for finding in findings if finding is not None]
 
     @staticmethod

@@ -154,14 +154,18 @@ def test_near_duplicate_blinded_with_noise_is_flagged(digits: np.ndarray, saniti
 
 
 def test_binary_search_blends_are_flagged_by_the_line_rule(digits: np.ndarray, sanitizer: Sanitizer) -> None:
-    stage = stage_for(ProbingConfig(threshold=0.05, line_threshold=0.03, global_index=False))
+    stage = stage_for(ProbingConfig(threshold=0.05, line_threshold=0.03, global_threshold=0.05))
     original = digits[6].astype(np.float32) / 255.0
     noise = np.random.default_rng(0).uniform(0, 1, original.shape).astype(np.float32)
     assert stage(request([original], "attacker", sanitizer)) == []
     assert stage(request([noise], "attacker", sanitizer)) == []
-    (finding,) = stage(request([0.5 * original + 0.5 * noise], "attacker", sanitizer))  # far from both
-    assert finding.details["matched"] == "line" and finding.details["kth_distance"] > 0.05
+    blend = 0.5 * original + 0.5 * noise
+    (finding,) = stage(request([blend], "attacker", sanitizer))  # far from both, on their line
+    assert finding.rule == "probing.client" and finding.details["matched"] == "line"
+    assert finding.details["kth_distance"] > 0.05
     assert finding.score == finding.details["line_distance"] < finding.threshold == 0.03
+    (resent,) = stage(request([blend], "new-id", sanitizer))  # the refused query from a fresh id
+    assert resent.rule == "probing.global" and resent.details["matched"] == "retry"
 
 
 def test_retry_of_a_flagged_query_stays_flagged(digits: np.ndarray, sanitizer: Sanitizer) -> None:
