@@ -38,7 +38,7 @@ from models.runtime import OnnxClassifier, bundled_model_path
 PROBING_FALSE_POSITIVES = 0.001
 SCORE_FALSE_POSITIVES = 0.05
 BURSTS = 500  # images turned into camera bursts
-BURST_SHIFTS = 4  # one-pixel shifts following each of them
+BURST_SHIFTS = 5  # one-pixel shifts following each of them
 BATCH = 256
 MAX_IMAGE_PIXELS = 4096 * 4096
 # What a calibrated threshold depends on, and so what the written file pins; operational settings

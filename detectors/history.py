@@ -172,6 +172,7 @@ class RingHistory:
         Embeddings are normalized, so every blend ``(1 - a) x + a u`` of two earlier queries, and
         every point ``x + c d`` on a ray through two of them, lies in (or very near) that plane:
         the binary and line searches of decision-based attacks land there from their first steps.
+        Only points between the two count (positive weights on both), not points beyond them.
         """
         count = min(self.count, recent)
         found = np.full(len(queries), np.inf, np.float32)
@@ -187,8 +188,13 @@ class RingHistory:
             across = squared_norms - along * along  # each candidate's squared part off that direction
             across[nearest] = 0.0
             usable = across > 1e-8
+            # query = a * nearest + b * candidate + rest; only a, b > 0 (between the two, as in a
+            # binary or line search), not beyond them (as in one-pixel shifts of one image)
+            b = np.where(usable, latest @ residual, 0.0) / np.where(usable, across, 1.0)
+            a = float(query @ axis) - b * along
+            usable &= (a > 0) & (b > 0)
             if usable.any():
-                explained = (latest[usable] @ residual) ** 2 / across[usable]
+                explained = b[usable] ** 2 * across[usable]
                 found[row] = np.sqrt(max(float(residual @ residual - explained.max()), 0.0))
         return found
 
