@@ -44,7 +44,7 @@ from detectors.probing import ProbingStage  # noqa: E402
 from detectors.registry import DetectorConfig  # noqa: E402
 from detectors.sanitizer import Sanitizer, SanitizerConfig  # noqa: E402
 from detectors.squeeze import SqueezeConfig, squeeze_scores  # noqa: E402
-from detectors.uncertainty import UncertaintyConfig, UncertaintyStage  # noqa: E402
+from detectors.uncertainty import UncertaintyStage  # noqa: E402
 from firewall.stage import RequestContext  # noqa: E402
 from models.data import MNIST_HELDOUT, load_cifar10, load_mnist  # noqa: E402
 from models.runtime import OnnxClassifier, bundled_model_path  # noqa: E402
@@ -167,10 +167,10 @@ def memory(name: str, data: Path) -> list[dict]:
     rows = []
     for window in (1_000, 10_000):
         for clients in (1, 10, 100, 1_000, 10_000):
+            command = [sys.executable, __file__, "--data", str(data), "--model", name]
             output = subprocess.run(
-                [sys.executable, __file__, "--data", str(data), "--model", name, "--memory-child", f"{window},{clients}"],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
+                [*command, "--memory-child", f"{window},{clients}"], capture_output=True, text=True, check=True
+            )
             rows.append(json.loads(output.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
     return rows
@@ -251,7 +251,9 @@ def attacks(name: str, data: Path, count: int) -> dict:
             firsts, client_firsts, global_firsts, per_identity, gave_up = [], [], [], [], 0
             for n in range(count):
                 stage = detectors["probing"].build(model)
-                attacker = Attacker(model, sanitizer, stage, ids=mode.split()[0], blind=mode.endswith("blinded"), seed=n)
+                attacker = Attacker(
+                    model, sanitizer, stage, ids=mode.split()[0], blind=mode.endswith("blinded"), seed=n
+                )
                 classifier = BlackBoxClassifier(attacker.predict, shape, 10, clip_values=(0.0, 1.0))
                 np.random.seed(n)
                 try:
@@ -349,15 +351,25 @@ def uncertainty(name: str, data: Path, count: int) -> dict:
 
     def scores(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         tensor = sanitizer(list(batch.transpose(0, 2, 3, 1)))
-        return stage.scores(tensor)["variance"], squeeze_scores(model, tensor, squeeze.bit_depth, squeeze.median_size), model.predict(tensor)
+        return (
+            stage.scores(tensor)["variance"],
+            squeeze_scores(model, tensor, squeeze.bit_depth, squeeze.median_size),
+            model.predict(tensor),
+        )
 
     benign_u, benign_s, _ = scores(x)
     crafted = {
         "FGSM eps 0.1": lambda: FastGradientMethod(classifier, eps=0.1).generate(x),
         "FGSM eps 0.2": lambda: FastGradientMethod(classifier, eps=0.2).generate(x),
-        "PGD eps 0.05": lambda: ProjectedGradientDescent(classifier, eps=0.05, eps_step=0.0125, max_iter=10, verbose=False).generate(x),
-        "PGD eps 0.2": lambda: ProjectedGradientDescent(classifier, eps=0.2, eps_step=0.05, max_iter=10, verbose=False).generate(x),
-        "CW L2 (first 50)": lambda: CarliniL2Method(classifier, max_iter=10, binary_search_steps=5, verbose=False).generate(x[:50]),
+        "PGD eps 0.05": lambda: ProjectedGradientDescent(
+            classifier, eps=0.05, eps_step=0.0125, max_iter=10, verbose=False
+        ).generate(x),
+        "PGD eps 0.2": lambda: ProjectedGradientDescent(
+            classifier, eps=0.2, eps_step=0.05, max_iter=10, verbose=False
+        ).generate(x),
+        "CW L2 (first 50)": lambda: CarliniL2Method(
+            classifier, max_iter=10, binary_search_steps=5, verbose=False
+        ).generate(x[:50]),
     }
     results = {}
     for attack, generate in crafted.items():

@@ -137,7 +137,9 @@ def calibrate_probing(
     thresholds: dict[str, float] = {}
     for name, rule in rules.items():
         statistics = {
-            pattern: [np.concatenate(parts) for parts in zip(*(_benign_statistics(v, config, rule) for v in vectors_list))]
+            pattern: [
+                np.concatenate(parts) for parts in zip(*(_benign_statistics(v, config, rule) for v in vectors_list))
+            ]
             for pattern, vectors_list in streams.items()
         }
         nearest_budget = PROBING_FALSE_POSITIVES / (2 if rule.line_window else 1)
@@ -176,10 +178,17 @@ def calibrate_scores(
         scores = np.concatenate([stage.scores(batch[i : i + BATCH])[config.score] for i in range(0, len(batch), BATCH)])
     else:
         scores = np.concatenate(
-            [squeeze_scores(model, batch[i : i + BATCH], config.bit_depth, config.median_size) for i in range(0, len(batch), BATCH)]
+            [
+                squeeze_scores(model, batch[i : i + BATCH], config.bit_depth, config.median_size)
+                for i in range(0, len(batch), BATCH)
+            ]
         )
     threshold = _upper_threshold(scores, SCORE_FALSE_POSITIVES)
-    report = {"threshold": threshold, "false_positive_rate": float(np.mean(scores > threshold)), "median_score": float(np.median(scores))}
+    report = {
+        "threshold": threshold,
+        "false_positive_rate": float(np.mean(scores > threshold)),
+        "median_score": float(np.median(scores)),
+    }
     return config.model_copy(update={"threshold": threshold}), report
 
 
@@ -206,8 +215,12 @@ def calibrate(
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="mnist", help="bundled model name or path of an ONNX file (default mnist)")
-    parser.add_argument("--data", type=Path, required=True, help="folder of benign images, MNIST folder or CIFAR-10 zip")
-    parser.add_argument("--out", type=Path, required=True, help="YAML file to write (e.g. models/mnist/thresholds.yaml)")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="folder of benign images, MNIST folder or CIFAR-10 zip"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="YAML file to write (e.g. models/mnist/thresholds.yaml)"
+    )
     parser.add_argument("--limit", type=int, default=10_000, help="most benign images used (default 10000)")
     parser.add_argument("--blur-sigma", type=float, default=None, help="sanitizer Gaussian sigma (default 0.7)")
 
@@ -233,7 +246,11 @@ def run_cli(args: argparse.Namespace) -> int:
             "model": str(args.model),
             "data": args.data.name,
             "images": len(images),
-            "targets": {"probing": PROBING_FALSE_POSITIVES, "uncertainty": SCORE_FALSE_POSITIVES, "squeeze": SCORE_FALSE_POSITIVES},
+            "targets": {
+                "probing": PROBING_FALSE_POSITIVES,
+                "uncertainty": SCORE_FALSE_POSITIVES,
+                "squeeze": SCORE_FALSE_POSITIVES,
+            },
             "report": report,
         },
     }

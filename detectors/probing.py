@@ -46,7 +46,7 @@ from typing import Literal, Sequence
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
-from detectors.embedders import EmbeddingConfig, Embedder, PixelEmbeddingConfig
+from detectors.embedders import Embedder, EmbeddingConfig, PixelEmbeddingConfig
 from detectors.history import (
     ClientHistories,
     IndexedHistory,

@@ -263,7 +263,9 @@ class QueryBudgetSpent(Exception):
     pass
 
 
-def run_hopskipjump(model: OnnxClassifier, sanitizer: Sanitizer, stage: ProbingStage, client_ids: list[str], budget: int) -> list[tuple[int, str]]:
+def run_hopskipjump(
+    model: OnnxClassifier, sanitizer: Sanitizer, stage: ProbingStage, client_ids: list[str], budget: int
+) -> list[tuple[int, str]]:
     """ART HopSkipJump whose every query goes through the sanitizer, the probing stage and the model.
 
     Returns (query number, rule) for each finding, stopping after ``budget`` queries.
