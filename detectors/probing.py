@@ -131,7 +131,8 @@ class ProbingStage:
             return []
         vectors = self.embedder(ctx.tensor)
         ctx.scratch["embeddings"] = vectors
-        keys = [digest_key(d) for d in ctx.digests]
+        received = ctx.digests if len(ctx.digests) == len(vectors) else [row.tobytes() for row in ctx.tensor]
+        keys = [digest_key(digest) for digest in received]
         now = time.time()
         history = self.clients.get(ctx.client_id)
         with history.lock:

@@ -313,3 +313,12 @@ def test_hopskipjump_spread_over_twenty_ids_is_flagged_by_the_global_index(
     findings = run_hopskipjump(model, sanitizer, stage, [f"sybil{n}" for n in range(20)], budget=50)
     first = {rule: min(n for n, r in findings if r == rule) for _, rule in findings}
     assert first["probing.global"] < first.get("probing.client", 51)  # before any id sent a second query
+
+
+def test_missing_digests_fall_back_to_the_sanitized_pixels(digits: np.ndarray, sanitizer: Sanitizer) -> None:
+    stage = stage_for(ProbingConfig(threshold=0.05, global_threshold=0.05))
+    for _ in range(3):
+        ctx = request([digits[0]], "client", sanitizer)
+        ctx.digests = []
+        assert stage(ctx) == []
+    assert stage.stats()["client_retries"] == 2
