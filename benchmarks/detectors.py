@@ -39,11 +39,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detectors.probing import ProbingStage, digest_key  # noqa: E402
+from detectors.history import digest_key  # noqa: E402
+from detectors.probing import ProbingStage  # noqa: E402
 from detectors.registry import DetectorConfig  # noqa: E402
 from detectors.sanitizer import Sanitizer, SanitizerConfig  # noqa: E402
 from detectors.squeeze import SqueezeConfig, squeeze_scores  # noqa: E402
-from detectors.uncertainty import UncertaintyConfig, UncertaintyStage  # noqa: E402
+from detectors.uncertainty import UncertaintyStage  # noqa: E402
 from firewall.stage import RequestContext  # noqa: E402
 from models.data import MNIST_HELDOUT, load_cifar10, load_mnist  # noqa: E402
 from models.runtime import OnnxClassifier, bundled_model_path  # noqa: E402
@@ -166,10 +167,10 @@ def memory(name: str, data: Path) -> list[dict]:
     rows = []
     for window in (1_000, 10_000):
         for clients in (1, 10, 100, 1_000, 10_000):
+            command = [sys.executable, __file__, "--data", str(data), "--model", name]
             output = subprocess.run(
-                [sys.executable, __file__, "--data", str(data), "--model", name, "--memory-child", f"{window},{clients}"],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
+                [*command, "--memory-child", f"{window},{clients}"], capture_output=True, text=True, check=True
+            )
             rows.append(json.loads(output.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
     return rows
@@ -247,10 +248,12 @@ def attacks(name: str, data: Path, count: int) -> dict:
     results: dict[str, dict] = {}
     for kind in ("HopSkipJump", "Boundary", "SignOPT"):
         for mode in ("plain", "blinded", "sybil", "rotating", "rotating blinded"):
-            firsts, client_firsts, global_firsts, per_identity = [], [], [], []
+            firsts, client_firsts, global_firsts, per_identity, gave_up = [], [], [], [], 0
             for n in range(count):
                 stage = detectors["probing"].build(model)
-                attacker = Attacker(model, sanitizer, stage, ids=mode.split()[0], blind=mode.endswith("blinded"), seed=n)
+                attacker = Attacker(
+                    model, sanitizer, stage, ids=mode.split()[0], blind=mode.endswith("blinded"), seed=n
+                )
                 classifier = BlackBoxClassifier(attacker.predict, shape, 10, clip_values=(0.0, 1.0))
                 np.random.seed(n)
                 try:
@@ -258,6 +261,7 @@ def attacks(name: str, data: Path, count: int) -> dict:
                 except BudgetSpent:
                     pass
                 firsts.append(min(attacker.first.values(), default=None))
+                gave_up += not attacker.first and attacker.queries < QUERY_BUDGET  # stopped by itself, unflagged
                 client_firsts.append(attacker.first.get("probing.client"))
                 global_firsts.append(attacker.first.get("probing.global"))
                 per_identity += attacker.per_identity[1:]  # ids after the first one
@@ -265,6 +269,7 @@ def attacks(name: str, data: Path, count: int) -> dict:
             row = {
                 "attacks": count,
                 "flagged": len(flagged),
+                "unflagged_gave_up_by_themselves": gave_up,
                 "median_first_flag": float(np.median(flagged)) if flagged else None,
                 "max_first_flag": max(flagged) if flagged else None,
                 "median_first_client_flag": _median(client_firsts),
@@ -346,15 +351,25 @@ def uncertainty(name: str, data: Path, count: int) -> dict:
 
     def scores(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         tensor = sanitizer(list(batch.transpose(0, 2, 3, 1)))
-        return stage.scores(tensor)["variance"], squeeze_scores(model, tensor, squeeze.bit_depth, squeeze.median_size), model.predict(tensor)
+        return (
+            stage.scores(tensor)["variance"],
+            squeeze_scores(model, tensor, squeeze.bit_depth, squeeze.median_size),
+            model.predict(tensor),
+        )
 
     benign_u, benign_s, _ = scores(x)
     crafted = {
         "FGSM eps 0.1": lambda: FastGradientMethod(classifier, eps=0.1).generate(x),
         "FGSM eps 0.2": lambda: FastGradientMethod(classifier, eps=0.2).generate(x),
-        "PGD eps 0.05": lambda: ProjectedGradientDescent(classifier, eps=0.05, eps_step=0.0125, max_iter=10, verbose=False).generate(x),
-        "PGD eps 0.2": lambda: ProjectedGradientDescent(classifier, eps=0.2, eps_step=0.05, max_iter=10, verbose=False).generate(x),
-        "CW L2 (first 50)": lambda: CarliniL2Method(classifier, max_iter=10, binary_search_steps=5, verbose=False).generate(x[:50]),
+        "PGD eps 0.05": lambda: ProjectedGradientDescent(
+            classifier, eps=0.05, eps_step=0.0125, max_iter=10, verbose=False
+        ).generate(x),
+        "PGD eps 0.2": lambda: ProjectedGradientDescent(
+            classifier, eps=0.2, eps_step=0.05, max_iter=10, verbose=False
+        ).generate(x),
+        "CW L2 (first 50)": lambda: CarliniL2Method(
+            classifier, max_iter=10, binary_search_steps=5, verbose=False
+        ).generate(x[:50]),
     }
     results = {}
     for attack, generate in crafted.items():

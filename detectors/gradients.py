@@ -33,7 +33,15 @@ def _pads(attrs: dict[str, Any]) -> tuple[int, ...]:
 
 
 def _conv(x, w, b=None, **a):
-    return F.conv2d(x, w, b, stride=a.get("strides", [1, 1]), padding=_pads(a), dilation=a.get("dilations", [1, 1]), groups=a.get("group", 1))
+    return F.conv2d(
+        x,
+        w,
+        b,
+        stride=a.get("strides", [1, 1]),
+        padding=_pads(a),
+        dilation=a.get("dilations", [1, 1]),
+        groups=a.get("group", 1),
+    )
 
 
 def _gemm(a, b, c=None, **attrs):
@@ -68,7 +76,9 @@ OPS: dict[str, Callable[..., torch.Tensor]] = {
     "AveragePool": _avg_pool,
     "GlobalAveragePool": lambda x: x.mean(dim=(2, 3), keepdim=True),
     "Flatten": _flatten,
-    "Reshape": lambda x, shape, **a: x.reshape([x.shape[i] if s == 0 else s for i, s in enumerate(shape.long().tolist())]),
+    "Reshape": lambda x, shape, **a: x.reshape(
+        [x.shape[i] if s == 0 else s for i, s in enumerate(shape.long().tolist())]
+    ),
     "Relu": lambda x: F.relu(x),
     "Sigmoid": torch.sigmoid,
     "Identity": lambda x: x,
@@ -88,10 +98,14 @@ class OnnxTorchModule(torch.nn.Module):
         super().__init__()
         proto = onnx.load(str(path))
         self.graph = proto.graph
-        self.constants = {init.name: torch.from_numpy(numpy_helper.to_array(init).copy()) for init in self.graph.initializer}
+        self.constants = {
+            init.name: torch.from_numpy(numpy_helper.to_array(init).copy()) for init in self.graph.initializer
+        }
         for node in self.graph.node:
             if node.op_type == "Constant":
-                self.constants[node.output[0]] = torch.from_numpy(numpy_helper.to_array(_attributes(node)["value"]).copy())
+                self.constants[node.output[0]] = torch.from_numpy(
+                    numpy_helper.to_array(_attributes(node)["value"]).copy()
+                )
             elif node.op_type not in OPS:
                 raise NotImplementedError(f"ONNX operator {node.op_type} is not interpreted")
         self.input_name = next(i.name for i in self.graph.input if i.name not in self.constants)

@@ -11,410 +11,55 @@ a tighter, calibrated threshold: an attack is flagged within a few queries, and 
 embedding keeps matching when an attacker blinds every query with fresh noise (which defeats
 exact hashes).
 
+A second per-client rule catches the first steps of the attacks' binary and line searches, which
+are still far apart: the queries ``(1 - a) x + a u`` of a binary search between ``x`` and ``u``
+(HopSkipJump, Boundary, GeoDA) and ``x + c d`` of a line search (Sign-OPT) all lie on one line, and
+their normalized embeddings in one plane through the origin. A query closer than
+``line_threshold`` to the plane spanned by its nearest and any other of the client's latest
+``line_window`` queries raises the same finding. Benign images almost never are such blends.
+
 Rules that keep benign traffic clean:
 - Byte-identical repeats (retries, ``ctx.digests``) are counted apart and never trigger by
   themselves: a repeat takes the verdict of its original, so a retried benign image stays
-  accepted and a refused probe stays refused, whichever client id re-sends it.
+  accepted and a refused probe stays refused, whichever client id re-sends it (a query flagged
+  by a client rule is marked flagged in the global history too).
 - Every image of a request is compared with the earlier images of the same request too.
 
-A second, global history across all clients ("probing.global") catches one attacker spread over
-many client ids (Sybil) or taking a new id after each refusal. It is searched with an IVF index
-(exact search until enough queries arrived to train its coarse quantizer).
+A second, global history across all clients ("probing.global", nearest-query rule only) catches
+one attacker spread over many client ids (Sybil) or taking a new id after each refusal. It is
+searched with an IVF index (exact search until enough queries arrived to train its quantizer).
 
 Memory is bounded: at most ``max_clients`` tracked clients and ``max_vectors`` stored vectors
 across them (least recently seen clients are evicted first), ``client_window`` queries and
-``client_window_seconds`` seconds per client, ``global_window`` queries overall. Histories are
-ring buffers: the oldest vector is overwritten in O(1), and the global IVF index drops expired ids
-in one pass every ``global_window / 20`` queries. FAISS runs with one thread. The histories are
+``client_window_seconds`` seconds per client, ``global_window`` queries overall; old queries leave
+ring buffers in O(1) (``detectors.history``). FAISS runs with one thread. The histories are
 written to ``snapshot_path`` by ``close()`` and read back at start; a missing or unreadable
 snapshot is logged and ignored.
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, Sequence
+from typing import Literal, Sequence
 
-import faiss
-import numpy as np
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
-from detectors.embedders import EmbeddingConfig, Embedder, PixelEmbeddingConfig
+from detectors.embedders import Embedder, EmbeddingConfig, PixelEmbeddingConfig
+from detectors.history import (
+    ClientHistories,
+    IndexedHistory,
+    Rule,
+    Verdict,
+    digest_key,
+    load_snapshot,
+    save_snapshot,
+)
 from firewall.stage import Finding, RequestContext
 from models.runtime import OnnxClassifier
 
-faiss.omp_set_num_threads(1)  # beside ONNX Runtime, more FAISS threads oversubscribe the cores
-
 log = structlog.get_logger(__name__)
-
-DIGEST_BYTES = 32
-SNAPSHOT_FORMAT = "firewall-probing-2"
-INITIAL_ROWS = 64
-TRAIN_POINTS_PER_LIST = 16  # the global IVF index is trained once this many queries per list arrived
-
-
-def digest_key(digest: bytes) -> int:
-    """A query's 64-bit key: the first 8 bytes of its sha256 digest (any other digest is hashed first).
-
-    0 marks an empty slot, so a key of 0 becomes 1; a collision needs about 2**32 queries in one
-    window.
-    """
-    digest = digest if len(digest) == DIGEST_BYTES else hashlib.sha256(digest).digest()
-    return int.from_bytes(digest[:8], "little") or 1
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What the history says about one query."""
-
-    kth_distance: float  # distance to the k-th nearest earlier query (inf when fewer than k)
-    neighbours: int  # earlier queries closer than the threshold, among the k nearest
-    retry: bool  # byte-identical to an earlier query still in the window
-    flagged: bool
-
-
-class History(Protocol):
-    """Recent queries of one client or of all clients. A shared store can implement this."""
-
-    def check_and_add(
-        self, vectors: np.ndarray, keys: Sequence[int], now: float, k: int, threshold: float
-    ) -> list[Verdict]: ...
-
-    def __len__(self) -> int: ...
-
-
-# ---------------------------------------------------------------------------------------------
-# Histories
-
-
-class RingHistory:
-    """The last ``window`` queries (and, optionally, only those of the last ``seconds``).
-
-    Vectors live in a ring buffer that grows by doubling up to ``window`` rows and is searched
-    exactly with ``faiss.knn``. Beside each vector: its time, its digest key and whether it was
-    flagged (for the retry rule); no Python object per query.
-    """
-
-    def __init__(self, dim: int, window: int, seconds: float | None = None):
-        self.dim, self.window, self.seconds = dim, window, seconds
-        rows = min(INITIAL_ROWS, window)
-        self.vectors = np.zeros((rows, dim), np.float32)
-        self.times = np.zeros(rows, np.float64)
-        self.keys = np.zeros(rows, np.uint64)  # 0: empty slot
-        self.flagged = np.zeros(rows, bool)
-        self.head = 0  # next slot written
-        self.count = 0
-        self.total = 0  # queries ever added (sequence number of the next one)
-        self.retries = 0
-        self.lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return self.count
-
-    @property
-    def capacity(self) -> int:
-        return len(self.vectors)
-
-    def _grow(self) -> None:
-        rows = min(2 * self.capacity, self.window)
-        order = self._order()
-        arrays = []
-        for old in (self.vectors, self.times, self.keys, self.flagged):
-            new = np.zeros((rows, *old.shape[1:]), old.dtype)
-            new[: self.count] = old[order]
-            arrays.append(new)
-        self.vectors, self.times, self.keys, self.flagged = arrays
-        self.head = self.count % rows
-
-    def _order(self) -> np.ndarray:
-        """Slots of the live queries, oldest first."""
-        return (self.head - self.count + np.arange(self.count)) % self.capacity
-
-    def _drop_oldest(self) -> None:
-        self.keys[(self.head - self.count) % self.capacity] = 0
-        self.count -= 1
-
-    def expire(self, now: float) -> None:
-        if self.seconds is None:
-            return
-        cutoff = now - self.seconds
-        while self.count and self.times[(self.head - self.count) % self.capacity] < cutoff:
-            self._drop_oldest()
-
-    def _add(self, vector: np.ndarray, key: int, flagged: bool, now: float) -> None:
-        if self.count == self.capacity:
-            if self.capacity < self.window:
-                self._grow()
-            else:
-                self._drop_oldest()
-        self.vectors[self.head] = vector
-        self.times[self.head] = now
-        self.keys[self.head] = key
-        self.flagged[self.head] = flagged
-        self.head = (self.head + 1) % self.capacity
-        self.count += 1
-        self.total += 1
-
-    def repeat_of(self, key: int) -> bool | None:
-        """None when no query in the window has this key, else whether any copy was flagged."""
-        slots = np.flatnonzero(self.keys == np.uint64(key))
-        return bool(self.flagged[slots].any()) if len(slots) else None
-
-    def search(self, queries: np.ndarray, k: int) -> np.ndarray:
-        """Distances from each query to its k nearest stored vectors, ascending, inf-padded."""
-        if self.count == self.capacity:  # full: every row is live, order does not matter
-            parts = [(0, self.capacity)]
-        else:  # the live rows may wrap around the end after time-based expiry
-            oldest = (self.head - self.count) % self.capacity
-            end = oldest + self.count
-            parts = [(oldest, min(end, self.capacity))] + ([(0, end - self.capacity)] if end > self.capacity else [])
-        found = [np.full((len(queries), k), np.inf, np.float32)]
-        for start, stop in parts:
-            if stop > start:
-                squared, _ = faiss.knn(queries, self.vectors[start:stop], min(k, stop - start))
-                found.append(np.sqrt(np.maximum(squared, 0.0)))
-        return np.sort(np.concatenate(found, axis=1), axis=1)[:, :k]
-
-    def check_and_add(
-        self, vectors: np.ndarray, keys: Sequence[int], now: float, k: int, threshold: float
-    ) -> list[Verdict]:
-        self.expire(now)
-        return _check_and_add(self, vectors, keys, now, k, threshold)
-
-
-def _check_and_add(
-    history: RingHistory | IndexedHistory,
-    vectors: np.ndarray,
-    keys: Sequence[int],
-    now: float,
-    k: int,
-    threshold: float,
-) -> list[Verdict]:
-    """The detection rule, shared by both histories (the caller holds the history's lock)."""
-    batch_flags: dict[int, bool] = {}
-    repeats: dict[int, bool | None] = {}  # item -> verdict of its original in the history
-    fresh: list[int] = []
-    for i, key in enumerate(keys):
-        earlier = None if key in batch_flags else history.repeat_of(key)
-        if key in batch_flags or earlier is not None:
-            repeats[i] = earlier
-        else:
-            batch_flags[key] = False
-            fresh.append(i)
-    distances = np.full((len(fresh), k), np.inf, np.float32)
-    if fresh:
-        queries = np.ascontiguousarray(vectors[fresh], dtype=np.float32)
-        if len(history):
-            distances = history.search(queries, k)
-        if len(fresh) > 1:  # earlier images of the same request count too
-            within = np.sqrt(np.maximum(((queries[:, None, :] - queries[None, :, :]) ** 2).sum(-1), 0.0))
-            within[np.triu_indices(len(fresh))] = np.inf
-            distances = np.sort(np.concatenate([distances, within], axis=1), axis=1)[:, :k]
-    verdicts: dict[int, Verdict] = {}
-    for row, i in enumerate(fresh):
-        kth = float(distances[row, k - 1])
-        flagged = kth < threshold
-        batch_flags[keys[i]] = flagged
-        verdicts[i] = Verdict(kth, int((distances[row] < threshold).sum()), retry=False, flagged=flagged)
-        history._add(vectors[i], keys[i], flagged, now)
-    for i, earlier in repeats.items():
-        flagged = earlier if earlier is not None else batch_flags[keys[i]]
-        history.retries += 1
-        verdicts[i] = Verdict(0.0, 0, retry=True, flagged=flagged)
-    return [verdicts[i] for i in range(len(keys))]
-
-
-class IndexedHistory:
-    """A ring history searched through an IVF index once enough queries arrived to train it.
-
-    The ring buffer stays the source of truth (and what a snapshot holds); the IVF index holds
-    the same vectors under their sequence numbers, and expired ones are removed in one pass every
-    ``window // 20`` additions (searches skip them meanwhile with an id selector).
-    """
-
-    def __init__(self, dim: int, window: int, lists: int, probes: int):
-        self.ring = RingHistory(dim, window)
-        self.lists, self.probes = lists, probes
-        self.train_size = min(window, TRAIN_POINTS_PER_LIST * lists)
-        self.index: faiss.IndexIVFFlat | None = None
-        self.removed_below = 0
-        self.lock = self.ring.lock
-
-    def __len__(self) -> int:
-        return len(self.ring)
-
-    def repeat_of(self, key: int) -> bool | None:
-        return self.ring.repeat_of(key)
-
-    @property
-    def retries(self) -> int:
-        return self.ring.retries
-
-    @retries.setter
-    def retries(self, value: int) -> None:
-        self.ring.retries = value
-
-    def _oldest_id(self) -> int:
-        return self.ring.total - len(self.ring)
-
-    def _build_index(self) -> None:
-        stored = self.ring.vectors[self.ring._order()]
-        quantizer = faiss.IndexFlatL2(self.ring.dim)
-        index = faiss.IndexIVFFlat(quantizer, self.ring.dim, self.lists)
-        index.cp.min_points_per_centroid = TRAIN_POINTS_PER_LIST
-        index.train(stored)
-        index.nprobe = self.probes
-        index.add_with_ids(stored, np.arange(self._oldest_id(), self.ring.total, dtype=np.int64))
-        self.index, self.quantizer, self.removed_below = index, quantizer, self._oldest_id()
-
-    def reindex(self) -> None:
-        """(Re)build the IVF index from the ring, once the ring holds enough vectors to train it."""
-        self.index = None
-        if len(self.ring) >= self.train_size:
-            self._build_index()
-
-    def _add(self, vector: np.ndarray, key: int, flagged: bool, now: float) -> None:
-        self.ring._add(vector, key, flagged, now)
-        if self.index is not None:
-            self.index.add_with_ids(vector[None, :], np.array([self.ring.total - 1], np.int64))
-            if self._oldest_id() - self.removed_below >= max(1, self.ring.window // 20):
-                self.index.remove_ids(faiss.IDSelectorRange(0, self._oldest_id()))
-                self.removed_below = self._oldest_id()
-        elif len(self.ring) >= self.train_size:
-            self._build_index()
-
-    def search(self, queries: np.ndarray, k: int) -> np.ndarray:
-        if self.index is None:
-            return self.ring.search(queries, k)
-        if self._oldest_id() > self.removed_below:  # skip expired ids not yet removed
-            live = faiss.IDSelectorRange(self._oldest_id(), self.ring.total)
-            squared, ids = self.index.search(queries, k, params=faiss.SearchParametersIVF(sel=live, nprobe=self.probes))
-        else:
-            squared, ids = self.index.search(queries, k)
-        distances = np.sqrt(np.maximum(squared, 0.0))
-        distances[ids < 0] = np.inf  # fewer than k found
-        return distances
-
-    def check_and_add(
-        self, vectors: np.ndarray, keys: Sequence[int], now: float, k: int, threshold: float
-    ) -> list[Verdict]:
-        return _check_and_add(self, vectors, keys, now, k, threshold)
-
-
-class ClientHistories:
-    """Per-client ring histories in LRU order, bounded in clients and in stored vectors."""
-
-    def __init__(self, dim: int, window: int, seconds: float | None, max_clients: int, max_vectors: int):
-        self.dim, self.window, self.seconds = dim, window, seconds
-        self.max_clients, self.max_vectors = max_clients, max_vectors
-        self.clients: OrderedDict[str, RingHistory] = OrderedDict()
-        self.rows = 0  # allocated rows across all clients
-        self.evicted = 0
-        self.lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self.clients)
-
-    def get(self, client_id: str) -> RingHistory:
-        with self.lock:
-            history = self.clients.get(client_id)
-            if history is None:
-                history = RingHistory(self.dim, self.window, self.seconds)
-                self.clients[client_id] = history
-                self.rows += history.capacity
-                self._evict(keep=client_id)
-            else:
-                self.clients.move_to_end(client_id)
-            return history
-
-    def account(self, client_id: str, rows_before: int, history: RingHistory) -> None:
-        """Record a history's growth, then evict the least recently seen clients if over budget."""
-        with self.lock:
-            if self.clients.get(client_id) is history:
-                self.rows += history.capacity - rows_before
-                self._evict(keep=client_id)
-
-    def _evict(self, keep: str) -> None:
-        while len(self.clients) > 1 and (len(self.clients) > self.max_clients or self.rows > self.max_vectors):
-            oldest = next(iter(self.clients))
-            if oldest == keep:
-                self.clients.move_to_end(keep)
-                continue
-            self.rows -= self.clients.pop(oldest).capacity
-            self.evicted += 1
-
-    def items(self) -> list[tuple[str, RingHistory]]:
-        with self.lock:
-            return list(self.clients.items())
-
-
-# ---------------------------------------------------------------------------------------------
-# Snapshot
-
-
-SNAPSHOT_ARRAYS = ("vectors", "times", "keys", "flagged", "counters")
-
-
-def _ring_arrays(ring: RingHistory) -> dict[str, np.ndarray]:
-    order = ring._order()
-    return {
-        "vectors": ring.vectors[order],
-        "times": ring.times[order],
-        "keys": ring.keys[order],
-        "flagged": ring.flagged[order],
-        "counters": np.array([ring.total, ring.retries], np.int64),
-    }
-
-
-def _restore_ring(ring: RingHistory, arrays: dict[str, np.ndarray]) -> None:
-    vectors, times, keys, flagged = arrays["vectors"], arrays["times"], arrays["keys"], arrays["flagged"]
-    if vectors.ndim != 2 or vectors.shape[1] != ring.dim or not len(vectors) == len(times) == len(keys) == len(flagged):
-        raise ValueError("snapshot arrays do not match the embedding")
-    for vector, when, key, flag in zip(vectors, times, keys, flagged):
-        ring._add(vector.astype(np.float32), int(key), bool(flag), float(when))
-    ring.total, ring.retries = int(arrays["counters"][0]), int(arrays["counters"][1])
-
-
-def save_snapshot(path: Path, dim: int, clients: ClientHistories, global_history: IndexedHistory | None) -> None:
-    arrays: dict[str, np.ndarray] = {"format": np.array(SNAPSHOT_FORMAT), "dim": np.array(dim)}
-    entries = clients.items()
-    arrays["client_ids"] = np.array([client_id for client_id, _ in entries], dtype=str)
-    for n, (_, history) in enumerate(entries):
-        with history.lock:
-            arrays.update({f"client{n}_{key}": value for key, value in _ring_arrays(history).items()})
-    if global_history is not None:
-        with global_history.lock:
-            arrays.update({f"global_{key}": value for key, value in _ring_arrays(global_history.ring).items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
-        np.savez(f, **arrays)
-    partial.replace(path)  # atomic: a crash mid-write leaves the previous snapshot
-
-
-def load_snapshot(path: Path, dim: int, clients: ClientHistories, global_history: IndexedHistory | None) -> None:
-    with np.load(path, allow_pickle=False) as data:
-        if str(data["format"]) != SNAPSHOT_FORMAT or int(data["dim"]) != dim:
-            raise ValueError("snapshot format or embedding size differs")
-        for n, client_id in enumerate(data["client_ids"]):
-            arrays = {key: data[f"client{n}_{key}"] for key in SNAPSHOT_ARRAYS}
-            history = clients.get(str(client_id))
-            before = history.capacity
-            _restore_ring(history, arrays)
-            clients.account(str(client_id), before, history)
-        if global_history is not None and "global_vectors" in data:
-            _restore_ring(global_history.ring, {key: data[f"global_{key}"] for key in SNAPSHOT_ARRAYS})
-            global_history.reindex()
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage
 
 
 class ProbingConfig(BaseModel):
@@ -426,6 +71,8 @@ class ProbingConfig(BaseModel):
     embedding: EmbeddingConfig = Field(default_factory=PixelEmbeddingConfig)
     k: int = Field(1, ge=1, le=100, description="flag when the k-th nearest earlier query is closer than threshold")
     threshold: float = Field(0.05, ge=0.0, description="per-client distance threshold (calibrate: 0.1% benign FP)")
+    line_window: int = Field(64, ge=0, description="latest client queries the line rule looks at; 0 turns it off")
+    line_threshold: float = Field(0.03, ge=0.0, description="flag a query this close to a line through two of them")
     client_window: int = Field(10_000, ge=1, description="queries remembered per client")
     client_window_seconds: float | None = Field(None, gt=0, description="forget a client's queries after this long")
     max_clients: int = Field(10_000, ge=1, description="tracked clients; least recently seen evicted first")
@@ -450,16 +97,22 @@ class ProbingStage:
     def __init__(self, config: ProbingConfig, embedder: Embedder):
         self.config = config
         self.embedder = embedder
+        self.client_rule = Rule(config.k, config.threshold, config.line_window, config.line_threshold)
+        self.global_rule = Rule(config.global_k, config.global_threshold)
+        self._start_empty()
+        if config.snapshot_path is not None:
+            self._load(config.snapshot_path)
+
+    def _start_empty(self) -> None:
+        config, dim = self.config, self.embedder.dim
         self.clients = ClientHistories(
-            embedder.dim, config.client_window, config.client_window_seconds, config.max_clients, config.max_vectors
+            dim, config.client_window, config.client_window_seconds, config.max_clients, config.max_vectors
         )
         self.global_history = (
-            IndexedHistory(embedder.dim, config.global_window, config.global_lists, config.global_probes)
+            IndexedHistory(dim, config.global_window, config.global_lists, config.global_probes)
             if config.global_index
             else None
         )
-        if config.snapshot_path is not None:
-            self._load(config.snapshot_path)
 
     def _load(self, path: Path) -> None:
         if not path.exists():
@@ -469,17 +122,7 @@ class ProbingStage:
             load_snapshot(path, self.embedder.dim, self.clients, self.global_history)
         except Exception as error:  # a bad snapshot must never stop the firewall
             log.warning("probing snapshot unreadable, starting empty", path=str(path), error=type(error).__name__)
-            self.clients = ClientHistories(
-                self.embedder.dim,
-                self.config.client_window,
-                self.config.client_window_seconds,
-                self.config.max_clients,
-                self.config.max_vectors,
-            )
-            if self.global_history is not None:
-                self.global_history = IndexedHistory(
-                    self.embedder.dim, self.config.global_window, self.config.global_lists, self.config.global_probes
-                )
+            self._start_empty()
         else:
             log.info("probing snapshot loaded", path=str(path), clients=len(self.clients))
 
@@ -488,44 +131,46 @@ class ProbingStage:
             return []
         vectors = self.embedder(ctx.tensor)
         ctx.scratch["embeddings"] = vectors
-        keys = [digest_key(d) for d in ctx.digests]
+        received = ctx.digests if len(ctx.digests) == len(vectors) else [row.tobytes() for row in ctx.tensor]
+        keys = [digest_key(digest) for digest in received]
         now = time.time()
         history = self.clients.get(ctx.client_id)
         with history.lock:
             rows_before = history.capacity
-            verdicts = history.check_and_add(vectors, keys, now, self.config.k, self.config.threshold)
+            verdicts = history.check_and_add(vectors, keys, now, self.client_rule)
             retries = history.retries
         self.clients.account(ctx.client_id, rows_before, history)
-        findings = [self._finding("probing.client", verdicts, self.config.k, self.config.threshold, retries)]
+        findings = [self._finding("probing.client", verdicts, self.client_rule, retries)]
         if self.global_history is not None:
             with self.global_history.lock:
-                verdicts = self.global_history.check_and_add(
-                    vectors, keys, now, self.config.global_k, self.config.global_threshold
-                )
-            findings.append(
-                self._finding("probing.global", verdicts, self.config.global_k, self.config.global_threshold, None)
-            )
+                global_verdicts = self.global_history.check_and_add(vectors, keys, now, self.global_rule)
+                for key, verdict in zip(keys, verdicts):
+                    if verdict.flagged:  # a repeat from another id is then refused by the global rule
+                        self.global_history.mark_flagged(key)
+            findings.append(self._finding("probing.global", global_verdicts, self.global_rule, None))
         return [finding for finding in findings if finding is not None]
 
     @staticmethod
-    def _finding(
-        rule: str, verdicts: list[Verdict], k: int, threshold: float, retries: int | None
-    ) -> Finding | None:
+    def _finding(name: str, verdicts: list[Verdict], rule: Rule, retries: int | None) -> Finding | None:
         flagged = [i for i, verdict in enumerate(verdicts) if verdict.flagged]
         if not flagged:
             return None
         first = flagged[0]
         verdict = verdicts[first]
+        on_line = not verdict.retry and verdict.kth_distance >= rule.threshold
         details = {
-            "k": k,
+            "matched": "retry" if verdict.retry else "line" if on_line else "nearest",
+            "k": rule.k,
             "kth_distance": verdict.kth_distance,
             "neighbours_within_threshold": verdict.neighbours,
-            "retry_of_flagged_query": verdict.retry,
+            "line_distance": verdict.line_distance,
             "flagged_items": len(flagged),
         }
         if retries is not None:
             details["client_retries"] = retries
-        return Finding(rule, verdict.kth_distance, threshold, item=first, details=details)
+        if on_line:
+            return Finding(name, verdict.line_distance, rule.line_threshold, item=first, details=details)
+        return Finding(name, verdict.kth_distance, rule.threshold, item=first, details=details)
 
     def stats(self) -> dict[str, float]:
         clients = self.clients.items()

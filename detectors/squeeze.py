@@ -39,9 +39,13 @@ class SqueezeConfig(BaseModel):
         return SqueezeStage(self, model)
 
 
-def squeeze_scores(model: OnnxClassifier, batch: np.ndarray, bit_depth: int | None, median_size: int | None) -> np.ndarray:
+def squeeze_scores(
+    model: OnnxClassifier, batch: np.ndarray, bit_depth: int | None, median_size: int | None
+) -> np.ndarray:
     """Max over squeezers of the L1 distance between softmax outputs, one score per image."""
-    squeezed = [squeeze(batch, depth, size) for depth, size in ((bit_depth, None), (None, median_size)) if depth or size]
+    squeezed = [
+        squeeze(batch, depth, size) for depth, size in ((bit_depth, None), (None, median_size)) if depth or size
+    ]
     probabilities = model.probabilities(np.concatenate([batch, *squeezed]))
     original, *others = np.split(probabilities, 1 + len(squeezed))
     return np.max([np.abs(original - other).sum(axis=1) for other in others], axis=0)

@@ -82,7 +82,9 @@ def test_onnx_encoder_runs_in_onnx_runtime(tmp_path: Path, digits: np.ndarray) -
     raw = OnnxEmbedder(path, normalized=False)
     assert raw.dim == 16
     np.testing.assert_allclose(raw(digits), digits.reshape(50, -1) @ weights, rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(OnnxEmbedder(path, normalized=True)(digits), normalize(digits.reshape(50, -1) @ weights), atol=1e-5)
+    np.testing.assert_allclose(
+        OnnxEmbedder(path, normalized=True)(digits), normalize(digits.reshape(50, -1) @ weights), atol=1e-5
+    )
 
 
 def test_onnx_encoder_must_output_fixed_size_vectors(tmp_path: Path) -> None:

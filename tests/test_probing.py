@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from detectors.embedders import PixelEmbeddingConfig
-from detectors.probing import ClientHistories, IndexedHistory, ProbingConfig, ProbingStage, RingHistory, digest_key
+from detectors.history import ClientHistories, IndexedHistory, RingHistory, Rule, digest_key
+from detectors.probing import ProbingConfig, ProbingStage
 from detectors.sanitizer import Sanitizer, SanitizerConfig
 from firewall.stage import RequestContext
 from models.runtime import InputSpec, OnnxClassifier, bundled_model_path
@@ -87,7 +88,7 @@ def test_ring_history_forgets_queries_older_than_its_time_window() -> None:
     history = RingHistory(4, window=100, seconds=10.0)
     vectors = unit_vectors(3, 4)
     for when, vector in zip((0.0, 5.0, 12.0), vectors):
-        history.check_and_add(vector[None], [int(when) + 1], when, 1, 0.0)
+        history.check_and_add(vector[None], [int(when) + 1], when, Rule(1, 0.0))
     history.expire(14.0)
     assert len(history) == 2
     history.expire(30.0)
@@ -152,6 +153,21 @@ def test_near_duplicate_blinded_with_noise_is_flagged(digits: np.ndarray, saniti
     assert finding.details["k"] == 1 and finding.details["kth_distance"] == finding.score
 
 
+def test_binary_search_blends_are_flagged_by_the_line_rule(digits: np.ndarray, sanitizer: Sanitizer) -> None:
+    stage = stage_for(ProbingConfig(threshold=0.05, line_threshold=0.03, global_threshold=0.05))
+    original = digits[6].astype(np.float32) / 255.0
+    noise = np.random.default_rng(0).uniform(0, 1, original.shape).astype(np.float32)
+    assert stage(request([original], "attacker", sanitizer)) == []
+    assert stage(request([noise], "attacker", sanitizer)) == []
+    blend = 0.5 * original + 0.5 * noise
+    (finding,) = stage(request([blend], "attacker", sanitizer))  # far from both, on their line
+    assert finding.rule == "probing.client" and finding.details["matched"] == "line"
+    assert finding.details["kth_distance"] > 0.05
+    assert finding.score == finding.details["line_distance"] < finding.threshold == 0.03
+    (resent,) = stage(request([blend], "new-id", sanitizer))  # the refused query from a fresh id
+    assert resent.rule == "probing.global" and resent.details["matched"] == "retry"
+
+
 def test_retry_of_a_flagged_query_stays_flagged(digits: np.ndarray, sanitizer: Sanitizer) -> None:
     stage = stage_for(ProbingConfig(threshold=0.05, global_threshold=0.05))
     base = digits[2].astype(np.float32) / 255.0
@@ -159,7 +175,7 @@ def test_retry_of_a_flagged_query_stays_flagged(digits: np.ndarray, sanitizer: S
     stage(request([base], "attacker", sanitizer))
     assert stage(request([probe], "attacker", sanitizer))
     findings = stage(request([probe], "new-id", sanitizer))  # the same bytes from another id
-    assert [f.rule for f in findings] == ["probing.global"] and findings[0].details["retry_of_flagged_query"]
+    assert [f.rule for f in findings] == ["probing.global"] and findings[0].details["matched"] == "retry"
 
 
 def test_near_duplicates_within_one_request_are_flagged(digits: np.ndarray, sanitizer: Sanitizer) -> None:
@@ -247,7 +263,9 @@ class QueryBudgetSpent(Exception):
     pass
 
 
-def run_hopskipjump(model: OnnxClassifier, sanitizer: Sanitizer, stage: ProbingStage, client_ids: list[str], budget: int) -> list[tuple[int, str]]:
+def run_hopskipjump(
+    model: OnnxClassifier, sanitizer: Sanitizer, stage: ProbingStage, client_ids: list[str], budget: int
+) -> list[tuple[int, str]]:
     """ART HopSkipJump whose every query goes through the sanitizer, the probing stage and the model.
 
     Returns (query number, rule) for each finding, stopping after ``budget`` queries.
@@ -294,4 +312,13 @@ def test_hopskipjump_spread_over_twenty_ids_is_flagged_by_the_global_index(
     stage = stage_for(calibrated_probing())
     findings = run_hopskipjump(model, sanitizer, stage, [f"sybil{n}" for n in range(20)], budget=50)
     first = {rule: min(n for n, r in findings if r == rule) for _, rule in findings}
-    assert first["probing.global"] < first.get("probing.client", 51)  # each id alone has sent 1 query
+    assert first["probing.global"] < first.get("probing.client", 51)  # before any id sent a second query
+
+
+def test_missing_digests_fall_back_to_the_sanitized_pixels(digits: np.ndarray, sanitizer: Sanitizer) -> None:
+    stage = stage_for(ProbingConfig(threshold=0.05, global_threshold=0.05))
+    for _ in range(3):
+        ctx = request([digits[0]], "client", sanitizer)
+        ctx.digests = []
+        assert stage(ctx) == []
+    assert stage.stats()["client_retries"] == 2

@@ -118,7 +118,9 @@ def test_unsupported_format_is_refused(cifar_rgb: np.ndarray) -> None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.binary(max_size=300), st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"RIFF\0\0\0\0WEBP"]))
+@given(
+    st.binary(max_size=300), st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"RIFF\0\0\0\0WEBP"])
+)
 def test_random_bytes_either_decode_or_raise_invalid_image(data: bytes, prefix: bytes) -> None:
     try:
         image = decode_image(prefix + data, max_pixels=10_000)
@@ -128,7 +130,9 @@ def test_random_bytes_either_decode_or_raise_invalid_image(data: bytes, prefix: 
 
 
 def test_colour_input_becomes_the_mnist_tensor(cifar_rgb: np.ndarray) -> None:
-    batch = Sanitizer(SanitizerConfig(), MNIST)([cifar_rgb, cifar_rgb[:, :, :1], np.dstack([cifar_rgb, cifar_rgb[:, :, 0]])])
+    batch = Sanitizer(SanitizerConfig(), MNIST)(
+        [cifar_rgb, cifar_rgb[:, :, :1], np.dstack([cifar_rgb, cifar_rgb[:, :, 0]])]
+    )
     assert batch.shape == (3, 1, 28, 28) and batch.dtype == np.float32
     assert 0.0 <= batch.min() and batch.max() <= 1.0
     np.testing.assert_allclose(batch[0], batch[2])  # alpha dropped

@@ -81,7 +81,9 @@ def test_model_path_gives_the_stage_its_own_copy(model: OnnxClassifier) -> None:
 
 
 @pytest.mark.parametrize("attack", ["fgsm", "pgd"])
-def test_gradient_attacks_score_higher_than_benign(attack: str, stage: UncertaintyStage, model: OnnxClassifier, digits) -> None:
+def test_gradient_attacks_score_higher_than_benign(
+    attack: str, stage: UncertaintyStage, model: OnnxClassifier, digits
+) -> None:
     from art.attacks.evasion import FastGradientMethod, ProjectedGradientDescent
 
     from detectors.gradients import art_classifier
@@ -91,7 +93,9 @@ def test_gradient_attacks_score_higher_than_benign(attack: str, stage: Uncertain
     if attack == "fgsm":
         crafted = FastGradientMethod(classifier, eps=0.1).generate(images)
     else:
-        crafted = ProjectedGradientDescent(classifier, eps=0.05, eps_step=0.0125, max_iter=10, verbose=False).generate(images)
+        crafted = ProjectedGradientDescent(classifier, eps=0.05, eps_step=0.0125, max_iter=10, verbose=False).generate(
+            images
+        )
     benign = stage.scores(sanitized(model, images))["variance"]
     adversarial = stage.scores(sanitized(model, crafted))["variance"]
     labels = np.r_[np.zeros(len(benign)), np.ones(len(adversarial))]
