@@ -349,15 +349,22 @@ def uncertainty(name: str, data: Path, count: int) -> dict:
     x = (images[:count].astype(np.float32) / 255.0).transpose(0, 3, 1, 2)
     classifier = art_classifier(model.path, model.input_shape, 10)
 
-    def scores(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        tensor = sanitizer(list(batch.transpose(0, 2, 3, 1)))
+    def scores(batch: np.ndarray, sanitize: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        tensor = sanitizer(list(batch.transpose(0, 2, 3, 1))) if sanitize else batch
         return (
             stage.scores(tensor)["variance"],
             squeeze_scores(model, tensor, squeeze.bit_depth, squeeze.median_size),
             model.predict(tensor),
         )
 
+    def auc(benign_scores: np.ndarray, attack_scores: np.ndarray) -> float | None:
+        if not len(attack_scores):
+            return None
+        target = np.r_[np.zeros(len(benign_scores)), np.ones(len(attack_scores))]
+        return round(float(roc_auc_score(target, np.r_[benign_scores, attack_scores])), 3)
+
     benign_u, benign_s, _ = scores(x)
+    raw_benign_u, _, _ = scores(x, sanitize=False)
     crafted = {
         "FGSM eps 0.1": lambda: FastGradientMethod(classifier, eps=0.1).generate(x),
         "FGSM eps 0.2": lambda: FastGradientMethod(classifier, eps=0.2).generate(x),
@@ -376,15 +383,17 @@ def uncertainty(name: str, data: Path, count: int) -> dict:
         start = time.time()
         adversarial = generate()
         u, s, predicted = scores(adversarial)
-        n = len(adversarial)
-        target = np.r_[np.zeros(len(benign_u)), np.ones(n)]
-        success = predicted != labels[:n]
+        raw_u, _, raw_predicted = scores(adversarial, sanitize=False)
+        success = predicted != labels[: len(adversarial)]
         results[attack] = {
-            "images": n,
+            "images": len(adversarial),
+            "success_without_sanitizer": float(np.mean(raw_predicted != labels[: len(adversarial)])),
             "success_after_sanitizer": float(success.mean()),
-            "mc_dropout_roc_auc": round(float(roc_auc_score(target, np.r_[benign_u, u])), 3),
+            "mc_dropout_roc_auc": auc(benign_u, u),
+            "mc_dropout_roc_auc_successful_only": auc(benign_u, u[success]),
+            "mc_dropout_roc_auc_without_sanitizer": auc(raw_benign_u, raw_u),
             "mc_dropout_flagged": float(np.mean(u > stage.config.threshold)),
-            "squeeze_roc_auc": round(float(roc_auc_score(target, np.r_[benign_s, s])), 3),
+            "squeeze_roc_auc": auc(benign_s, s),
             "squeeze_flagged": float(np.mean(s > squeeze.threshold)),
             "seconds": round(time.time() - start, 1),
         }
