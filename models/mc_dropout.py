@@ -40,6 +40,10 @@ class NoDropoutError(ValueError):
     """The model has no Dropout node to turn into Monte-Carlo dropout."""
 
 
+def _is_dropout(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Dropout" and node.domain in ("", "ai.onnx")
+
+
 def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     """Values known before running: initializers and the outputs of Constant nodes."""
     values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
@@ -142,17 +146,19 @@ def mc_dropout_model(model: onnx.ModelProto, *, ratio: float | None = None) -> o
     """
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if is_rewritten(model):
+        raise NoDropoutError("the model's dropout is already rewritten into always-on mask ops")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    dropouts = [n for n in graph.node if n.op_type == "Dropout" and n.domain in ("", "ai.onnx")]
+    dropouts = sum(1 for node in graph.node if _is_dropout(node))
     if not dropouts:
         raise NoDropoutError("the model has no Dropout node; Monte-Carlo dropout needs a model trained with dropout")
     constants, elem_types, names = _constants(graph), _elem_types(out), _Names(graph)
     rewritten: list[onnx.NodeProto] = []
     former_inputs: set[str] = set()
     for node in graph.node:
-        if node not in dropouts:
+        if not _is_dropout(node):
             rewritten.append(node)
             continue
         p = _node_ratio(node, constants) if ratio is None else ratio
@@ -164,7 +170,7 @@ def mc_dropout_model(model: onnx.ModelProto, *, ratio: float | None = None) -> o
     del graph.node[:]
     graph.node.extend(rewritten)
     _drop_unused_constants(graph, former_inputs)
-    out.metadata_props.append(onnx.StringStringEntryProto(key=REWRITE_MARKER, value=str(len(dropouts))))
+    out.metadata_props.append(onnx.StringStringEntryProto(key=REWRITE_MARKER, value=str(dropouts)))
     onnx.checker.check_model(out)
     return out
 

@@ -124,6 +124,11 @@ def test_model_without_dropout_is_refused():
         mc_dropout_model(tiny_classifier(dropout=False))
 
 
+def test_rewriting_twice_is_refused():
+    with pytest.raises(NoDropoutError, match="already rewritten"):
+        mc_dropout_model(mc_dropout_model(tiny_classifier()))
+
+
 @pytest.mark.parametrize("ratio", [-0.1, 1.0])
 def test_ratio_outside_unit_interval_is_refused(ratio):
     with pytest.raises(ValueError, match="ratio"):

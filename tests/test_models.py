@@ -17,7 +17,7 @@ from models.runtime import OnnxClassifier, bundled_model_path
 FIXTURES = Path(__file__).parent / "fixtures"
 MNIST_FIXTURE = FIXTURES / "mnist_heldout.npz"
 CIFAR10_FIXTURE = FIXTURES / "cifar10_test"
-BUNDLED = {"mnist": ((1, 28, 28), MNIST_FIXTURE)}
+BUNDLED = {"mnist": ((1, 28, 28), MNIST_FIXTURE), "cifar10": ((3, 32, 32), CIFAR10_FIXTURE)}
 # The fixtures are samples of the evaluation split: 1,000 MNIST digits, 100 CIFAR-10 images. The bars
 # sit below the models' full-split accuracy (see each MODEL_CARD.md) by about three standard errors.
 FIXTURE_ACCURACY = {"mnist": 0.98, "cifar10": 0.70}
@@ -78,6 +78,7 @@ def test_accuracy_cli_prints_json(name: str, capsys):
     [
         ("missing.onnx", MNIST_FIXTURE, "missing.onnx"),
         (str(MNIST_FIXTURE), MNIST_FIXTURE, "not an ONNX model"),
+        ("cifar10", MNIST_FIXTURE, "takes"),  # a 3-channel model asked to read MNIST as CIFAR-10
         ("mnist", FIXTURES / "missing.npz", "missing.npz"),
     ],
 )
