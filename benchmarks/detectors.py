@@ -374,9 +374,9 @@ def uncertainty(name: str, data: Path, count: int) -> dict:
         "PGD eps 0.2": lambda: ProjectedGradientDescent(
             classifier, eps=0.2, eps_step=0.05, max_iter=10, verbose=False
         ).generate(x),
-        "CW L2 (first 50)": lambda: CarliniL2Method(
-            classifier, max_iter=10, binary_search_steps=5, verbose=False
-        ).generate(x[:50]),
+        "CW L2 (first 30)": lambda: CarliniL2Method(
+            classifier, learning_rate=0.1, initial_const=1.0, binary_search_steps=3, max_iter=20, verbose=False
+        ).generate(x[:30]),
     }
     results = {}
     for attack, generate in crafted.items():
