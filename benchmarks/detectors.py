@@ -295,8 +295,9 @@ def _median(values: list[int | None]) -> float | None:
 def benign(name: str, data: Path) -> dict:
     model, sanitizer, detectors = load_setup(name)
     images, labels = heldout(name, data)
-    images, labels = images[:2000], labels[:2000]
     rng = np.random.default_rng(0)
+    chosen = rng.permutation(len(images))[:2000]  # CIFAR-10's files are sorted by class
+    images, labels = images[chosen], labels[chosen]
     offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
     patterns: dict[str, list[tuple[str, np.ndarray]]] = {
         "distinct images, 100 clients": [(f"c{i % 100}", images[i]) for i in range(len(images))],
