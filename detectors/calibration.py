@@ -127,7 +127,9 @@ def calibrate_probing(
     streams = {
         "one_client_in_order": [vectors],
         "one_class_per_client": [vectors[labels == c] for c in np.unique(labels)],
-        "camera_bursts": [embedder(sanitizer(burst)) for burst in _bursts(images, seed)],
+        "camera_bursts": [  # one client sending burst after burst: frames also meet earlier bursts
+            np.concatenate([embedder(sanitizer(burst)) for burst in _bursts(images, seed)])
+        ],
     }
     rules = {
         "client": Rule(config.k, 0.0, config.line_window, 0.0),

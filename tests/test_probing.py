@@ -6,6 +6,7 @@ import hashlib
 import threading
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import yaml
@@ -322,3 +323,20 @@ def test_missing_digests_fall_back_to_the_sanitized_pixels(digits: np.ndarray, s
         ctx.digests = []
         assert stage(ctx) == []
     assert stage.stats()["client_retries"] == 2
+
+
+def test_cifar_fixture_images_from_ten_clients_raise_nothing() -> None:
+    path = bundled_model_path("cifar10")
+    if not path.with_name("thresholds.yaml").exists():
+        pytest.skip("bundled CIFAR-10 model not calibrated yet")
+    document = yaml.safe_load(path.with_name("thresholds.yaml").read_text())
+    config = ProbingConfig.model_validate(next(d for d in document["detectors"] if d["kind"] == "probing"))
+    spec = InputSpec("input", 3, 32, 32)
+    stage = ProbingStage(config, config.embedding.build(spec))
+    sanitizer = Sanitizer(SanitizerConfig(**document["sanitizer"]), spec)
+    files = sorted((FIXTURES / "cifar10_test").rglob("*.jpg"))
+    findings = []
+    for n, file in enumerate(files):
+        image = cv2.cvtColor(cv2.imread(str(file)), cv2.COLOR_BGR2RGB)
+        findings += stage(request([image], f"client{n % 10}", sanitizer))
+    assert len(files) == 100 and findings == []

@@ -70,3 +70,17 @@ def test_fgsm_examples_disagree_more_than_benign(model: OnnxClassifier, digits: 
     adversarial = squeeze_scores(model, sanitized(model, crafted), 1, 2)
     labels = np.r_[np.zeros(len(benign)), np.ones(len(adversarial))]
     assert roc_auc_score(labels, np.r_[benign, adversarial]) > 0.9  # measured 0.97 on these digits
+
+
+def test_cifar_squeezers_leave_clean_photos_mostly_alone() -> None:
+    import cv2
+
+    path = bundled_model_path("cifar10")
+    if not path.exists():
+        pytest.skip("bundled CIFAR-10 model not built yet")
+    model = OnnxClassifier(path)
+    files = sorted((FIXTURES / "cifar10_test").rglob("*.jpg"))
+    images = [cv2.cvtColor(cv2.imread(str(file)), cv2.COLOR_BGR2RGB) for file in files]
+    batch = Sanitizer(SanitizerConfig(blur_sigma=0.5), model.input)(images)
+    scores = squeeze_scores(model, batch, 5, 2)
+    assert scores.shape == (100,) and np.median(scores) < 0.5
