@@ -14,6 +14,7 @@ import tritonclient.grpc as triton
 
 from firewall.config import Settings
 from firewall.server import Firewall
+from models.runtime import OnnxClassifier, bundled_model_path
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -22,6 +23,11 @@ FIXTURES = Path(__file__).parent / "fixtures"
 def mnist_heldout() -> tuple[np.ndarray, np.ndarray]:
     data = np.load(FIXTURES / "mnist_heldout.npz")
     return data["images"], data["labels"]
+
+
+@pytest.fixture(scope="session")
+def mnist_model() -> OnnxClassifier:
+    return OnnxClassifier(bundled_model_path("mnist"))
 
 
 def make_settings(**overrides) -> Settings:

@@ -7,13 +7,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 import yaml
 from pydantic import TypeAdapter
 
 from detectors.calibration import _lower_threshold, _upper_threshold, configure_cli, load_benign_images, run_cli
 from detectors.registry import DetectorConfig
-from models.runtime import bundled_model_path
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -45,8 +43,6 @@ def cli(*argv: str) -> int:
 
 
 def test_calibrate_writes_thresholds_the_service_config_accepts(tmp_path: Path) -> None:
-    if not bundled_model_path("mnist").exists():
-        pytest.skip("bundled MNIST model not built yet")
     folder = tmp_path / "benign"
     folder.mkdir()
     for i, image in enumerate(np.load(FIXTURES / "mnist_heldout.npz")["images"][:300]):

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import tritonclient.grpc as triton
 
 from tests.conftest import address, make_settings, running_firewall, uint8_input

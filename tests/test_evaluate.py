@@ -25,7 +25,6 @@ from tests.conftest import FIXTURES, address, make_settings, running_firewall
 from tests.upstream import mlserver
 
 MNIST = bundled_model_path("mnist")
-pytestmark = pytest.mark.skipif(not MNIST.exists(), reason="the bundled MNIST model is not built yet")
 DATA = FIXTURES / "mnist_heldout.npz"
 RADIUS = 1.5  # L2 over pixels in [0, 1]; distinct MNIST digits lie much farther apart
 ATTACKS = ("hopskipjump", "boundary", "signopt", "geoda")

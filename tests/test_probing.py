@@ -29,8 +29,6 @@ def digest(image: np.ndarray) -> bytes:
 
 def calibrated_probing(**overrides) -> ProbingConfig:
     """The probing configuration shipped for the bundled MNIST model."""
-    if not MNIST_THRESHOLDS.exists():
-        pytest.skip("models/mnist/thresholds.yaml not calibrated yet")
     document = yaml.safe_load(MNIST_THRESHOLDS.read_text())
     probing = next(d for d in document["detectors"] if d["kind"] == "probing")
     return ProbingConfig.model_validate(probing | overrides)
@@ -47,11 +45,8 @@ def sanitizer() -> Sanitizer:
 
 
 @pytest.fixture(scope="module")
-def model() -> OnnxClassifier:
-    path = bundled_model_path("mnist")
-    if not path.exists():
-        pytest.skip("bundled MNIST model not built yet")
-    return OnnxClassifier(path)
+def model(mnist_model: OnnxClassifier) -> OnnxClassifier:
+    return mnist_model
 
 
 def request(images: list[np.ndarray], client: str, sanitizer: Sanitizer) -> RequestContext:
@@ -327,8 +322,6 @@ def test_missing_digests_fall_back_to_the_sanitized_pixels(digits: np.ndarray, s
 
 def test_cifar_fixture_images_from_ten_clients_raise_nothing() -> None:
     path = bundled_model_path("cifar10")
-    if not path.with_name("thresholds.yaml").exists():
-        pytest.skip("bundled CIFAR-10 model not calibrated yet")
     document = yaml.safe_load(path.with_name("thresholds.yaml").read_text())
     config = ProbingConfig.model_validate(next(d for d in document["detectors"] if d["kind"] == "probing"))
     spec = InputSpec("input", 3, 32, 32)

@@ -17,11 +17,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
-def model() -> OnnxClassifier:
-    path = bundled_model_path("mnist")
-    if not path.exists():
-        pytest.skip("bundled MNIST model not built yet")
-    return OnnxClassifier(path)
+def model(mnist_model: OnnxClassifier) -> OnnxClassifier:
+    return mnist_model
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +73,6 @@ def test_cifar_squeezers_leave_clean_photos_mostly_alone() -> None:
     import cv2
 
     path = bundled_model_path("cifar10")
-    if not path.exists():
-        pytest.skip("bundled CIFAR-10 model not built yet")
     model = OnnxClassifier(path)
     files = sorted((FIXTURES / "cifar10_test").rglob("*.jpg"))
     images = [cv2.cvtColor(cv2.imread(str(file)), cv2.COLOR_BGR2RGB) for file in files]

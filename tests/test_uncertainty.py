@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from detectors.sanitizer import Sanitizer, SanitizerConfig
 from detectors.uncertainty import UncertaintyConfig, UncertaintyStage, uncertainty_scores
 from firewall.stage import RequestContext
-from models.runtime import OnnxClassifier, bundled_model_path
+from models.runtime import OnnxClassifier
 
 FIXTURES = Path(__file__).parent / "fixtures"
 IMAGES = 60
@@ -23,11 +23,8 @@ AUC_FLOOR = {"fgsm": 0.75, "pgd": 0.8}
 
 
 @pytest.fixture(scope="module")
-def model() -> OnnxClassifier:
-    path = bundled_model_path("mnist")
-    if not path.exists():
-        pytest.skip("bundled MNIST model not built yet")
-    return OnnxClassifier(path)
+def model(mnist_model: OnnxClassifier) -> OnnxClassifier:
+    return mnist_model
 
 
 @pytest.fixture(scope="module")
