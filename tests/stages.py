@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -39,6 +40,19 @@ class Flagger:
 
     def stats(self) -> dict[str, float]:
         return {"flagged_images": self.flagged}
+
+
+class Slow:
+    """Holds every request for ``seconds`` (to keep calls in flight)."""
+
+    name = "slow"
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __call__(self, ctx: RequestContext) -> list[Finding]:
+        time.sleep(self.seconds)
+        return []
 
 
 class Recorder:

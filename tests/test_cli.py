@@ -12,7 +12,7 @@ import time
 import tritonclient.grpc as triton
 
 from tests.conftest import address, make_settings, running_firewall, uint8_input
-from tests.stages import with_stage
+from tests.stages import Slow, with_stage
 from tests.upstream import free_port
 
 
@@ -59,20 +59,12 @@ def test_serve_answers_then_drains_on_sigterm(mnist_heldout):
     assert '"message": "server.stopped"' in log
 
 
-class Slow:
-    name = "slow"
-
-    def __call__(self, ctx):
-        time.sleep(1.0)
-        return []
-
-
 def test_stop_lets_in_flight_calls_finish(mnist_heldout):
     images, labels = mnist_heldout
     answers: queue.Queue = queue.Queue()
     with running_firewall(make_settings()) as firewall:
         client = triton.InferenceServerClient(address(firewall))
-        with with_stage(firewall, Slow()):
+        with with_stage(firewall, Slow(1.0)):
             client.async_infer("mnist", [uint8_input(images[:1])], lambda result, error: answers.put((result, error)))
             time.sleep(0.3)  # the call is inside the slow stage when the stop begins
     try:

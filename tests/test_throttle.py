@@ -14,7 +14,7 @@ from firewall.protocol import pb, pb_grpc
 from firewall.state import MemoryClientState
 from firewall.throttle import take_tokens
 from tests.conftest import address, make_settings, running_firewall
-from tests.stages import Flagger, marked, with_stage
+from tests.stages import Flagger, Slow, marked, with_stage
 
 RATE, BURST = 40.0, 4
 
@@ -97,19 +97,11 @@ def test_a_client_with_a_refused_finding_gets_the_tighter_bucket(stub, mnist_hel
     assert outcome(stub, request(images[:1]), "innocent") == grpc.StatusCode.OK
 
 
-class Slow:
-    name = "slow"
-
-    def __call__(self, ctx):
-        time.sleep(0.5)
-        return []
-
-
 def test_the_global_concurrency_cap_refuses_beyond_it(mnist_heldout):
     images, _ = mnist_heldout
     settings = make_settings(max_concurrent_requests=2, throttle={"enabled": False})
     codes: list[grpc.StatusCode] = []
-    with running_firewall(settings) as firewall, with_stage(firewall, Slow()):
+    with running_firewall(settings) as firewall, with_stage(firewall, Slow(0.5)):
         with grpc.insecure_channel(address(firewall)) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             callers = [
