@@ -12,6 +12,7 @@ pixel limits. The output is exactly one tensor ``label``, INT64 [B], always as r
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from dataclasses import dataclass
 
@@ -112,7 +113,7 @@ def _decode_pixels(tensor, raw: bytes | None, shape: tuple[int, ...], limits: Li
     if shape[1] * shape[2] > limits.max_pixels:
         raise InvalidInput("image too large")
     dtype = _PIXEL_DTYPES[tensor.datatype]
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
             raise InvalidInput("raw input size does not match shape and datatype")
