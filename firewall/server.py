@@ -39,6 +39,12 @@ READINESS_SERVICES = ("", SERVICE_NAME)
 LIVENESS_SERVICE = "liveness"
 READINESS_INTERVAL_S = 5.0
 
+# Our messages live in a private descriptor pool (see proto/generate.py); reflection serves that
+# pool, so the health and reflection protocols are added to it once, here.
+for _module in (health_pb2, reflection_pb2):
+    pb.DESCRIPTOR.pool.AddSerializedFile(_module.DESCRIPTOR.serialized_pb)
+REFLECTED_SERVICES = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+
 # The worker threads already run requests in parallel; OpenCV's own pool on images this small only
 # adds hand-offs between threads.
 cv2.setNumThreads(1)
@@ -65,7 +71,7 @@ class Firewall:
         self.server = grpc.aio.server(options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        _enable_reflection(self.server)
+        reflection.enable_server_reflection(REFLECTED_SERVICES, self.server, pool=pb.DESCRIPTOR.pool)
         if settings.tls is None:
             self.port = self.server.add_insecure_port(settings.listen)
         else:
@@ -114,16 +120,6 @@ class Firewall:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in READINESS_SERVICES:
             await self.health.set(name, status)
-
-
-def _enable_reflection(server: grpc.aio.Server) -> None:
-    # Our messages live in a private descriptor pool (see proto/generate.py); reflection serves
-    # that pool, so the health and reflection protocols are added to it as well.
-    pool = pb.DESCRIPTOR.pool
-    for module in (health_pb2, reflection_pb2):
-        pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
-    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server, pool=pool)
 
 
 async def serve(settings: Settings) -> None:

@@ -30,7 +30,7 @@ import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
-from models.runtime import InputSpec, _input_spec, default_providers, session_options
+from models.runtime import InputSpec, input_spec, default_providers, session_options
 
 DEFAULT_RATIO = 0.5  # the ONNX default when a Dropout node gives no ratio
 REWRITE_MARKER = "mc_dropout.rewritten_nodes"  # metadata key set on rewritten models
@@ -197,7 +197,7 @@ class McDropoutClassifier:
         proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
         if not is_rewritten(proto):
             proto = mc_dropout_model(proto)
-        self.input: InputSpec = _input_spec(proto)
+        self.input: InputSpec = input_spec(proto)
         self.output_name = proto.graph.output[0].name
         self.session = ort.InferenceSession(
             proto.SerializeToString(), session_options(threads), providers=providers or default_providers()

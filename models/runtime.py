@@ -49,7 +49,7 @@ class InputSpec:
     width: int
 
 
-def _input_spec(model: onnx.ModelProto) -> InputSpec:
+def input_spec(model: onnx.ModelProto) -> InputSpec:
     initializers = {init.name for init in model.graph.initializer}
     graph_input = next(i for i in model.graph.input if i.name not in initializers)
     dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
@@ -64,7 +64,7 @@ class OnnxClassifier:
     def __init__(self, path: str | Path, *, threads: int = 1, providers: list[str] | None = None):
         self.path = Path(path)
         proto = onnx.load(str(self.path))
-        self.input = _input_spec(proto)
+        self.input = input_spec(proto)
         self.output_name = proto.graph.output[0].name
         self.session = ort.InferenceSession(
             proto.SerializeToString(), session_options(threads), providers=providers or default_providers()
