@@ -43,23 +43,40 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
     return (centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), floor)).astype(np.float32)
 
 
-class PixelEmbedder:
-    """Normalized ``size`` x ``size`` thumbnail of each image; colour kept or averaged to grey."""
+def centred(image: np.ndarray) -> np.ndarray:
+    """The image (H x W x C) shifted so that its centre of mass, the weight of each pixel being its
+    distance from the median, lies at the centre: the same content shifted by a few pixels (camera
+    jitter, or an attacker shifting each query to look new) then embeds to the same vector."""
+    weights = np.abs(image - np.median(image)).sum(axis=2) if image.ndim == 3 else np.abs(image - np.median(image))
+    total = float(weights.sum())
+    if total <= 1e-6:
+        return image
+    height, width = weights.shape
+    dy = (height - 1) / 2 - float(weights.sum(axis=1) @ np.arange(height)) / total
+    dx = (width - 1) / 2 - float(weights.sum(axis=0) @ np.arange(width)) / total
+    shift = np.float32([[1, 0, dx], [0, 1, dy]])
+    moved = cv2.warpAffine(image, shift, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return moved.reshape(image.shape)
 
-    def __init__(self, spec: InputSpec, size: int, grey: bool):
+
+class PixelEmbedder:
+    """Normalized ``size`` x ``size`` thumbnail of each image; colour kept or averaged to grey;
+    optionally centred on its centre of mass first."""
+
+    def __init__(self, spec: InputSpec, size: int, grey: bool, centre: bool):
         self.size = min(size, spec.height, spec.width)
         self.grey = grey or spec.channels == 1
+        self.centre = centre
         self.dim = self.size * self.size * (1 if self.grey else spec.channels)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         images = batch.mean(axis=1, keepdims=True) if self.grey else batch
-        cells = np.stack(
-            [
-                cv2.resize(image.transpose(1, 2, 0), (self.size, self.size), interpolation=cv2.INTER_AREA).ravel()
-                for image in images.astype(np.float32, copy=False)
-            ]
-        )
-        return normalize(cells.reshape(len(batch), self.dim))
+        cells = []
+        for image in images.astype(np.float32, copy=False):
+            pixels = image.transpose(1, 2, 0)
+            pixels = centred(pixels) if self.centre else pixels
+            cells.append(cv2.resize(pixels, (self.size, self.size), interpolation=cv2.INTER_AREA).ravel())
+        return normalize(np.stack(cells).reshape(len(batch), self.dim))
 
 
 class OnnxEmbedder:
@@ -89,9 +106,10 @@ class PixelEmbeddingConfig(BaseModel):
     kind: Literal["pixels"] = "pixels"
     size: int = Field(8, ge=2, le=64, description="side of the low-resolution grid, in cells")
     grey: bool = Field(True, description="average colour channels before embedding")
+    centre: bool = Field(True, description="shift each image to its centre of mass first (shift-invariant)")
 
     def build(self, spec: InputSpec) -> Embedder:
-        return PixelEmbedder(spec, self.size, self.grey)
+        return PixelEmbedder(spec, self.size, self.grey, self.centre)
 
 
 class OnnxEmbeddingConfig(BaseModel):

@@ -1,40 +1,47 @@
-"""Stateful detection of query-based (probing) attacks by near-duplicate queries.
+"""Stateful detection of decision-based (probing) attacks: regions of input space whose answers disagree.
 
-Chen, Carlini & Wagner, "Stateful Detection of Black-Box Adversarial Attacks" (AsiaCCS workshop
-2020, arXiv 2019): decision-based attacks such as HopSkipJump, Boundary and Sign-OPT must query
-many near-identical images, which benign traffic almost never does. Each sanitized query is
-embedded (``detectors.embedders``) and compared with that client's recent queries; a query whose
-``k``-th nearest earlier query lies closer than ``threshold`` raises a finding ("probing.client").
-Chen et al. use k = 50 with a threshold at 0.1 % benign false positives; Blacklight (Li et al.,
-USENIX Security 2022) hashes quantized pixels and flags on hash matches. Here k defaults to 1 with
-a tighter, calibrated threshold: an attack is flagged within a few queries, and the averaging
-embedding keeps matching when an attacker blinds every query with fresh noise (which defeats
-exact hashes).
+A decision-based attack (HopSkipJump, Boundary, Sign-OPT, GeoDA) must send many near-duplicate
+queries whose answers *change*: it finds the decision boundary next to an image by querying on both
+sides of it. Benign traffic re-sends content too (retries, re-encodings, resized copies, camera
+bursts, the same popular image from many users), but the model gives all copies of one content the
+same answer, so re-sent content carries no information to an attacker and no evidence here. This
+stage therefore looks for label disagreement among near-duplicates, across all clients:
 
-A second per-client rule catches the first steps of the attacks' binary and line searches, which
-are still far apart: the queries ``(1 - a) x + a u`` of a binary search between ``x`` and ``u``
-(HopSkipJump, Boundary, GeoDA) and ``x + c d`` of a line search (Sign-OPT) all lie on one line, and
-their normalized embeddings in one plane through the origin. A query closer than
-``line_threshold`` to the plane spanned by its nearest and any other of the client's latest
-``line_window`` queries raises the same finding. Benign images almost never are such blends.
+- Every sanitized query is embedded (``detectors.embedders``: by default a shift-centred, normalized
+  8 x 8 thumbnail, the "pixel" encoder of Chen, Carlini & Wagner, "Stateful Detection of Black-Box
+  Adversarial Attacks", 2019) and labelled by the firewall's own copy of the model.
+- It is compared with the recent queries of *all* clients (``detectors.history``): its at most
+  ``neighbours`` nearest within ``radius``. When one of them got another label from the model, the
+  query is *evidence*: it explores a decision boundary.
+- A query that is evidence, or lies within ``radius`` of evidence, is *probed*: it raises
+  ``probing.region`` carrying the answer its oldest neighbour got. Under the ``decoy`` policy that
+  is what the client gets, so around an attacked image every answer stays what the first query
+  there got, whichever side of the boundary a query lies on and whichever client id sent it: the
+  attacker's binary searches and gradient estimates see a constant, and a fresh id buys nothing.
+  Only evidence makes a query probed (being near a probed query does not), so a benign chance
+  neighbour changes the answers of its direct neighbours at most and never spreads.
+- Evidence per client id and per source address: a decayed count of the evidence it sent
+  (``detectors.evidence.DecayingCount``). At ``client_threshold`` (``address_threshold``) it raises
+  ``probing.client`` (``probing.address``), a warning-level alert naming the attacker, on each of
+  its queries while the evidence lasts. A single probed query is an info-level observation only.
+- A byte-identical repeat is no new query: it gets the answer its original got.
 
-Rules that keep benign traffic clean:
-- Byte-identical repeats (retries, ``ctx.digests``) are counted apart and never trigger by
-  themselves: a repeat takes the verdict of its original, so a retried benign image stays
-  accepted and a refused probe stays refused, whichever client id re-sends it (a query flagged
-  by a client rule is marked flagged in the global history too).
-- Every image of a request is compared with the earlier images of the same request too.
+The radius is a trade-off that ``firewall calibrate`` measures on benign images: large enough that
+the blends and noisy copies an attack sends around an image lie within it, small enough that two
+distinct benign images the model labels differently almost never do.
 
-A second, global history across all clients ("probing.global", nearest-query rule only) catches
-one attacker spread over many client ids (Sybil) or taking a new id after each refusal. It is
-searched with an IVF index (exact search until enough queries arrived to train its quantizer).
+Related work: Blacklight (Li et al., USENIX Security 2022) flags hash matches across all clients;
+PIHA (Choi et al., 2023) and QPA (Li et al., "Query Provenance Analysis", 2024) link queries into
+provenance chains. Those flag re-sent benign content, which this rule tolerates by construction.
+The constant answer is a decoy in the sense of Feng, Hooda, Mangaokar, Fawaz, Jha & Prakash
+("Stateful Defenses for Machine Learning Models Are Not Yet Secure Against Black-box Attacks",
+CCS 2023): an explicit refusal is an oracle their adaptive attacker (OARS) steers by; a constant
+answer is not.
 
-Memory is bounded: at most ``max_clients`` tracked clients and ``max_vectors`` stored vectors
-across them (least recently seen clients are evicted first), ``client_window`` queries and
-``client_window_seconds`` seconds per client, ``global_window`` queries overall; old queries leave
-ring buffers in O(1) (``detectors.history``). FAISS runs with one thread. The histories are
-written to ``snapshot_path`` by ``close()`` and read back at start; a missing or unreadable
-snapshot is logged and ignored.
+Memory is bounded: ``window`` queries (embedding, time, key, label, answer, evidence flag) and at
+most ``max_clients`` evidence counters per kind. FAISS runs with one thread. The history is written
+to ``snapshot_path`` by ``close()`` and read back at start; a missing or unreadable snapshot is
+logged and ignored.
 """
 
 from __future__ import annotations
@@ -43,19 +50,13 @@ import time
 from pathlib import Path
 from typing import Literal, Sequence
 
+import numpy as np
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from detectors.embedders import Embedder, EmbeddingConfig, PixelEmbeddingConfig
-from detectors.history import (
-    ClientHistories,
-    IndexedHistory,
-    Rule,
-    Verdict,
-    digest_key,
-    load_snapshot,
-    save_snapshot,
-)
+from detectors.evidence import DecayingCount
+from detectors.history import QueryHistory, digest_key, load_snapshot, save_snapshot
 from firewall.stage import Finding, RequestContext
 from models.runtime import OnnxClassifier
 
@@ -63,135 +64,116 @@ log = structlog.get_logger(__name__)
 
 
 class ProbingConfig(BaseModel):
-    """Probing detector settings. Thresholds are distances between normalized embeddings."""
+    """Probing detector settings. Distances are between normalized embeddings."""
 
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["probing"] = "probing"
     embedding: EmbeddingConfig = Field(default_factory=PixelEmbeddingConfig)
-    k: int = Field(1, ge=1, le=100, description="flag when the k-th nearest earlier query is closer than threshold")
-    threshold: float = Field(0.05, ge=0.0, description="per-client distance threshold (calibrate: 0.1% benign FP)")
-    line_window: int = Field(64, ge=0, description="latest client queries the line rule looks at; 0 turns it off")
-    line_threshold: float = Field(0.03, ge=0.0, description="flag a query this close to a line through two of them")
-    client_window: int = Field(10_000, ge=1, description="queries remembered per client")
-    client_window_seconds: float | None = Field(None, gt=0, description="forget a client's queries after this long")
-    max_clients: int = Field(10_000, ge=1, description="tracked clients; least recently seen evicted first")
-    max_vectors: int = Field(2_000_000, ge=1, description="vectors stored across all clients")
-    global_index: bool = Field(True, description="also compare with recent queries of all clients (Sybil)")
-    global_k: int = Field(1, ge=1, le=100)
-    global_threshold: float = Field(0.05, ge=0.0, description="global distance threshold")
-    global_window: int = Field(100_000, ge=1, description="queries remembered across all clients")
-    global_lists: int = Field(1024, ge=1, description="IVF lists of the global index")
-    global_probes: int = Field(8, ge=1, description="IVF lists searched per query")
+    radius: float = Field(0.15, ge=0.0, description="queries this close are near-duplicates (calibrated)")
+    neighbours: int = Field(16, ge=1, le=256, description="nearest earlier queries compared with each query")
+    window: int = Field(100_000, ge=1, description="queries remembered across all clients")
+    lists: int = Field(1024, ge=1, description="IVF lists of the history's index")
+    probes: int = Field(8, ge=1, description="IVF lists searched per query")
+    client_threshold: float = Field(4.0, gt=0, description="decayed evidence that flags a client id")
+    address_threshold: float = Field(8.0, gt=0, description="decayed evidence that flags a source address")
+    evidence_half_life_s: float = Field(3600.0, gt=0, description="evidence halves after this long")
+    max_clients: int = Field(100_000, ge=1, description="evidence counters kept per kind; least recent forgotten")
     snapshot_path: Path | None = Field(None, description="history written here at shutdown and read at start")
 
     def build(self, model: OnnxClassifier) -> ProbingStage:
-        return ProbingStage(self, self.embedding.build(model.input))
+        return ProbingStage(self, self.embedding.build(model.input), model)
 
 
 class ProbingStage:
-    """Pipeline stage: embeds ``ctx.tensor``, checks the client's and the global history."""
+    """Pipeline stage: embeds and labels ``ctx.tensor``, compares each image with all recent queries."""
 
     name = "probing"
 
-    def __init__(self, config: ProbingConfig, embedder: Embedder):
+    def __init__(self, config: ProbingConfig, embedder: Embedder, model: OnnxClassifier):
         self.config = config
         self.embedder = embedder
-        self.client_rule = Rule(config.k, config.threshold, config.line_window, config.line_threshold)
-        self.global_rule = Rule(config.global_k, config.global_threshold)
+        self.model = model
+        self.clients = DecayingCount(config.evidence_half_life_s, config.max_clients)
+        self.addresses = DecayingCount(config.evidence_half_life_s, config.max_clients)
         self._start_empty()
         if config.snapshot_path is not None:
             self._load(config.snapshot_path)
 
     def _start_empty(self) -> None:
-        config, dim = self.config, self.embedder.dim
-        self.clients = ClientHistories(
-            dim, config.client_window, config.client_window_seconds, config.max_clients, config.max_vectors
-        )
-        self.global_history = (
-            IndexedHistory(dim, config.global_window, config.global_lists, config.global_probes)
-            if config.global_index
-            else None
-        )
+        config = self.config
+        self.history = QueryHistory(self.embedder.dim, config.window, config.lists, config.probes)
 
     def _load(self, path: Path) -> None:
         if not path.exists():
             log.info("probing snapshot not found, starting empty", path=str(path))
             return
         try:
-            load_snapshot(path, self.embedder.dim, self.clients, self.global_history)
+            load_snapshot(path, self.history)
         except Exception as error:  # a bad snapshot must never stop the firewall
             log.warning("probing snapshot unreadable, starting empty", path=str(path), error=type(error).__name__)
             self._start_empty()
         else:
-            log.info("probing snapshot loaded", path=str(path), clients=len(self.clients))
+            log.info("probing snapshot loaded", path=str(path), queries=len(self.history))
 
     def __call__(self, ctx: RequestContext) -> Sequence[Finding]:
         if ctx.tensor is None or not len(ctx.tensor):
             return []
         vectors = self.embedder(ctx.tensor)
+        labels = self.model.predict(ctx.tensor)
         ctx.scratch["embeddings"] = vectors
         received = ctx.digests if len(ctx.digests) == len(vectors) else [row.tobytes() for row in ctx.tensor]
         keys = [digest_key(digest) for digest in received]
         now = time.time()
-        history = self.clients.get(ctx.client_id)
-        with history.lock:
-            rows_before = history.capacity
-            verdicts = history.check_and_add(vectors, keys, now, self.client_rule)
-            retries = history.retries
-        self.clients.account(ctx.client_id, rows_before, history)
-        findings = [self._finding("probing.client", verdicts, self.client_rule, retries)]
-        if self.global_history is not None:
-            with self.global_history.lock:
-                global_verdicts = self.global_history.check_and_add(vectors, keys, now, self.global_rule)
-                for key, verdict in zip(keys, verdicts):
-                    if verdict.flagged:  # a repeat from another id is then refused by the global rule
-                        self.global_history.mark_flagged(key)
-            findings.append(self._finding("probing.global", global_verdicts, self.global_rule, None))
-        return [finding for finding in findings if finding is not None]
+        with self.history.lock:
+            placed = [self._place(vector, key, int(label), now) for vector, key, label in zip(vectors, keys, labels)]
+        return self._findings(ctx, placed, now)
 
-    @staticmethod
-    def _finding(name: str, verdicts: list[Verdict], rule: Rule, retries: int | None) -> Finding | None:
-        flagged = [i for i, verdict in enumerate(verdicts) if verdict.flagged]
-        if not flagged:
-            return None
-        first = flagged[0]
-        verdict = verdicts[first]
-        on_line = not verdict.retry and verdict.kth_distance >= rule.threshold
-        details = {
-            "matched": "retry" if verdict.retry else "line" if on_line else "nearest",
-            "k": rule.k,
-            "kth_distance": verdict.kth_distance,
-            "neighbours_within_threshold": verdict.neighbours,
-            "line_distance": verdict.line_distance,
-            "flagged_items": len(flagged),
-        }
-        if retries is not None:
-            details["client_retries"] = retries
-        if on_line:
-            return Finding(name, verdict.line_distance, rule.line_threshold, item=first, details=details)
-        return Finding(name, verdict.kth_distance, rule.threshold, item=first, details=details)
+    def _place(self, vector: np.ndarray, key: int, label: int, now: float) -> tuple[int | None, bool]:
+        """Store one query; return (the answer it gets when probed, else None; whether it is evidence)."""
+        history = self.history
+        repeat = history.repeat_of(key)
+        if repeat is not None:  # the same bytes again: no new information, the same answer
+            answer = int(history.answers[repeat])
+            return (answer if answer != label else None), False
+        near = history.near(vector, self.config.radius, self.config.neighbours)
+        evidence = bool((history.labels[near.slots] != label).any())
+        probed = evidence or bool(history.evidence[near.slots].any())
+        answer = int(history.answers[near.oldest]) if probed else label
+        history.add(vector, key, label, answer, evidence, now)
+        return (answer if probed else None), evidence
+
+    def _findings(self, ctx: RequestContext, placed: list[tuple[int | None, bool]], now: float) -> list[Finding]:
+        probed = [i for i, (answer, _) in enumerate(placed) if answer is not None]
+        evidence = sum(1 for _, is_evidence in placed if is_evidence)
+        client = self.clients.add(ctx.client_id, evidence, now)
+        address = self.addresses.add(ctx.peer, evidence, now)
+        findings = [
+            Finding("probing.region", float(evidence), 1.0, item=i, answer=placed[i][0], severity="info")
+            for i in probed
+        ]
+        first = probed[0] if probed else None
+        details = {"probed_items": len(probed), "evidence_items": evidence}
+        if client >= self.config.client_threshold:
+            findings.append(Finding("probing.client", client, self.config.client_threshold, item=first, details=details))
+        if address >= self.config.address_threshold:
+            findings.append(Finding("probing.address", address, self.config.address_threshold, item=first, details=details))
+        return findings
 
     def stats(self) -> dict[str, float]:
-        clients = self.clients.items()
-        stats = {
-            "tracked_clients": float(len(clients)),
-            "client_vectors": float(sum(len(history) for _, history in clients)),
-            "client_vector_rows_allocated": float(self.clients.rows),
-            "evicted_clients": float(self.clients.evicted),
-            "client_retries": float(sum(history.retries for _, history in clients)),
+        return {
+            "history_queries": float(len(self.history)),
+            "history_evidence": float(self.history.evidence_count),
+            "tracked_clients": float(len(self.clients)),
+            "tracked_addresses": float(len(self.addresses)),
         }
-        if self.global_history is not None:
-            stats["global_vectors"] = float(len(self.global_history))
-            stats["global_retries"] = float(self.global_history.retries)
-        return stats
 
     def close(self) -> None:
         if self.config.snapshot_path is None:
             return
         try:
-            save_snapshot(self.config.snapshot_path, self.embedder.dim, self.clients, self.global_history)
+            save_snapshot(self.config.snapshot_path, self.history)
         except OSError as error:
             log.warning("probing snapshot not written", path=str(self.config.snapshot_path), error=str(error))
         else:
-            log.info("probing snapshot written", path=str(self.config.snapshot_path), clients=len(self.clients))
+            log.info("probing snapshot written", path=str(self.config.snapshot_path), queries=len(self.history))

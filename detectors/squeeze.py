@@ -4,7 +4,9 @@ W. Xu, D. Evans, Y. Qi, "Feature Squeezing: Detecting Adversarial Examples in De
 Networks", NDSS 2018: an adversarial perturbation rarely survives squeezing the input, so the
 model's prediction moves when it does. The score is the L1 distance between the softmax on the
 sanitized input and on each squeezed copy, maximised over the squeezers (the paper's joint
-detector); a score above the threshold raises a finding. The paper's squeezers are bit-depth
+detector); a score above the threshold flags the image, and the flags feed the client's CUSUM
+test (``detectors.evidence``): a finding while the client's flagged share is significantly above
+the benign rate. The paper's squeezers are bit-depth
 reduction and a median filter: MNIST 1 bit and 2x2, CIFAR-10 5 bits and 2x2 (its threshold sits at
 5 % benign false positives). All copies run through the model in one batched call.
 """
@@ -16,6 +18,7 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from detectors.evidence import ClientRateConfig, client_rate_findings
 from detectors.sanitizer import squeeze
 from firewall.stage import Finding, RequestContext
 from models.runtime import OnnxClassifier
@@ -28,6 +31,7 @@ class SqueezeConfig(BaseModel):
     bit_depth: int | None = Field(1, ge=1, le=8, description="bit-depth squeezer (MNIST 1, CIFAR-10 5)")
     median_size: int | None = Field(2, ge=2, le=7, description="median squeezer window (2 for 2x2)")
     threshold: float = Field(1.0, gt=0.0, le=2.0, description="L1 softmax distance (calibrate: 5% benign FP)")
+    client: ClientRateConfig = Field(default_factory=ClientRateConfig)
 
     @model_validator(mode="after")
     def _one_squeezer(self) -> SqueezeConfig:
@@ -52,20 +56,17 @@ def squeeze_scores(
 
 
 class SqueezeStage:
-    """Pipeline stage: one finding for the request's most squeeze-sensitive image above threshold."""
+    """Pipeline stage: flags squeeze-sensitive images; a finding while the client's flagged share is too high."""
 
     name = "squeeze"
 
     def __init__(self, config: SqueezeConfig, model: OnnxClassifier):
         self.config = config
         self.model = model
+        self.clients = config.client.build()
 
     def __call__(self, ctx: RequestContext) -> Sequence[Finding]:
         if ctx.tensor is None or not len(ctx.tensor):
             return []
         scores = squeeze_scores(self.model, ctx.tensor, self.config.bit_depth, self.config.median_size)
-        worst = int(scores.argmax())
-        if scores[worst] <= self.config.threshold:
-            return []
-        details = {"flagged_items": int((scores > self.config.threshold).sum())}
-        return [Finding("squeeze", float(scores[worst]), self.config.threshold, item=worst, details=details)]
+        return client_rate_findings("squeeze", self.clients, ctx, scores, self.config.threshold, {})

@@ -10,7 +10,9 @@ is scored by
 - mutual information (BALD; Houlsby et al. 2011, Gal's thesis 2016): H(mean_t p_t) - mean_t H(p_t),
 
 where p_t is the softmax of pass t. A score above the threshold (calibrated at 5 % benign false
-positives) raises a finding. The stage holds its own copy of the model file, so it also works when
+positives) flags the image. One flagged image is no verdict (one benign image in twenty is
+flagged): the flags feed the client's CUSUM test (``detectors.evidence``), and the stage raises a
+finding while the client's flagged share is significantly above the benign rate. The stage holds its own copy of the model file, so it also works when
 predictions come from an upstream server.
 """
 
@@ -22,6 +24,7 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from detectors.evidence import ClientRateConfig, client_rate_findings
 from firewall.stage import Finding, RequestContext
 from models.mc_dropout import McDropoutClassifier
 from models.runtime import OnnxClassifier
@@ -38,6 +41,7 @@ class UncertaintyConfig(BaseModel):
     threshold: float = Field(0.1, ge=0.0, description="calibrate: 5% benign false positives")
     model_path: Path | None = Field(None, description="model with Dropout; default: the protected model's file")
     threads: int = Field(1, ge=1, description="ONNX Runtime threads for the MC-dropout session")
+    client: ClientRateConfig = Field(default_factory=ClientRateConfig)
 
     def build(self, model: OnnxClassifier) -> UncertaintyStage:
         return UncertaintyStage(self, McDropoutClassifier(self.model_path or model.path, threads=self.threads))
@@ -55,13 +59,14 @@ def uncertainty_scores(logits: np.ndarray) -> dict[str, np.ndarray]:
 
 
 class UncertaintyStage:
-    """Pipeline stage: one finding for the request's most uncertain image above threshold."""
+    """Pipeline stage: flags uncertain images; a finding while the client's flagged share is too high."""
 
     name = "uncertainty"
 
     def __init__(self, config: UncertaintyConfig, classifier: McDropoutClassifier):
         self.config = config
         self.classifier = classifier
+        self.clients = config.client.build()
 
     def scores(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         return uncertainty_scores(self.classifier.sample_logits(batch, self.config.passes))
@@ -71,14 +76,5 @@ class UncertaintyStage:
             return []
         scores = self.scores(ctx.tensor)
         chosen = scores[self.config.score]
-        worst = int(chosen.argmax())
-        if chosen[worst] <= self.config.threshold:
-            return []
-        details = {
-            "score": self.config.score,
-            "passes": self.config.passes,
-            "variance": float(scores["variance"][worst]),
-            "mutual_information": float(scores["mutual_information"][worst]),
-            "flagged_items": int((chosen > self.config.threshold).sum()),
-        }
-        return [Finding("uncertainty", float(chosen[worst]), self.config.threshold, item=worst, details=details)]
+        details = {"score": self.config.score, "passes": self.config.passes}
+        return client_rate_findings("uncertainty", self.clients, ctx, chosen, self.config.threshold, details)

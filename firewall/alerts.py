@@ -8,7 +8,8 @@ farthest past its threshold, whichever way the detector's score points ("ongoing
 and a last line ("end") follows once the client has raised no finding for ``idle_s``, or at
 shutdown, or when the episode is evicted to keep at most ``max_episodes``. No finding is lost:
 the counts of an episode's lines add up to its findings. ``event.type`` is "denied", or
-"allowed" when the client got its genuine answer (monitor).
+"allowed" when the client got its genuine answer (monitor). An alert is logged at its finding's
+severity: warning, or info for a single observation that is evidence but no verdict on its own.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Alert:
     request_id: str
     score: float
     threshold: float
+    severity: str = "warning"  # "info": a single observation, evidence on its own, logged below warning
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -152,9 +154,11 @@ class AlertAggregator:
             "firewall.threshold": finite(alert.threshold),
             "firewall.count": count,
             "firewall.episode": phase,
+            "log.level": alert.severity,
         }
 
     @staticmethod
     def _emit(lines: list[dict[str, Any]]) -> None:
         for line in lines:
-            log.warning("alert", **line)
+            level = line.pop("log.level")
+            (log.info if level == "info" else log.warning)("alert", **line)

@@ -82,9 +82,12 @@ class PolicyConfig(Strict):
     monitor: the genuine answer. Every action raises an alert.
     """
 
-    action: Action = "ban"
-    # Per-rule overrides by rule name. The per-image detectors are calibrated at 5% benign false
-    # positives (the Feature Squeezing standard): enough to alert on, far too many to refuse on.
+    # An explicit refusal is an oracle an adaptive attacker steers by (Feng et al., CCS 2023); a
+    # decoy teaches it nothing, and a benign client that lands in a probed region gets the label
+    # its content had anyway (README, Detection: the measurements behind this default).
+    action: Action = "decoy"
+    # Per-rule overrides by rule name. The per-image detectors flag a client whose rate of flagged
+    # images is far above the calibrated benign 5 %: worth an alert, not a changed answer.
     rules: dict[str, Action] = {"uncertainty": "monitor", "squeeze": "monitor"}
     ban: BanConfig = BanConfig()
 

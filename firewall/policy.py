@@ -7,7 +7,8 @@ A request without findings is predicted and answered. With findings, the model's
 - ``ban``: PERMISSION_DENIED, and every request of the client (and, with ``by_peer``, of its
   address) is refused for a cool-down: ``first_s``, times ``factor`` per repeat offence, at most
   ``max_s``; offences ``forget_s`` apart start over.
-- ``decoy``: the flagged images get a plausible label that carries no signal, the label the
+- ``decoy``: the flagged images get a plausible label that carries no signal: the answer their
+  finding carries (a probed region's frozen label, the same for every client), else the label the
   client's most recent genuine answer had (a fixed per-client label before it has one), so an
   attack's binary searches see a constant. The model still runs, so a decoy takes as long as a
   genuine answer. An explicit refusal is itself an oracle that adaptive attacks exploit (Feng,
@@ -78,7 +79,17 @@ class ResponsePolicy:
         action = max((policy.rules.get(f.rule, policy.action) for f in ctx.findings), key=SEVERITY.index)
         for finding in ctx.findings:
             self.alerts.record(
-                Alert(finding.rule, action, ctx.model, ctx.client_id, ctx.peer, ctx.request_id, finding.score, finding.threshold)
+                Alert(
+                    finding.rule,
+                    action,
+                    ctx.model,
+                    ctx.client_id,
+                    ctx.peer,
+                    ctx.request_id,
+                    finding.score,
+                    finding.threshold,
+                    finding.severity,
+                )
             )
         if action == "ban":
             self._ban(ctx, policy.ban)
@@ -91,12 +102,18 @@ class ResponsePolicy:
         if action == "monitor":
             self._remember(ctx, ctx.labels)
             return "monitored"
-        flagged = np.zeros(ctx.batch_size, bool)
-        for finding in ctx.findings:
-            flagged[slice(None) if finding.item is None else finding.item] = True
-        decoy = self._decoy_label(ctx, pipeline)
+        decoyed = [f for f in ctx.findings if policy.rules.get(f.rule, policy.action) != "monitor"]
+        decoys = np.full(ctx.batch_size, -1, np.int64)
+        for finding in decoyed:  # an item's own decoy (a probed region's frozen answer) first
+            if finding.item is not None and finding.answer is not None:
+                decoys[finding.item] = finding.answer
+        fallback = self._decoy_label(ctx, pipeline)
+        for finding in decoyed:
+            items = slice(None) if finding.item is None else finding.item
+            decoys[items] = np.where(decoys[items] < 0, fallback, decoys[items])
+        flagged = decoys >= 0
         self._remember(ctx, ctx.labels[~flagged])
-        ctx.labels = np.where(flagged, decoy, ctx.labels).astype(np.int64)
+        ctx.labels = np.where(flagged, decoys, ctx.labels).astype(np.int64)
         return "decoyed"
 
     def _ban(self, ctx: RequestContext, config: BanConfig) -> None:

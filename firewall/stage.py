@@ -15,7 +15,7 @@ for the client.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Literal, Protocol, Sequence
 
 import numpy as np
 
@@ -29,6 +29,8 @@ class Finding:
     threshold: float
     item: int | None = None  # index in the request batch, when the finding is per image
     details: dict[str, Any] = field(default_factory=dict)
+    answer: int | None = None  # the label a decoy gives this item (default: the client's last genuine one)
+    severity: Literal["warning", "info"] = "warning"  # info: one observation, evidence but no warning alert
 
 
 @dataclass

@@ -1,0 +1,109 @@
+"""Evidence that accrues per client (or per source address) over a sequence of queries.
+
+Detection is a decision over sequences, not over one query: a single near neighbour, or a single
+image a per-image detector flags at its calibrated 5 % rate, says little; many of them from one
+client say a lot.
+
+- ``DecayingCount``: a count of observations that halves every ``half_life_s`` (exponentially
+  weighted), for the probing detector's queries into probed regions. An attacker's evidence does
+  not wait for a window to fill, and a benign client's rare hit fades.
+- ``Cusum``: Page's cumulative-sum test ("Continuous Inspection Schemes", Biometrika 1954) over
+  Bernoulli observations, for the per-image detectors. Under H0 a client's images are flagged at the
+  calibrated benign rate ``p0``; under H1 at ``p1``. Each image adds its log-likelihood ratio,
+  log(p1/p0) when flagged and log((1-p1)/(1-p0)) when not; the sum is floored at 0, so a long
+  benign past banks no credit for a later attack, and the client is flagged while it is at least
+  ``h``. With p0 = 0.05, p1 = 0.5 and h = 11.5 (log 1e5), five flagged images in a row cross it,
+  a benign client at 5 % almost never does, and a client whose images are flagged at 70 % crosses
+  it in about eight.
+
+Both keep at most ``max_keys`` keys, least recently updated forgotten first, so a flood of fresh
+ids costs bounded memory (and an id that is forgotten had little evidence or was idle).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from firewall.stage import Finding, RequestContext
+
+
+class _Bounded:
+    def __init__(self, max_keys: int):
+        self.max_keys = max_keys
+        self.values: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (value, time)
+        self.lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def _store(self, key: str, value: float, now: float) -> None:
+        self.values[key] = (value, now)
+        self.values.move_to_end(key)
+        while len(self.values) > self.max_keys:
+            self.values.popitem(last=False)
+
+
+class DecayingCount(_Bounded):
+    def __init__(self, half_life_s: float, max_keys: int):
+        super().__init__(max_keys)
+        self.rate = math.log(2) / half_life_s
+
+    def add(self, key: str, count: float, now: float) -> float:
+        """Add ``count`` observations now; return the key's decayed count."""
+        with self.lock:
+            value, then = self.values.get(key, (0.0, now))
+            value = value * math.exp(-self.rate * max(now - then, 0.0)) + count
+            self._store(key, value, now)
+            return value
+
+
+class Cusum(_Bounded):
+    def __init__(self, p0: float, p1: float, threshold: float, max_keys: int):
+        super().__init__(max_keys)
+        self.flagged_step = math.log(p1 / p0)
+        self.clean_step = math.log((1 - p1) / (1 - p0))
+        self.threshold = threshold
+
+    def add(self, key: str, flags: list[bool], now: float) -> float:
+        """Observe a client's images in order; return the statistic after the largest of them."""
+        with self.lock:
+            value, _ = self.values.get(key, (0.0, now))
+            peak = value
+            for flagged in flags:
+                value = max(0.0, value + (self.flagged_step if flagged else self.clean_step))
+                peak = max(peak, value)
+            self._store(key, value, now)
+            return peak
+
+
+class ClientRateConfig(BaseModel):
+    """When a per-image detector flags a client: its flagged share far above the benign rate (CUSUM)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    benign_rate: float = Field(0.05, gt=0, lt=1, description="p0: share of benign images flagged (calibrated)")
+    attack_rate: float = Field(0.5, gt=0, lt=1, description="p1: share of crafted images flagged")
+    threshold: float = Field(11.5, gt=0, description="h: log-likelihood ratio that flags the client")
+    max_clients: int = Field(100_000, ge=1, description="clients tracked; least recently seen forgotten")
+
+    def build(self) -> Cusum:
+        return Cusum(self.benign_rate, self.attack_rate, self.threshold, self.max_clients)
+
+
+def client_rate_findings(
+    rule: str, test: Cusum, ctx: RequestContext, scores: np.ndarray, threshold: float, details: dict
+) -> list[Finding]:
+    """Feed a request's per-image flags to the client's test; a finding while the client is over it."""
+    flags = [bool(score > threshold) for score in scores]
+    statistic = test.add(ctx.client_id, flags, time.time())
+    if statistic < test.threshold:
+        return []
+    worst = int(np.argmax(scores))
+    details = {**details, "image_score": float(scores[worst]), "image_threshold": threshold, "flagged_items": sum(flags)}
+    return [Finding(rule, statistic, test.threshold, item=worst if flags[worst] else None, details=details)]
