@@ -131,6 +131,32 @@ class QueryHistory:
         return int(self.evidence[: len(self)].sum())
 
 
+class EvidenceHistory:
+    """The last ``window`` evidence queries (embedding and the answer they got), searched exactly:
+    in benign traffic evidence is rare; under attack the window keeps the attack's latest."""
+
+    def __init__(self, dim: int, window: int):
+        self.window = window
+        self.vectors = np.zeros((window, dim), np.float32)
+        self.answers = np.zeros(window, np.int64)
+        self.total = 0
+
+    def __len__(self) -> int:
+        return min(self.total, self.window)
+
+    def nearest(self, query: np.ndarray, radius: float) -> int | None:
+        """The answer of the nearest evidence within ``radius``, if any."""
+        if not len(self):
+            return None
+        squared, found = faiss.knn(query[None, :], self.vectors[: len(self)], 1)
+        return int(self.answers[found[0, 0]]) if squared[0, 0] <= radius * radius else None
+
+    def add(self, vector: np.ndarray, answer: int) -> None:
+        slot = self.total % self.window
+        self.vectors[slot], self.answers[slot] = vector, answer
+        self.total += 1
+
+
 def save_snapshot(path: Path, history: QueryHistory) -> None:
     with history.lock:
         slots = np.arange(history.oldest, history.total, dtype=np.int64) % history.window

@@ -56,7 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from detectors.embedders import Embedder, EmbeddingConfig, PixelEmbeddingConfig
 from detectors.evidence import DecayingCount
-from detectors.history import QueryHistory, digest_key, load_snapshot, save_snapshot
+from detectors.history import EvidenceHistory, QueryHistory, digest_key, load_snapshot, save_snapshot
 from firewall.stage import Finding, RequestContext
 from models.runtime import OnnxClassifier
 
@@ -72,6 +72,8 @@ class ProbingConfig(BaseModel):
     embedding: EmbeddingConfig = Field(default_factory=PixelEmbeddingConfig)
     radius: float = Field(0.15, ge=0.0, description="queries this close are near-duplicates (calibrated)")
     neighbours: int = Field(16, ge=1, le=256, description="nearest earlier queries compared with each query")
+    spread: float = Field(2.0, ge=1.0, description="queries within spread x radius of evidence are probed")
+    evidence_window: int = Field(20_000, ge=1, description="evidence queries remembered")
     window: int = Field(100_000, ge=1, description="queries remembered across all clients")
     lists: int = Field(1024, ge=1, description="IVF lists of the history's index")
     probes: int = Field(8, ge=1, description="IVF lists searched per query")
@@ -103,6 +105,7 @@ class ProbingStage:
     def _start_empty(self) -> None:
         config = self.config
         self.history = QueryHistory(self.embedder.dim, config.window, config.lists, config.probes)
+        self.evidence = EvidenceHistory(self.embedder.dim, config.evidence_window)
 
     def _load(self, path: Path) -> None:
         if not path.exists():
@@ -131,17 +134,20 @@ class ProbingStage:
 
     def _place(self, vector: np.ndarray, key: int, label: int, now: float) -> tuple[int | None, bool]:
         """Store one query; return (the answer it gets when probed, else None; whether it is evidence)."""
-        history = self.history
+        history, config = self.history, self.config
         repeat = history.repeat_of(key)
         if repeat is not None:  # the same bytes again: no new information, the same answer
             answer = int(history.answers[repeat])
             return (answer if answer != label else None), False
-        near = history.near(vector, self.config.radius, self.config.neighbours)
+        near = history.near(vector, config.radius, config.neighbours)
         evidence = bool((history.labels[near.slots] != label).any())
-        probed = evidence or bool(history.evidence[near.slots].any())
-        answer = int(history.answers[near.oldest]) if probed else label
-        history.add(vector, key, label, answer, evidence, now)
-        return (answer if probed else None), evidence
+        answer = self.evidence.nearest(vector, config.spread * config.radius)
+        if answer is None and evidence:  # the first evidence here: what the area's first query got
+            answer = int(history.answers[near.oldest])
+        if evidence:
+            self.evidence.add(vector, answer)
+        history.add(vector, key, label, label if answer is None else answer, evidence, now)
+        return answer, evidence
 
     def _findings(self, ctx: RequestContext, placed: list[tuple[int | None, bool]], now: float) -> list[Finding]:
         probed = [i for i, (answer, _) in enumerate(placed) if answer is not None]

@@ -22,16 +22,24 @@ def marked(images: np.ndarray) -> np.ndarray:
 class Flagger:
     """Flags every image whose top-left pixel (as received) is at full intensity."""
 
-    def __init__(self, name: str = "flagger", rule: str = "test.flagger", score: float = 0.9, threshold: float = 0.5):
+    def __init__(
+        self,
+        name: str = "flagger",
+        rule: str = "test.flagger",
+        score: float = 0.9,
+        threshold: float = 0.5,
+        answer: int | None = None,
+    ):
         self.name = name
         self.rule = rule
         self.score = score
         self.threshold = threshold
+        self.answer = answer  # the decoy label its findings carry, as a probed region's do
         self.flagged = 0
 
     def __call__(self, ctx: RequestContext) -> list[Finding]:
         findings = [
-            Finding(self.rule, self.score, self.threshold, item=index)
+            Finding(self.rule, self.score, self.threshold, item=index, answer=self.answer)
             for index, image in enumerate(ctx.images)
             if np.max(image[0, 0]) >= (255 if image.dtype == np.uint8 else 1.0)
         ]

@@ -65,6 +65,20 @@ def test_aggregation_first_at_once_then_per_interval_then_end(log_lines):
     assert len(aggregator) == 0
 
 
+def test_an_observation_is_logged_at_info_and_a_verdict_at_warning(log_lines):
+    aggregator = AlertAggregator(AlertConfig(interval_s=60, idle_s=60, max_episodes=10), Clock())
+    aggregator.record(Alert("probing.region", "decoy", "mnist", "c1", "10.0.0.1", "r1", 1.0, 1.0, "info"))
+    aggregator.record(alert())
+    aggregator.close()
+    levels = {(line["rule.name"], line["firewall.episode"]): line["log.level"] for line in log_lines()}
+    assert levels == {
+        ("probing.region", "start"): "info",
+        ("probing.region", "end"): "info",
+        ("probing.client", "start"): "warning",
+        ("probing.client", "end"): "warning",
+    }
+
+
 def test_eviction_and_shutdown_end_episodes_without_losing_counts(log_lines):
     aggregator = AlertAggregator(AlertConfig(interval_s=60, idle_s=60, max_episodes=3), Clock())
     for client in range(10):

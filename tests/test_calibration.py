@@ -12,6 +12,10 @@ from pydantic import TypeAdapter
 
 from detectors.calibration import _lower_threshold, _upper_threshold, configure_cli, load_benign_images, run_cli
 from detectors.registry import DetectorConfig
+from detectors.sanitizer import Sanitizer, SanitizerConfig
+from detectors.squeeze import squeeze_scores
+from firewall.stage import RequestContext
+from models.runtime import OnnxClassifier, bundled_model_path
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -50,12 +54,24 @@ def test_calibrate_writes_thresholds_the_service_config_accepts(tmp_path: Path) 
     out = tmp_path / "thresholds.yaml"
     assert cli("--model", "mnist", "--data", str(folder), "--out", str(out)) == 0
     document = yaml.safe_load(out.read_text())
-    detectors = TypeAdapter(list[DetectorConfig]).validate_python(document["detectors"])
-    assert [d.kind for d in detectors] == ["probing", "uncertainty", "squeeze"]
-    assert all(0 < d.threshold < 2 for d in detectors)
+    probing, uncertainty, squeeze = TypeAdapter(list[DetectorConfig]).validate_python(document["detectors"])
+    assert (probing.kind, uncertainty.kind, squeeze.kind) == ("probing", "uncertainty", "squeeze")
     report = document["calibration"]["report"]
     assert report["uncertainty"]["false_positive_rate"] <= 0.05 and report["squeeze"]["false_positive_rate"] <= 0.05
-    assert all(rate <= 0.001 for rate in report["probing"]["client"]["false_positive_rate"].values())
+    assert report["probing"]["evidence_rate"]["distinct_in_order"] <= 0.0005
+    # the written thresholds hold on images they were not calibrated on
+    model = OnnxClassifier(bundled_model_path("mnist"))
+    sanitizer = Sanitizer(SanitizerConfig(**document["sanitizer"]), model.input)
+    heldout = np.load(FIXTURES / "mnist_heldout.npz")["images"][300:]
+    batch = sanitizer([image[:, :, None] for image in heldout])
+    uncertainty_stage, squeeze_stage = uncertainty.build(model), squeeze.build(model)
+    assert np.mean(uncertainty_stage.scores(batch)["variance"] > uncertainty.threshold) <= 0.1
+    assert np.mean(squeeze_scores(model, batch, squeeze.bit_depth, squeeze.median_size) > squeeze.threshold) <= 0.1
+    stage = probing.build(model)
+    for n, image in enumerate(heldout):
+        ctx = RequestContext("r", "mnist", f"client{n % 10}", "peer", [image[:, :, None]], [bytes([n % 256, n // 256])])
+        ctx.tensor = batch[n : n + 1]
+        assert stage(ctx) == []
 
 
 def test_missing_data_is_a_clear_error(tmp_path: Path) -> None:

@@ -11,11 +11,11 @@ from firewall.evaluate.benign import run_benign
 from firewall.evaluate.endpoint import Endpoint
 from tests.conftest import address, running_firewall
 
-MAX_L2 = 2.0
+MAX_L2 = 3.0
 
 
 def calibrated_settings() -> Settings:
-    """The bundled defaults (calibrated detectors, ban on probing) on loopback ports."""
+    """The bundled defaults (calibrated detectors, decoys on probing) on loopback ports."""
     return Settings(listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", models={"mnist": {}})
 
 
@@ -34,7 +34,7 @@ def endpoint_and_firewall():
             endpoint.close()
 
 
-def attack(endpoint: Endpoint, images, labels, index: int, client_ids: list[str]):
+def attack(endpoint: Endpoint, images, labels, index: int, client_ids: list[str], budget: int):
     return run_attack(
         ATTACKS["hopskipjump"],
         endpoint,
@@ -44,28 +44,28 @@ def attack(endpoint: Endpoint, images, labels, index: int, client_ids: list[str]
         int(labels[index]),
         client_ids,
         verifier_id=f"verifier-{index}",
-        budget=300,
+        budget=budget,
         nb_classes=10,
         max_l2=MAX_L2,
     )
 
 
-def test_hopskipjump_is_refused_within_50_queries(endpoint_and_firewall, mnist_heldout):
-    endpoint, firewall = endpoint_and_firewall
-    images, labels = mnist_heldout
-    run = attack(endpoint, images, labels, 3, ["hsja-attacker"])
-    assert run.ended == "refused" and run.first_refusal is not None and run.first_refusal <= 50
-    assert not run.success
-    assert findings(firewall, "probing.client") >= 1
+def decoyed(firewall) -> float:
+    value = firewall.service.metrics.registry.get_sample_value(
+        "firewall_decisions_total", {"model": "mnist", "outcome": "decoyed"}
+    )
+    return value or 0.0
 
 
-def test_hopskipjump_spread_over_20_ids_is_caught_by_the_global_index(endpoint_and_firewall, mnist_heldout):
+@pytest.mark.parametrize("ids", [1, 20])
+def test_hopskipjump_is_decoyed_within_10_queries_and_fails(endpoint_and_firewall, mnist_heldout, ids):
     endpoint, firewall = endpoint_and_firewall
     images, labels = mnist_heldout
-    run = attack(endpoint, images, labels, 5, [f"sybil-{n}" for n in range(20)])
-    assert run.first_refusal is not None and run.first_refusal <= 50
-    assert findings(firewall, "probing.global") >= 1
-    assert not run.success
+    first = attack(endpoint, images, labels, 3, [f"hsja-{n}" for n in range(ids)], budget=10)
+    assert first.queries == 10 and findings(firewall, "probing.region") >= 1 and decoyed(firewall) >= 1
+    run = attack(endpoint, images, labels, 5, [f"hsja-long-{n}" for n in range(ids)], budget=300)
+    assert run.ended == "budget" and run.first_refusal is None  # decoys, never a refusal to steer by
+    assert not run.success  # nothing misclassified within L2 3.0
 
 
 def test_1000_distinct_benign_images_from_10_clients_raise_no_probing_finding(endpoint_and_firewall, mnist_heldout):
@@ -75,5 +75,5 @@ def test_1000_distinct_benign_images_from_10_clients_raise_no_probing_finding(en
     traffic = result.clients
     assert sum(t.queries for t in traffic) == 1000
     assert sum(t.refused for t in traffic) == 0
-    assert findings(firewall, "probing.client") == 0 and findings(firewall, "probing.global") == 0
+    assert all(findings(firewall, rule) == 0 for rule in ("probing.region", "probing.client", "probing.address"))
     assert sum(t.correct for t in traffic) / 1000 >= 0.98

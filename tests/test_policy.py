@@ -103,6 +103,15 @@ def test_decoy_answers_a_constant_the_client_cannot_tell_apart(client, mnist_hel
     assert len(fresh) == 1 and 0 <= fresh.pop() < 10
 
 
+def test_a_finding_that_carries_an_answer_decoys_its_item_with_it(firewall, client, mnist_heldout):
+    images, _ = mnist_heldout
+    genuine = infer(client, "decoy", images[50:53], "a1")
+    answering = Flagger(name="answering", rule="test.answering", answer=(int(genuine[2]) + 1) % 10)
+    with with_stage(firewall, answering, models=["decoy"]):
+        answers = infer(client, "decoy", np.concatenate([images[50:52], marked(images[52:53])]), "a2")
+    assert answers.tolist() == [*genuine[:2].tolist(), answering.answer]
+
+
 def test_monitor_and_rule_override_answer_genuinely(firewall, client, mnist_heldout):
     images, _ = mnist_heldout
     flagged = marked(images[:16])
@@ -136,7 +145,7 @@ def test_policy_configuration_from_file_and_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("FIREWALL_MODELS__MNIST__POLICY__BAN__BY_PEER", "true")
     policy = load_settings(config).models["mnist"].policy
     assert (policy.action, policy.rules, policy.ban.first_s, policy.ban.by_peer) == ("decoy", {"probing.client": "ban"}, 5, True)
-    assert make_settings().models["mnist"].policy.action == "ban"  # the default
+    assert make_settings().models["mnist"].policy.action == "decoy"  # the default
     config.write_text("models:\n  mnist:\n    policy: {action: explode}\n")
     with pytest.raises(ValidationError, match="action"):
         load_settings(config)

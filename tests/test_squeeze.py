@@ -52,8 +52,8 @@ def test_stage_flags_the_worst_image(model: OnnxClassifier, digits: np.ndarray) 
     batch = sanitized(model, digits[:5])
     ctx = RequestContext("r", "mnist", "c", "peer", [d.transpose(1, 2, 0) for d in digits[:5]], [b""] * 5, tensor=batch)
     scores = squeeze_scores(model, batch, 1, 2)
-    (finding,) = SqueezeStage(SqueezeConfig(threshold=1e-9), model)(ctx)
-    assert finding.rule == "squeeze" and finding.item == int(scores.argmax())
+    (finding,) = SqueezeStage(SqueezeConfig(threshold=1e-9), model)(ctx)  # five flagged images in a row
+    assert finding.rule == "squeeze" and finding.item == int(scores.argmax()) and finding.details["flagged_items"] == 5
     assert SqueezeStage(SqueezeConfig(threshold=2.0), model)(ctx) == []
 
 

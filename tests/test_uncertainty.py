@@ -62,14 +62,22 @@ def test_passes_run_as_one_batch_and_differ(stage: UncertaintyStage, model: Onnx
     assert np.ptp(logits, axis=0).max() > 0  # dropout is on
 
 
-def test_stage_reports_the_most_uncertain_image(stage: UncertaintyStage, model: OnnxClassifier, digits) -> None:
-    images = [image.transpose(1, 2, 0) for image in digits[0][:8]]
-    ctx = RequestContext("r", "mnist", "c", "peer", images, [b""] * 8, tensor=sanitized(model, digits[0][:8]))
+def context(model: OnnxClassifier, digits, client: str) -> RequestContext:
+    images = [image.transpose(1, 2, 0) for image in digits[:8]]
+    return RequestContext("r", "mnist", client, "peer", images, [b""] * 8, tensor=sanitized(model, digits[:8]))
+
+
+def test_a_client_whose_images_are_all_flagged_is_flagged_and_one_image_is_not(
+    stage: UncertaintyStage, model: OnnxClassifier, digits
+) -> None:
     strict = UncertaintyStage(UncertaintyConfig(threshold=0.0), stage.classifier)
-    (finding,) = strict(ctx)
-    assert finding.rule == "uncertainty" and finding.score > 0.0 and 0 <= finding.item < 8
-    assert {"variance", "mutual_information", "passes"} <= finding.details.keys()
-    assert UncertaintyStage(UncertaintyConfig(threshold=1.0), stage.classifier)(ctx) == []
+    one = RequestContext("r", "mnist", "once", "peer", [digits[0][0].transpose(1, 2, 0)], [b""], tensor=sanitized(model, digits[0][:1]))
+    assert strict(one) == []  # a single flagged image is no verdict
+    scores = strict.scores(sanitized(model, digits[0][:8]))["variance"]
+    (finding,) = strict(context(model, digits[0], "crafty"))  # eight flagged images in a row
+    assert finding.rule == "uncertainty" and finding.score >= finding.threshold and finding.item == int(scores.argmax())
+    assert finding.details["flagged_items"] == 8 and finding.details["passes"] == 16
+    assert UncertaintyStage(UncertaintyConfig(threshold=1.0), stage.classifier)(context(model, digits[0], "calm")) == []
 
 
 def test_model_path_gives_the_stage_its_own_copy(model: OnnxClassifier) -> None:
