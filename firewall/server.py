@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,6 +53,25 @@ CLIENT_SNAPSHOT = "clients.json"
 
 class StartupError(Exception):
     """The firewall cannot start; the message is the one line the operator sees."""
+
+
+def check_listen(listen: str) -> None:
+    """Raise ``StartupError`` unless HOST:PORT can be bound now (before gRPC logs its own error)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    if not port.isdigit() or int(port) > 65535:
+        raise StartupError(f"cannot listen on {listen}: invalid port")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as error:
+        raise StartupError(f"cannot listen on {listen}: invalid address ({error})") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: only a live listener conflicts
+        try:
+            probe.bind(sockaddr)
+        except OSError as error:
+            raise StartupError(f"cannot listen on {listen}: {error.strerror}") from None
 
 # Our messages live in a private descriptor pool (see proto/generate.py); reflection serves that
 # pool, so the health and reflection protocols are added to it once, here.
@@ -103,6 +123,7 @@ class Firewall:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(REFLECTED_SERVICES, self.server, pool=pb.DESCRIPTOR.pool)
+        check_listen(settings.listen)
         try:
             if settings.tls is None:
                 self.port = self.server.add_insecure_port(settings.listen)
