@@ -10,8 +10,8 @@ sends them through a live endpoint (``firewall.evaluate.benign.run_pattern``).
 Patterns (``images`` is the pattern's own slice of held-out images; ``n`` images per client):
 
 - ``distinct``: client k sends its own n images, ``images[k*n:(k+1)*n]``, as raw pixels.
-- ``one-class``: client k sends n images of one class only (class ``k mod classes``; each client
-  its own images of that class; it sends fewer when the slice runs short of that class).
+- ``one-class``: client k sends n images of one class only (class ``k mod classes``, or the class
+  with most images left when that one runs short; each client its own images; fewer when all do).
 - ``retries``: like ``distinct``, and a share (``retry_share``, at least one per client) of the
   requests is sent twice, byte-identical; each client sends pixels or PNG bytes.
 - ``camera-bursts``: for each of its n images, a burst of ``burst`` frames, each shifted by up to
@@ -192,14 +192,17 @@ def _distinct(images, labels, client, n, rng, options) -> list[Query]:
 
 
 def one_class_plan(labels: np.ndarray, clients: int, n: int) -> list[tuple[int, list[int]]]:
-    """(class, image indices) for each client: class ``k mod classes``, each client its own images."""
+    """(class, image indices) for each client: each client its own images of one class, class
+    ``k mod classes`` while that class has n images left, else the class with most left."""
     classes = sorted(int(c) for c in np.unique(labels))
-    members = {c: [int(i) for i in np.flatnonzero(labels == c)] for c in classes}
+    left = {c: [int(i) for i in np.flatnonzero(labels == c)] for c in classes}
     plan = []
     for client in range(clients):
         label = classes[client % len(classes)]
-        offset = (client // len(classes)) * n
-        plan.append((label, members[label][offset : offset + n]))
+        if len(left[label]) < n:
+            label = max(classes, key=lambda c: (len(left[c]), -c))
+        plan.append((label, left[label][:n]))
+        left[label] = left[label][n:]
     return plan
 
 
