@@ -161,6 +161,7 @@ def test_distinct_ids_reuse_images_but_never_bytes(heldout):
         assert query.label == labels[query.source] and mean_abs_error(query, images[query.source]) < 0.05 * 255
     again = list(distinct_ids(images[:40], labels[:40], ids=100, seed=3))
     assert [q.content() for q in queries_of(again)] == [q.content() for q in queries]
+    assert [q.copy for q in queries[:40]] == [0] * 40 and all(q.copy == 1 for q in queries[40:80])
 
 
 def test_every_pattern_is_answered_through_a_real_firewall(heldout):
@@ -186,6 +187,7 @@ def test_every_pattern_is_answered_through_a_real_firewall(heldout):
                 assert summary["accuracy"] >= 0.9, name
             ids = run_distinct_ids(endpoint, distinct_ids(*heldout, ids=20, seed=1), "ids", workers=4).summary()
             assert ids["clients"] == 20 and ids["refused_clients"] == 0 and ids["accuracy"] >= 0.9
+            assert ids["first_pass_clients"] == 20 and ids["first_pass_refused_share"] == 0.0
         finally:
             endpoint.close()
 

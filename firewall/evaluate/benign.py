@@ -231,11 +231,14 @@ def baseline_labels(endpoint: Endpoint, queries: list[Query], size: tuple[int, i
 @dataclass
 class DistinctIdsResult:
     clients: list[ClientTraffic]
+    first_pass: list[bool]  # per id: every image it sent was that image's first use in the run
 
     def summary(self, alerts: list[Alert] | None = None) -> dict:
         ids = len(self.clients)
         refused = sum(1 for client in self.clients if client.refused)
         answered = sum(client.answered for client in self.clients)
+        fresh = [client for client, first in zip(self.clients, self.first_pass) if first]
+        fresh_refused = sum(1 for client in fresh if client.refused)
         return {
             "pattern": DISTINCT_IDS,
             "clients": ids,
@@ -246,6 +249,9 @@ class DistinctIdsResult:
             "throttled_tries": sum(client.throttled for client in self.clients),
             "alerted_clients": alerted_clients(self.clients, alerts),
             "accuracy": sum(client.correct for client in self.clients) / answered if answered else None,
+            "first_pass_clients": len(fresh),
+            "first_pass_refused_clients": fresh_refused,
+            "first_pass_refused_share": fresh_refused / len(fresh) if fresh else None,
         }
 
 
@@ -256,8 +262,12 @@ def run_distinct_ids(
     workers: int = 8,
     on_client: Callable[[], None] = lambda: None,
 ) -> DistinctIdsResult:
-    """Many one-off ids (``patterns.distinct_ids``), ``workers`` at a time, unpaced; id k is ``<prefix>-k``."""
+    """Many one-off ids (``patterns.distinct_ids``), ``workers`` at a time, unpaced; id k is ``<prefix>-k``.
+
+    The summary gives the refused share over all ids and over the first-pass ids alone (those whose
+    images no earlier id sent: chance neighbours, not re-sent content)."""
     clients: list[ClientTraffic] = []
+    first_pass: list[bool] = []
 
     def client(stream: ClientStream) -> PatternClient:
         traffic = PatternClient(f"{prefix}-{stream.client}")
@@ -269,8 +279,9 @@ def run_distinct_ids(
         chunk: list[ClientStream] = []
         for stream in streams:
             chunk.append(stream)
+            first_pass.append(all(query.copy == 0 for query in stream.queries))
             if len(chunk) == 4 * workers:
                 clients += pool.map(client, chunk)
                 chunk = []
         clients += pool.map(client, chunk)
-    return DistinctIdsResult(clients)
+    return DistinctIdsResult(clients, first_pass)

@@ -29,7 +29,9 @@ Held-out sets are smaller than that (2,000 MNIST images), so images are reused a
 draws its images from a seeded permutation of the slice, and every query is lightly augmented (an
 exposure change of at most +-5 %, sensor noise sigma 2/255) and encoded its own way (pixels, PNG, or
 JPEG quality 70-95), so no two ids send byte-identical content; the same picture does reach the
-firewall from many ids, as a popular image would.
+firewall from many ids, as a popular image would. ``Query.copy`` counts the earlier uses of the
+source image, so the ids of the first pass (every query ``copy == 0``: truly distinct images) can be
+told apart from those sending a re-used picture.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class Query:
     gain: float = 1.0  # camera-bursts, distinct-ids: exposure change
     follows: bool = False  # sent right after the previous query (a retry, the next frame or encoding)
     retry: bool = False  # byte-identical to the previous query
+    copy: int = 0  # distinct-ids: how many earlier queries used the same source image
 
     @property
     def encoded(self) -> bool:
@@ -329,6 +332,7 @@ def distinct_ids(
     labels = np.asarray(labels)
     order_rng = np.random.default_rng([seed, len(PATTERNS)])
     order: list[int] = []
+    uses = np.zeros(len(images), dtype=np.int64)
     for client in range(ids):
         rng = np.random.default_rng([seed, len(PATTERNS), client])
         count = int(rng.integers(1, max_images + 1))
@@ -341,7 +345,8 @@ def distinct_ids(
             pixels = expose(images[i], gain, noise, rng)
             fmt = ("pixels", "png", "jpeg")[int(rng.integers(3))]
             quality = int(rng.integers(70, 96)) if fmt == "jpeg" else None
-            queries.append(_encoded_query(pixels, labels[i], i, fmt, quality, gain=gain))
+            queries.append(_encoded_query(pixels, labels[i], i, fmt, quality, gain=gain, copy=int(uses[i])))
+            uses[i] += 1
         yield ClientStream(DISTINCT_IDS, client, tuple(queries))
 
 

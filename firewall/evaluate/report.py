@@ -172,6 +172,16 @@ def patterns_markdown(entries: list[dict]) -> list[str]:
             f"| {_percent(entry.get('baseline_accuracy'))} | {_percent(entry.get('agreement_with_baseline'))} "
             f"| {entry['throttled_tries']} |"
         )
+    for entry in entries:
+        if entry.get("first_pass_clients") is not None:
+            lines += [
+                "",
+                f"{entry['pattern']}: {entry['refused_clients']} of {entry['clients']} ids refused "
+                f"({_percent(entry['refused_clients_share'])}); of the {entry['first_pass_clients']} ids whose images "
+                f"no earlier id had sent, {entry['first_pass_refused_clients']} refused "
+                f"({_percent(entry['first_pass_refused_share'])}). The other ids re-send held-out images, re-encoded "
+                "and lightly augmented (there are fewer images than ids).",
+            ]
     return lines
 
 
