@@ -167,7 +167,9 @@ def query_request(endpoint: Endpoint, query: Query) -> Request:
     return endpoint.request(query.payload[None])
 
 
-def _send_stream(endpoint: Endpoint, stream: ClientStream, traffic: PatternClient, rng, interval_s: float, on_query) -> None:
+def _send_stream(
+    endpoint: Endpoint, stream: ClientStream, traffic: PatternClient, rng, interval_s: float, on_query
+) -> None:
     for query in stream.queries:
         if interval_s > 0 and not query.follows:
             time.sleep(rng.exponential(interval_s))
@@ -218,7 +220,9 @@ def run_pattern(
     return result
 
 
-def baseline_labels(endpoint: Endpoint, queries: list[Query], size: tuple[int, int], client_id: str, batch: int = 64) -> list[int]:
+def baseline_labels(
+    endpoint: Endpoint, queries: list[Query], size: tuple[int, int], client_id: str, batch: int = 64
+) -> list[int]:
     """The bare model's label for each query, decoded and brought to the model's own size."""
     labels: list[int] = []
     for start in range(0, len(queries), batch):

@@ -28,7 +28,8 @@ class BenignPatterns:
     def __init__(self, args: argparse.Namespace, dataset: Dataset):
         for name in args.benign_patterns:
             if name not in PATTERNS:
-                raise EvaluationError(f"--benign-patterns: unknown pattern {name!r} (choose from {', '.join(PATTERNS)})")
+                known = ", ".join(PATTERNS)
+                raise EvaluationError(f"--benign-patterns: unknown pattern {name!r} (choose from {known})")
         self.args, self.dataset, self.options = args, dataset, PatternOptions()
         self.names: list[str] = list(dict.fromkeys(args.benign_patterns))
         self.needed = {n: images_needed(n, args.pattern_clients, args.pattern_images, self.options) for n in self.names}
@@ -92,7 +93,8 @@ class BenignPatterns:
         if args.distinct_ids:
             progress.set_description(DISTINCT_IDS)
             pool = slice(0, self.pool_end)
-            streams = distinct_ids(self.dataset.images[pool], self.dataset.labels[pool], ids=args.distinct_ids, seed=args.seed)
+            images, labels = self.dataset.images[pool], self.dataset.labels[pool]
+            streams = distinct_ids(images, labels, ids=args.distinct_ids, seed=args.seed)
             self.distinct_ids = run_distinct_ids(
                 endpoints["target"], streams, f"{self.prefix}-ids", on_client=lambda: progress.update(1)
             )

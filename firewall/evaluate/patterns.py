@@ -174,7 +174,9 @@ def _encoded_query(pixels, label, source, fmt, quality, follows=False, **fields)
 # -- the patterns --------------------------------------------------------------------------------
 
 
-def images_needed(pattern: str, clients: int, images_per_client: int, options: PatternOptions = PatternOptions()) -> int:
+def images_needed(
+    pattern: str, clients: int, images_per_client: int, options: PatternOptions = PatternOptions()
+) -> int:
     """Size of the slice of held-out images a pattern uses."""
     if pattern == "popular":
         return options.popular
@@ -241,8 +243,8 @@ def _camera_bursts(images, labels, client, n, rng, options) -> list[Query]:
 
 
 def _popular(images, labels, client, n, rng, options) -> list[Query]:
-    side = client_sizes(images.shape[1])[client % 3]
-    height, width = (side, side) if images.shape[1] == images.shape[2] else (side, round(side * images.shape[2] / images.shape[1]))
+    height = client_sizes(images.shape[1])[client % 3]
+    width = round(height * images.shape[2] / images.shape[1])  # the aspect ratio kept
     fmt, quality = _client_encoding(rng, options)
     order = rng.permutation(min(options.popular, len(images)))
     return [_encoded_query(resize(images[i], height, width), labels[i], i, fmt, quality) for i in order]
