@@ -1,7 +1,8 @@
 """Benign traffic as it really is: seeded generators of per-client query streams (issue 11, item 5).
 
 Every pattern is a pure function of (images, labels, client, seed): the same arguments give the
-same queries, byte for byte, and one client's stream can be made without the others'. A query is
+same queries, byte for byte, and one client's stream can be made without the others' (except in
+``distinct_ids``, whose ids share one seeded sequence of images). A query is
 either encoded bytes (PNG or JPEG, sent to a firewall as a ``BYTES`` tensor) or uint8 pixels
 [H, W, C] (sent as ``UINT8``); ``Query.pixels()`` decodes it exactly as the firewall does, so a
 calibration script can feed the same streams to the detectors in process, and ``firewall evaluate``
