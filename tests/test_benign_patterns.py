@@ -206,7 +206,7 @@ class RefuseLarge:
 
 
 def test_refusals_are_counted_per_query_and_client(heldout):
-    settings = make_settings(throttle={"enabled": False}, models={"mnist": {"policy": {"action": "reject"}}})
+    settings = make_settings(throttle={"enabled": False, "address_refusals": 10_000}, models={"mnist": {"policy": {"action": "reject"}}})
     with running_firewall(settings) as firewall:
         firewall.service.pipelines["mnist"].stages.append(RefuseLarge())
         endpoint = Endpoint(address(firewall), "mnist")
