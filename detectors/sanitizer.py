@@ -1,8 +1,9 @@
 """Image decoding and the OpenCV sanitizing chain: the model only ever sees its output.
 
-``decode_image`` reads the dimensions from the file header (PNG, JPEG, BMP, GIF, WebP) and refuses
-an image whose header announces more pixels than allowed before OpenCV allocates anything for it,
-so a decompression bomb costs a few bytes of parsing.
+``read_header`` reads the dimensions, channels and bit depth from the file header (PNG, JPEG, BMP,
+GIF, WebP) and refuses an image whose header announces more pixels or more decoded bytes than
+allowed before OpenCV allocates anything for it, so a decompression bomb costs a few bytes of
+parsing; ``decode_image`` then decodes to 8 bits (and large JPEGs at a reduced size).
 
 ``Sanitizer`` brings any HxWxC input (1, 3 or 4 channels, uint8 or float32 in [0, 1]) to the model's
 input: drop alpha, colour to greyscale for a one-channel model (grey to three channels for a colour
@@ -17,6 +18,7 @@ no accuracy.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import cv2
@@ -38,31 +40,58 @@ class InvalidImage(ValueError):
 # Decoding
 
 
-def _png_size(data: bytes) -> tuple[int, int]:
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an encoded image's header announces, read before anything is decoded."""
+
+    width: int
+    height: int
+    channels: int  # samples per pixel in the file (palette images count as the 3 they expand to)
+    sample_bytes: int  # 1, or 2 for 16-bit (and 12-bit JPEG) samples
+    grey: bool  # decoded as one channel
+    reduction: int = 1  # JPEG only: decoded at 1/reduction of its size by libjpeg's DCT scaling
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes the decoder works through: pixels x channels x bytes per sample, at the decoded size."""
+        return -(-self.width // self.reduction) * -(-self.height // self.reduction) * self.channels * self.sample_bytes
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # by colour type
+
+
+def _png_header(data: bytes) -> ImageHeader:
     if data[12:16] != b"IHDR":
         raise InvalidImage()
-    width, height = struct.unpack(">II", data[16:24])
-    return width, height
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    if colour not in _PNG_CHANNELS or depth not in (1, 2, 4, 8, 16):
+        raise InvalidImage()
+    return ImageHeader(width, height, _PNG_CHANNELS[colour], 2 if depth == 16 else 1, grey=colour in (0, 4))
 
 
-def _gif_size(data: bytes) -> tuple[int, int]:
+def _gif_header(data: bytes) -> ImageHeader:
     width, height = struct.unpack("<HH", data[6:10])
-    return width, height
+    return ImageHeader(width, height, 4, 1, grey=False)
 
 
-def _bmp_size(data: bytes) -> tuple[int, int]:
+def _bmp_header(data: bytes) -> ImageHeader:
     (header_size,) = struct.unpack("<I", data[14:18])
     if header_size == 12:  # BITMAPCOREHEADER
-        width, height = struct.unpack("<HH", data[18:22])
+        width, height, _, bits = struct.unpack("<HHHH", data[18:26])
     else:
-        width, height = struct.unpack("<ii", data[18:26])
-    return abs(width), abs(height)  # negative height means top-down rows
+        width, height, _, bits = struct.unpack("<iiHH", data[18:30])
+    # negative height means top-down rows
+    return ImageHeader(abs(width), abs(height), 4 if bits == 32 else 3, 1, grey=False)
 
 
 _JPEG_START_OF_FRAME = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int]:
+def _jpeg_header(data: bytes) -> ImageHeader:
     position = 2
     while position + 4 <= len(data):
         if data[position] != 0xFF:
@@ -76,15 +105,17 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
             continue
         (length,) = struct.unpack(">H", data[position + 2 : position + 4])
         if marker in _JPEG_START_OF_FRAME:
-            height, width = struct.unpack(">HH", data[position + 5 : position + 9])
-            return width, height
+            precision, height, width, components = struct.unpack(">BHHB", data[position + 4 : position + 10])
+            if components not in (1, 3, 4):
+                raise InvalidImage()
+            return ImageHeader(width, height, components, 2 if precision > 8 else 1, grey=components == 1)
         if marker == 0xDA or length < 2:  # scan data before any frame header
             break
         position += 2 + length
     raise InvalidImage()
 
 
-def _webp_size(data: bytes) -> tuple[int, int]:
+def _webp_header(data: bytes) -> ImageHeader:
     chunk = data[12:16]
     if chunk == b"VP8X":
         width = 1 + int.from_bytes(data[24:27], "little")
@@ -101,55 +132,79 @@ def _webp_size(data: bytes) -> tuple[int, int]:
         width, height = width & 0x3FFF, height & 0x3FFF
     else:
         raise InvalidImage()
-    return width, height
+    return ImageHeader(width, height, 4, 1, grey=False)
 
 
-def _header_size(data: bytes) -> tuple[int, int]:
-    """(width, height) announced by the file header; InvalidImage for any other format."""
+def read_header(data: bytes, max_pixels: int, max_bytes: int | None = None, target_side: int | None = None) -> ImageHeader:
+    """The header of an encoded image, checked against the limits; ``InvalidImage`` otherwise.
+
+    An image announcing more than ``max_pixels`` pixels, or more than ``max_bytes`` decoded bytes
+    (pixels x channels x bytes per sample: a 16-bit RGBA PNG counts 8 bytes a pixel), is refused
+    here, before any decoder allocates anything. A JPEG at least 2, 4 or 8 times larger than
+    ``4 * target_side`` on its short side is decoded at that fraction of its size (libjpeg scales in
+    the DCT, so the full-size image never exists) and counted at the reduced size.
+    """
     if len(data) < 32:
         raise InvalidImage()
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return _png_size(data)
-    if data.startswith(b"\xff\xd8"):
-        return _jpeg_size(data)
-    if data.startswith(b"BM"):
-        return _bmp_size(data)
-    if data.startswith((b"GIF87a", b"GIF89a")):
-        return _gif_size(data)
-    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
-        return _webp_size(data)
-    raise InvalidImage()
-
-
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode an encoded image to HxWxC uint8: grey 1 channel, colour RGB, alpha kept as a 4th channel.
-
-    The header is checked first: an image announcing more than ``max_pixels`` pixels (or none) is
-    refused before it is decoded. Anything undecodable raises ``InvalidImage``.
-    """
     try:
-        width, height = _header_size(data)
+        if data.startswith(b"\x89PNG\r\n\x1a\n"):
+            header = _png_header(data)
+        elif data.startswith(b"\xff\xd8"):
+            header = _jpeg_header(data)
+        elif data.startswith(b"BM"):
+            header = _bmp_header(data)
+        elif data.startswith((b"GIF87a", b"GIF89a")):
+            header = _gif_header(data)
+        elif data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+            header = _webp_header(data)
+        else:
+            raise InvalidImage()
     except (struct.error, IndexError):
         raise InvalidImage() from None
-    if width <= 0 or height <= 0 or width * height > max_pixels:
+    if header.width <= 0 or header.height <= 0 or header.pixels > max_pixels:
         raise InvalidImage()
+    if target_side and data.startswith(b"\xff\xd8") and header.sample_bytes == 1 and header.channels != 4:
+        short_side = min(header.width, header.height)
+        reduction = next((f for f in (8, 4, 2) if short_side >= f * 4 * target_side), 1)
+        header = replace(header, reduction=reduction)
+    if max_bytes is not None and header.decoded_bytes > max_bytes:
+        raise InvalidImage()
+    return header
+
+
+_REDUCED_FLAGS = {
+    (False, 1): cv2.IMREAD_COLOR,
+    (True, 1): cv2.IMREAD_GRAYSCALE,
+    (False, 2): cv2.IMREAD_REDUCED_COLOR_2,
+    (True, 2): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    (False, 4): cv2.IMREAD_REDUCED_COLOR_4,
+    (True, 4): cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    (False, 8): cv2.IMREAD_REDUCED_COLOR_8,
+    (True, 8): cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
+
+
+def decode_image(data: bytes, max_pixels: int, header: ImageHeader | None = None, max_bytes: int | None = None) -> np.ndarray:
+    """Decode an encoded image to HxWxC uint8: grey 1 channel, colour 3 channels RGB (alpha dropped).
+
+    The header is checked first (``read_header``), so a decompression bomb is refused from a few
+    bytes of parsing. The decoder then writes 8-bit samples straight into the result (libpng
+    strips 16-bit samples row by row: no 16-bit copy of the image ever exists), with the
+    EXIF orientation ignored. Anything undecodable raises ``InvalidImage``.
+    """
+    if header is None:
+        header = read_header(data, max_pixels, max_bytes)
+    flags = _REDUCED_FLAGS[(header.grey, header.reduction)] | cv2.IMREAD_IGNORE_ORIENTATION
     try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error:
         raise InvalidImage() from None
-    if image is None or image.size == 0 or image.shape[0] * image.shape[1] > max_pixels:
-        raise InvalidImage()
-    if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
-    elif image.dtype != np.uint8:
+    expected = (-(-header.height // header.reduction), -(-header.width // header.reduction))
+    if image is None or image.dtype != np.uint8 or image.shape[:2] != expected:
         raise InvalidImage()
     if image.ndim == 2:
         return image[:, :, None]
-    if image.shape[2] == 3:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    if image.shape[2] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
-    raise InvalidImage()
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)  # in place: no second full-size buffer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +282,11 @@ class Sanitizer:
         raise ValueError("image must be uint8 or float in [0, 1]")
 
     def _one(self, image: np.ndarray) -> np.ndarray:
+        if image.dtype == np.uint8 and image.ndim == 3 and min(image.shape[0] / self.spec.height, image.shape[1] / self.spec.width) > 4:
+            # A large image is first shrunk in 8 bits (to twice the model's size), so no float copy
+            # of it (4 bytes a sample) ever exists; smaller ones take the float path unchanged.
+            shrunk = cv2.resize(image[:, :, :3], (2 * self.spec.width, 2 * self.spec.height), interpolation=cv2.INTER_AREA)
+            image = shrunk if shrunk.ndim == 3 else shrunk[:, :, None]
         pixels = self._to_float(image)[:, :, :3]  # alpha dropped
         if self.spec.channels == 1 and pixels.shape[2] == 3:
             pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)

@@ -5,11 +5,21 @@ Both reduce the model's output to the top label, so nothing else ever leaves the
 - ``UpstreamPredictor`` forwards the tensor as a unary ModelInfer to a KServe-v2 gRPC server
   (Triton, KServe, MLServer). Clients may stream to the firewall even though such servers
   often offer unary calls only.
+
+An upstream that hangs or dies must not make every client wait out a timeout: each call has its
+own deadline (``timeout_s``, shorter than clients' deadlines), and a ``CircuitBreaker`` opens after
+``breaker_failures`` consecutive failures. While open, calls fail at once with UNAVAILABLE; after
+``breaker_open_s`` (doubling up to ``breaker_max_open_s`` while probes fail) one call is let
+through as a probe (half-open), and the readiness probe, every half second, closes the breaker as
+soon as the upstream answers again. The channel reconnects with a short backoff (0.1-1 s) so a
+restarted upstream is found quickly.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import threading
+import time
+from typing import Callable, Protocol
 
 import grpc
 import numpy as np
@@ -50,12 +60,54 @@ _OUTPUT_DTYPES = {"FP32": "<f4", "FP64": "<f8", "FP16": "<f2", "INT64": "<i8", "
 _TYPED_FIELDS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents", "INT32": "int_contents"}
 
 
+class CircuitBreaker:
+    """Closed: calls go through. Open: calls fail fast until the open period ends, then one probe."""
+
+    def __init__(self, failures: int, open_s: float, max_open_s: float, clock: Callable[[], float] = time.monotonic):
+        self.failures, self.open_s, self.max_open_s, self.clock = failures, open_s, max_open_s, clock
+        self.consecutive = 0
+        self.open_until: float | None = None  # None: closed
+        self.open_for = open_s
+        self._lock = threading.Lock()
+
+    @property
+    def is_open(self) -> bool:
+        return self.open_until is not None
+
+    def allow(self) -> bool:
+        with self._lock:
+            if self.open_until is None:
+                return True
+            now = self.clock()
+            if now < self.open_until:
+                return False
+            self.open_until = now + self.open_for  # half-open: this call is the probe, the others wait for it
+            return True
+
+    def success(self) -> None:
+        with self._lock:
+            self.consecutive, self.open_until, self.open_for = 0, None, self.open_s
+
+    def failure(self) -> None:
+        with self._lock:
+            self.consecutive += 1
+            if self.open_until is not None:
+                self.open_for = min(self.open_for * 2, self.max_open_s)
+                self.open_until = self.clock() + self.open_for
+            elif self.consecutive >= self.failures:
+                self.open_until = self.clock() + self.open_for
+
+
 class UpstreamPredictor:
     def __init__(self, config: UpstreamBackend, max_message_bytes: int):
         self.config = config
+        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_open_s, config.breaker_max_open_s)
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ]
         if config.tls is None:
             self.channel = grpc.insecure_channel(config.address, options=options)
@@ -80,18 +132,28 @@ class UpstreamPredictor:
             outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=self.config.output_name)],
             raw_input_contents=[batch.tobytes()],
         )
+        if not self.breaker.allow():
+            raise BackendUnavailable("upstream circuit open")
         try:
             response = self.stub.ModelInfer(request, timeout=self.config.timeout_s)
         except grpc.RpcError as error:
+            self.breaker.failure()
             raise BackendUnavailable(f"upstream ModelInfer failed: {error.code().name}") from None
+        self.breaker.success()
         return self._labels(response, batch.shape[0])
 
     def ready(self) -> bool:
+        """Probe the upstream (the readiness watcher calls this every half second); it also drives the breaker."""
         try:
             request = pb.ModelReadyRequest(name=self.config.model_name, version=self.config.model_version)
-            return self.stub.ModelReady(request, timeout=self.config.timeout_s).ready
+            ready = self.stub.ModelReady(request, timeout=self.config.ready_timeout_s).ready
         except grpc.RpcError:
-            return False
+            ready = False
+        if ready:
+            self.breaker.success()
+        else:
+            self.breaker.failure()
+        return ready
 
     def close(self) -> None:
         self.channel.close()

@@ -47,7 +47,13 @@ class UpstreamBackend(Strict):
     model_version: str = ""
     input_name: str = "input"
     output_name: str = "logits"
-    timeout_s: PositiveFloat = 5.0
+    timeout_s: PositiveFloat = 2.0  # per call; shorter than the clients' own deadlines
+    ready_timeout_s: PositiveFloat = 1.0  # per readiness probe
+    # Circuit breaker: after this many consecutive failed calls, calls fail fast (UNAVAILABLE) and
+    # only a probe every ``breaker_open_s`` (doubling up to ``breaker_max_open_s``) reaches the server.
+    breaker_failures: PositiveInt = 3
+    breaker_open_s: PositiveFloat = 0.25
+    breaker_max_open_s: PositiveFloat = 1.0
     tls: UpstreamTLS | None = None
 
 
@@ -57,6 +63,10 @@ Backend = Annotated[Union[EmbeddedBackend, UpstreamBackend], Field(discriminator
 class InputLimits(Strict):
     max_batch: PositiveInt = 64
     max_pixels: PositiveInt = 4096 * 4096  # per image
+    # Decoded bytes (pixels x channels x bytes per sample, read from the header before decoding):
+    # a 4096 x 4096 RGBA 8-bit image is 64 MiB; the same in 16 bits (128 MiB) is refused.
+    max_image_bytes: PositiveInt = 64 * 1024 * 1024
+    max_request_bytes: PositiveInt = 256 * 1024 * 1024  # all images of one request together
 
 
 Action = Literal["reject", "ban", "decoy", "monitor"]
@@ -115,6 +125,25 @@ class ThrottleConfig(Strict):
     suspect_rate: PositiveFloat = 1.0
     suspect_burst: PositiveInt = 5
     suspect_s: PositiveFloat = 600.0
+    # Every request also draws from its source address's bucket (fresh ids do not multiply the budget).
+    # Default: ten times the client's.
+    address_rate: PositiveFloat | None = None
+    address_burst: PositiveInt | None = None
+    # Refusal budget per address: more than this many policy refusals of its ids within the window
+    # and the address is refused (PERMISSION_DENIED) for the cool-down.
+    address_refusals: PositiveInt = 20
+    refusal_window_s: PositiveFloat = 600.0
+    address_cooldown_s: PositiveFloat = 600.0
+
+    @model_validator(mode="after")
+    def _address_bucket_is_larger(self) -> "ThrottleConfig":
+        if self.address_rate is None:
+            self.address_rate = 10 * self.rate
+        if self.address_burst is None:
+            self.address_burst = 10 * self.burst
+        if self.address_rate < self.rate or self.address_burst < self.burst:
+            raise ValueError("throttle.address_rate and address_burst must be at least rate and burst")
+        return self
 
 
 class AlertConfig(Strict):
@@ -154,9 +183,17 @@ class Settings(BaseSettings):
     tls: ListenerTLS | None = None
     throttle: ThrottleConfig = ThrottleConfig()
     alerts: AlertConfig = AlertConfig()
-    max_tracked_clients: PositiveInt = 100_000  # buckets and bans; least recently seen clients are forgotten first
+    max_tracked_clients: PositiveInt = 100_000  # buckets and last answers; least recently seen clients are forgotten first
+    # Bans, offence counts, suspects and refusal windows: never evicted before they expire; at the
+    # cap, ids not yet tracked are refused (RESOURCE_EXHAUSTED) instead.
+    max_protected_clients: PositiveInt = 100_000
     max_message_bytes: PositiveInt = 16 * 1024 * 1024
     max_concurrent_requests: PositiveInt = 64
+    max_requests_per_client: PositiveInt = 8  # in flight at once, per client id
+    max_requests_per_address: PositiveInt = 48  # in flight at once, per source address
+    max_decoding_bytes: PositiveInt = 512 * 1024 * 1024  # decoded image bytes held by requests in flight, server-wide
+    heavy_request_bytes: PositiveInt = 4 * 1024 * 1024  # a request decoding more is heavy ...
+    max_heavy_requests: PositiveInt | None = None  # ... and at most this many run at once (default: half the workers)
     workers: PositiveInt = 8  # threads running the pipeline; requests beyond them wait, bounded by the cap above
     shutdown_grace_s: PositiveFloat = 10.0
     snapshot_dir: Path | None = None  # stateful detectors without their own snapshot_path persist here
@@ -200,7 +237,12 @@ class Settings(BaseSettings):
 def load_settings(path: str | Path | None = None) -> Settings:
     """Read the YAML file (default: the bundled one); the environment overrides it."""
     source = Path(path) if path else Path(str(resources.files("firewall").joinpath("default.yaml")))
-    data = yaml.safe_load(source.read_text()) or {}
+    try:
+        data = yaml.safe_load(source.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ValueError(f"{source}: not valid YAML{where}: {getattr(error, 'problem', None) or error}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{source}: the configuration must be a mapping")
     return Settings(**data)

@@ -58,7 +58,13 @@ def build_pipeline(name: str, model: ProtectedModel, settings: Settings) -> Mode
         name=name,
         classifier=classifier,
         predictor=build_predictor(model.backend, classifier, settings.max_message_bytes),
-        limits=Limits(max_batch=model.limits.max_batch, max_pixels=model.limits.max_pixels),
+        limits=Limits(
+            max_batch=model.limits.max_batch,
+            max_pixels=model.limits.max_pixels,
+            max_image_bytes=model.limits.max_image_bytes,
+            max_request_bytes=model.limits.max_request_bytes,
+            target_side=max(classifier.input.height, classifier.input.width),
+        ),
         stages=stages,
     )
 

@@ -4,16 +4,26 @@ Health (grpc.health.v1): the service "liveness" is SERVING while the process run
 "inference.GRPCInferenceService" are SERVING while every protected model can answer (so a
 readiness probe fails while the upstream model server is down). On SIGTERM or SIGINT the server
 reports NOT_SERVING, stops accepting calls, lets in-flight calls finish within the grace period,
-then closes the stages (which persist their state), logs the last line of every open alert
-episode and stops the metrics endpoint (``metrics_listen``).
+then closes the stages (which persist their state), saves the protected client state (bans,
+offence counts, suspects, refusal windows) to ``snapshot_dir/clients.json`` (read back at start),
+logs the last line of every open alert episode and stops the metrics endpoint (``metrics_listen``).
+
+Readiness is probed every ``READINESS_INTERVAL_S`` on threads of its own, so a hung upstream that
+holds every pipeline worker cannot delay it. Start-up refuses to run (``StartupError``: one line,
+exit status 2) on a taken port (SO_REUSEPORT is off, so a second firewall cannot share the
+port), a bad address, a bad log level, an invalid or unreadable configuration or a missing model.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
+import socket
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import cv2
 import grpc
@@ -37,7 +47,31 @@ from firewall.tls import server_credentials
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 READINESS_SERVICES = ("", SERVICE_NAME)
 LIVENESS_SERVICE = "liveness"
-READINESS_INTERVAL_S = 5.0
+READINESS_INTERVAL_S = 0.5
+CLIENT_SNAPSHOT = "clients.json"
+
+
+class StartupError(Exception):
+    """The firewall cannot start; the message is the one line the operator sees."""
+
+
+def check_listen(listen: str) -> None:
+    """Raise ``StartupError`` unless HOST:PORT can be bound now (before gRPC logs its own error)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    if not port.isdigit() or int(port) > 65535:
+        raise StartupError(f"cannot listen on {listen}: invalid port")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as error:
+        raise StartupError(f"cannot listen on {listen}: invalid address ({error})") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: only a live listener conflicts
+        try:
+            probe.bind(sockaddr)
+        except OSError as error:
+            raise StartupError(f"cannot listen on {listen}: {error.strerror}") from None
 
 # Our messages live in a private descriptor pool (see proto/generate.py); reflection serves that
 # pool, so the health and reflection protocols are added to it once, here.
@@ -55,8 +89,24 @@ class Firewall:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        pipelines = build_pipelines(settings)
-        state = MemoryClientState(settings.max_tracked_clients)
+        for name, model in settings.models.items():
+            path = settings.onnx_path(name)
+            if not path.is_file():
+                known = "" if model.onnx is not None else " (not a bundled model: set models.<name>.onnx)"
+                raise StartupError(f"model {name!r}: no ONNX file at {path}{known}")
+        try:
+            pipelines = build_pipelines(settings)
+        except Exception as error:  # ONNX Runtime, FAISS, a detector's own checks
+            raise StartupError(f"cannot load the models: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+        keep_offences_s = max([model.policy.ban.forget_s for model in settings.models.values()] + [settings.throttle.refusal_window_s])
+        state = MemoryClientState(settings.max_tracked_clients, settings.max_protected_clients, keep_offences_s)
+        self.state = state
+        self.snapshot_path: Path | None = settings.snapshot_dir / CLIENT_SNAPSHOT if settings.snapshot_dir else None
+        if self.snapshot_path is not None and self.snapshot_path.exists():
+            try:
+                log.info("state.restored", records=state.restore(self.snapshot_path), path=str(self.snapshot_path))
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                log.warning("state.restore_failed", path=str(self.snapshot_path), error=str(error))
         self.alerts = AlertAggregator(settings.alerts)
         self.metrics = Metrics(pipelines, state)
         for name, pipeline in pipelines.items():
@@ -67,23 +117,31 @@ class Firewall:
         options = [
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a taken port fails here instead of being shared silently
         ]
         self.server = grpc.aio.server(options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(REFLECTED_SERVICES, self.server, pool=pb.DESCRIPTOR.pool)
-        if settings.tls is None:
-            self.port = self.server.add_insecure_port(settings.listen)
-        else:
-            self.port = self.server.add_secure_port(settings.listen, server_credentials(settings.tls))
+        check_listen(settings.listen)
+        try:
+            if settings.tls is None:
+                self.port = self.server.add_insecure_port(settings.listen)
+            else:
+                self.port = self.server.add_secure_port(settings.listen, server_credentials(settings.tls))
+        except (RuntimeError, OSError, ValueError):
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {settings.listen}")
+            raise StartupError(f"cannot listen on {settings.listen} (address in use or invalid)")
         self.metrics_port: int | None = None  # set by start()
         self._readiness: asyncio.Task | None = None
         self._alert_flusher: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.metrics_port = self.metrics.serve(self.settings.metrics_listen)
+        try:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_listen)
+        except (OSError, ValueError) as error:
+            raise StartupError(f"cannot serve metrics on {self.settings.metrics_listen}: {error.strerror or error if isinstance(error, OSError) else error}") from None
         self._alert_flusher = asyncio.create_task(self.alerts.run())
         await self.server.start()
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -104,6 +162,11 @@ class Firewall:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_s)
         await asyncio.get_running_loop().run_in_executor(None, self.service.close)
+        if self.snapshot_path is not None:
+            try:
+                log.info("state.saved", records=self.state.snapshot(self.snapshot_path), path=str(self.snapshot_path))
+            except OSError as error:
+                log.warning("state.save_failed", path=str(self.snapshot_path), error=str(error))
         if self._alert_flusher is not None:
             self._alert_flusher.cancel()
         self.alerts.close()
@@ -114,6 +177,7 @@ class Firewall:
         while True:
             await asyncio.sleep(READINESS_INTERVAL_S)
             await self._update_readiness()
+            self.state.refresh()  # expired bans leave the protected table; ``full`` clears
 
     async def _update_readiness(self) -> None:
         ready = await self.service.all_ready()
@@ -124,7 +188,12 @@ class Firewall:
 
 async def serve(settings: Settings) -> None:
     firewall = Firewall(settings)
-    await firewall.start()
+    try:
+        await firewall.start()
+    except StartupError:
+        await firewall.server.stop(None)
+        firewall.metrics.close()
+        raise
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -140,6 +209,9 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    if not isinstance(logging.getLevelName(str(args.log_level).upper()), int):
+        print(f"firewall: invalid --log-level {args.log_level!r} (DEBUG, INFO, WARNING, ERROR or CRITICAL)", file=sys.stderr)
+        return 2
     configure_logging(args.log_level)
     try:
         settings = load_settings(args.config)
@@ -148,5 +220,9 @@ def run_cli(args: argparse.Namespace) -> int:
         return 2
     if args.listen:
         settings = settings.model_copy(update={"listen": args.listen})
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as error:
+        print(f"firewall: {error}", file=sys.stderr)
+        return 2
     return 0

@@ -1,20 +1,27 @@
 """The Open Inference Protocol servicer: identify, admit, decode, inspect, decide, predict, respond.
 
 gRPC handlers run on the event loop and only do bookkeeping; everything CPU-bound (decoding,
-sanitizing, detectors, the model) runs in one call on a bounded worker pool. Admission (bans, the
-client's token bucket, the concurrency cap) is decided before any work is queued, so hostile load
-cannot grow a queue.
+sanitizing, detectors, the model) runs in one call on a bounded worker pool. Admission is decided
+on the event loop before any work is queued, so hostile load cannot grow a queue, in this order:
+bans (read only), the address's bucket (every request, valid or not), the model name, the cheap
+checks of the codec (shapes, sizes, image headers: nothing decoded), the client's bucket (only now
+is a client record created), the in-flight shares and the decoding budget. Work whose client
+deadline has passed by the time a worker takes it is dropped. After a request that decoded more
+than ``heavy_request_bytes`` the freed memory is handed back to the system (``malloc_trim``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import ctypes
+import ctypes.util
 import logging
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 import structlog
@@ -28,13 +35,25 @@ from firewall.pipeline import ModelPipeline
 from firewall.policy import ResponsePolicy
 from firewall.protocol import pb, pb_grpc
 from firewall.stage import RequestContext
-from firewall.throttle import Admission, request_cost
+from firewall.throttle import Admission, InFlight, request_cost
 from firewall.tls import TrustedProxies, certificate_identity
 
 log = structlog.get_logger("firewall")
 
 SERVER_NAME = "inference-firewall"
 MAX_CLIENT_ID_LENGTH = 128
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim(0): return freed heap pages to the system (a no-op elsewhere)."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
+release_memory = _malloc_trim()
 
 
 @dataclass(frozen=True)
@@ -69,7 +88,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics = metrics
         self.trusted_proxies = TrustedProxies(settings.tls.trusted_proxies if settings.tls else [])
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="pipeline")
-        self.in_flight = 0
+        # Readiness checks never wait behind pipeline work (a hung upstream can hold every worker).
+        self.probe_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="probe")
+        self.in_flight = InFlight(
+            total=settings.max_concurrent_requests,
+            per_client=settings.max_requests_per_client,
+            per_address=settings.max_requests_per_address,
+            max_decoding_bytes=settings.max_decoding_bytes,
+            heavy_request_bytes=settings.heavy_request_bytes,
+            max_heavy=settings.max_heavy_requests or max(1, settings.workers // 2),
+        )
 
     # -- health and metadata -------------------------------------------------------------------
 
@@ -81,7 +109,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         pipeline = await self._pipeline_or_abort(request.name, context)
-        ready = await asyncio.get_running_loop().run_in_executor(self.executor, pipeline.predictor.ready)
+        ready = await asyncio.get_running_loop().run_in_executor(self.probe_executor, pipeline.predictor.ready)
         return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request, context):
@@ -101,7 +129,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def all_ready(self) -> bool:
         loop = asyncio.get_running_loop()
-        checks = [loop.run_in_executor(self.executor, p.predictor.ready) for p in self.pipelines.values()]
+        checks = [loop.run_in_executor(self.probe_executor, p.predictor.ready) for p in self.pipelines.values()]
         return all(await asyncio.gather(*checks))
 
     async def _pipeline_or_abort(self, name: str, context) -> ModelPipeline:
@@ -113,7 +141,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         try:
-            return await self._infer(request, self._identify(context))
+            return await self._infer(request, self._identify(context), context.time_remaining())
         except Rejection as rejection:
             await context.abort(rejection.code, rejection.public_message)
 
@@ -121,7 +149,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         # One stream, many requests: an error answers that request only and the stream goes on.
         async for request in request_iterator:
             try:
-                response = await self._infer(request, self._identify(context))
+                response = await self._infer(request, self._identify(context), context.time_remaining())
                 yield pb.ModelStreamInferResponse(infer_response=response)
             except Rejection as rejection:
                 yield pb.ModelStreamInferResponse(
@@ -140,26 +168,47 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput("invalid client id")
         return Identity(client_id=claimed, peer=peer)
 
-    async def _infer(self, request: pb.ModelInferRequest, identity: Identity) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, identity: Identity, time_remaining: float | None = None
+    ) -> pb.ModelInferResponse:
         request_id = uuid.uuid4().hex
+        deadline = None if time_remaining is None else time.monotonic() + time_remaining
         pipeline = self.pipelines.get(request.model_name)
         model = pipeline.name if pipeline else ""  # metric labels never take a client's string
         self.metrics.requests.labels(model).inc()
         fields = request_fields(request_id, request.model_name[:MAX_CLIENT_ID_LENGTH], identity.client_id, identity.peer)
         with structlog.contextvars.bound_contextvars(**fields):
             try:
+                cost = request_cost(request, pipeline.limits.max_batch if pipeline else 1)
+                self.admission.check_bans(identity.client_id, identity.peer)
+                self.admission.charge_address(identity.peer, cost)  # unknown models and invalid input pay too
                 if pipeline is None:
                     raise UnknownModel(f"model {request.model_name!r} is not protected here")
-                self.admission.admit(identity.client_id, identity.peer, request_cost(request, pipeline.limits.max_batch))
-                if self.in_flight >= self.settings.max_concurrent_requests:
-                    raise Throttled("global concurrency cap reached")
-                self.in_flight += 1
+                plan = codec.plan_request(request, pipeline.limits)  # invalid input creates no client record
+                created = self.admission.charge_client(identity.client_id, cost)
+                try:
+                    ticket = self.in_flight.enter(identity.client_id, identity.peer, plan.decoded_bytes)
+                except Rejection:
+                    if created:
+                        self.admission.state.discard(identity.client_id)
+                    raise
                 try:
                     loop = asyncio.get_running_loop()
                     handle = contextvars.copy_context().run  # the worker logs with this request's fields
-                    return await loop.run_in_executor(self.executor, handle, self._handle, pipeline, request, identity, request_id)
+                    return await loop.run_in_executor(
+                        self.executor, handle, self._handle, pipeline, request, plan, identity, request_id, deadline
+                    )
+                except InvalidInput:
+                    if created:
+                        self.admission.state.discard(identity.client_id)
+                    raise
+                except Refused:
+                    self.admission.count_refusal(identity.peer)  # the pipeline's policy refused: the address's budget
+                    raise
                 finally:
-                    self.in_flight -= 1
+                    self.in_flight.leave(ticket)
+                    if ticket.heavy:
+                        release_memory()
             except Rejection as rejection:
                 self.metrics.decisions.labels(model, refusal_outcome(rejection)).inc()
                 # Policy refusals are reported by alerts and metrics; a line per refused query would flood the log.
@@ -171,8 +220,18 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 log.exception("request.failed")
                 raise Rejection("unexpected error") from None
 
-    def _handle(self, pipeline: ModelPipeline, request: pb.ModelInferRequest, identity: Identity, request_id: str):
-        decoded = codec.decode_request(request, pipeline.limits)
+    def _handle(
+        self,
+        pipeline: ModelPipeline,
+        request: pb.ModelInferRequest,
+        plan: codec.Plan,
+        identity: Identity,
+        request_id: str,
+        deadline: float | None = None,
+    ):
+        if deadline is not None and time.monotonic() > deadline:
+            raise Throttled("client deadline passed while queued")  # nobody is waiting for the answer
+        decoded = codec.decode_plan(plan, pipeline.limits)
         ctx = RequestContext(
             request_id=request_id,
             model=pipeline.name,
@@ -190,5 +249,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.probe_executor.shutdown(wait=True, cancel_futures=True)
         for pipeline in self.pipelines.values():
             pipeline.close()

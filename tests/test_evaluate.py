@@ -94,7 +94,7 @@ def report(endpoints, tmp_path_factory) -> tuple[dict, Path]:
         "--target", target, "--baseline", baseline, "--model", "mnist", "--data", str(DATA), "--out", str(out),
         "--alerts", str(alert_log), "--queries", "120", "--attack-images", "1", "--sybil-clients", "4",
         "--benign-images", "60", "--benign-clients", "6", "--benign-interval", "0.005", "--retry-rate", "0.2",
-        "--cost-seconds", "0.3", "--cost-rounds", "2", "--run-id", "test",
+        "--cost-seconds", "0.3", "--cost-rounds", "2", "--run-id", "test", "--benign-patterns", "none",
     )  # fmt: skip
     assert code == 0
     return json.loads((out / "report.json").read_text()), out

@@ -56,7 +56,7 @@ def served():
         "monitor": {"onnx": onnx, "policy": {"action": "monitor"}},
         "upstream": {"onnx": onnx, "backend": upstream},
     }
-    throttle = {"rate": 10_000, "burst": 10_000, "suspect_rate": 0.001, "suspect_burst": 1}
+    throttle = {"rate": 10_000, "burst": 10_000, "suspect_rate": 0.001, "suspect_burst": 1, "address_refusals": 1_000_000}
     stage = Scripted()
     with running_firewall(make_settings(models=models, throttle=throttle)) as firewall:
         for pipeline in firewall.service.pipelines.values():

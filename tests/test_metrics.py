@@ -61,6 +61,6 @@ def test_metrics_count_requests_decisions_findings_latency_and_state(mnist_heldo
     for stage in ("sanitize", "flagger"):
         assert value("firewall_stage_seconds_count", model="mnist", stage=stage) == 2
     assert value("firewall_stage_seconds_count", model="mnist", stage="predict") == 1
-    assert value("firewall_tracked_clients") == 2 and value("firewall_bans_active") == 1
+    assert value("firewall_tracked_clients") == 3 and value("firewall_bans_active") == 1  # good, bad and the address's bucket
     assert value("firewall_stage_stat", model="mnist", stage="flagger", stat="flagged_images") == 1
     assert idle[("firewall_tracked_clients", ())] == 0

@@ -74,19 +74,22 @@ def test_a_batch_pays_one_token_per_image(stub, mnist_heldout):
     assert outcome(stub, request(images[:4]), "batcher") == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_throttling_happens_before_any_decoding():
+def test_invalid_requests_draw_from_the_address_bucket_and_create_no_client_record():
     garbage = pb.ModelInferRequest(
         model_name="mnist",
         inputs=[pb.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=[1, 28, 28])],
         raw_input_contents=[b"short"],
     )
     # A slow refill, so that a loaded machine cannot refill the bucket between two calls.
-    with running_firewall(make_settings(throttle={"rate": 0.1, "burst": BURST})) as firewall:
+    settings = make_settings(throttle={"rate": 0.1, "burst": BURST, "address_rate": 0.1, "address_burst": BURST})
+    with running_firewall(settings) as firewall:
         with grpc.insecure_channel(address(firewall)) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            codes = [outcome(stub, garbage, "garbler") for _ in range(BURST + 3)]
+            codes = [outcome(stub, garbage, f"garbler-{n}") for n in range(BURST + 3)]
+        tracked = len(firewall.service.admission.state)
     assert codes[:BURST] == [grpc.StatusCode.INVALID_ARGUMENT] * BURST
-    assert set(codes[BURST:]) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert set(codes[BURST:]) == {grpc.StatusCode.RESOURCE_EXHAUSTED}  # fresh ids do not refill it
+    assert tracked == 1  # the address's bucket only: no garbler id was recorded
 
 
 def test_a_client_with_a_refused_finding_gets_the_tighter_bucket(stub, mnist_heldout):
@@ -127,8 +130,8 @@ def test_token_bucket_arithmetic():
 def test_client_state_forgets_the_least_recently_seen():
     state = MemoryClientState(max_clients=3)
     for key in ("a", "b", "c"):
-        state.update(key, lambda record: setattr(record, "offences", 1))
+        state.update(key, lambda record: record.last_labels.__setitem__("m", 1))
     state.update("a", lambda record: None)  # a is seen again
     state.update("d", lambda record: None)
-    assert len(state) == 3 and state.get("b") is None and state.get("a").offences == 1
+    assert len(state) == 3 and state.get("b") is None and state.get("a").last_labels == {"m": 1}
     assert state.get("zzz") is None and len(state) == 3  # reading never creates

@@ -27,6 +27,7 @@ from firewall.protocol import pb, pb_grpc
 from models.runtime import bundled_model_path
 
 RUNTIME = Path(__file__).resolve().parent.parent / "deploy" / "mlserver" / "onnx_runtime.py"
+PROCESS_GROUPS: dict[str, int] = {}  # address -> process group of the running MLServer (to stop or kill it in tests)
 
 
 def free_port() -> int:
@@ -78,10 +79,13 @@ def mlserver(model: str, onnx: Path, host: str = "127.0.0.1", grpc_port: int | N
             start_new_session=True,
         )
         address = f"{host}:{grpc_port}"
+        PROCESS_GROUPS[address] = process.pid
         try:
             wait_model_ready(address, model)
             yield address
         finally:
+            PROCESS_GROUPS.pop(address, None)
+            os.killpg(process.pid, signal.SIGCONT)
             os.killpg(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=15)

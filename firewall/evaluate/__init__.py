@@ -3,7 +3,8 @@
     firewall evaluate --target HOST:PORT --model NAME [--baseline HOST:PORT] --data PATH [--alerts FILE]
 
 Modules: ``data`` (held-out images), ``endpoint`` (tritonclient adapters for a firewall and a bare
-model server), ``benign``, ``attacks`` (ART), ``cost``, ``alerts`` (the alert log), ``report``.
+model server), ``benign``, ``patterns`` (benign traffic patterns, also usable in process),
+``benign_phase``, ``attacks`` (ART), ``cost``, ``alerts`` (the alert log), ``report``.
 Needs the ``[eval]`` extra (ART, matplotlib, tqdm, tritonclient).
 """
 

@@ -28,6 +28,7 @@ class Alert:
     score: float | None
     threshold: float | None
     count: int
+    level: str = ""  # log.level: warning for alerts that matter; "" when the line has none
 
 
 def read_alerts(path: str | Path, client_prefix: str) -> list[Alert]:
@@ -57,6 +58,7 @@ def read_alerts(path: str | Path, client_prefix: str) -> list[Alert]:
                     score=_number(record.get("firewall.score")),
                     threshold=_number(record.get("firewall.threshold")),
                     count=int(_number(record.get("firewall.count", 1)) or 0),
+                    level=str(record.get("log.level", "")),
                 )
             )
     return sorted(alerts, key=lambda alert: alert.time)

@@ -10,6 +10,16 @@ import sys
 from pathlib import Path
 
 EXIT_ERROR = 2
+# firewall.evaluate.patterns.PATTERNS, spelled out so that --help needs no third-party import
+BENIGN_PATTERNS = (
+    "distinct",
+    "one-class",
+    "retries",
+    "camera-bursts",
+    "popular",
+    "thumbnail-and-full",
+    "jpeg-qualities",
+)
 
 
 def _positive_int(text: str) -> int:
@@ -102,6 +112,28 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.05,
         help="share of requests sent twice, byte-identical (default: %(default)s)",
+    )
+    patterns = parser.add_argument_group("benign traffic patterns (issue 11)")
+    patterns.add_argument(
+        "--benign-patterns",
+        type=_name_list,
+        default=list(BENIGN_PATTERNS),
+        help=f"comma-separated, or none (default: all: {','.join(BENIGN_PATTERNS)})",
+    )
+    patterns.add_argument(
+        "--pattern-clients", type=_positive_int, default=20, help="client ids per pattern (default: %(default)s)"
+    )
+    patterns.add_argument(
+        "--pattern-images",
+        type=_positive_int,
+        default=10,
+        help="source images per client (popular: 50 shared images) (default: %(default)s)",
+    )
+    patterns.add_argument(
+        "--distinct-ids",
+        type=_non_negative_int,
+        default=0,
+        help="one-off ids sending 1-2 (re-encoded) held-out images each; 0: skip (default: %(default)s)",
     )
     cost = parser.add_argument_group("cost")
     cost.add_argument(

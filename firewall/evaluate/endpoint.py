@@ -1,8 +1,8 @@
 """A live Open Inference Protocol endpoint, called through a real ``tritonclient.grpc`` client.
 
 Two kinds of endpoint answer differently, so each gets an adapter:
-- ``firewall``: the public contract, input ``image`` (pixels [B,H,W,C], UINT8 or FP32 in [0,1]),
-  output ``label`` INT64 [B]; no scores.
+- ``firewall``: the public contract, input ``image`` (pixels [B,H,W,C], UINT8 or FP32 in [0,1], or
+  encoded images, PNG or JPEG, as a BYTES tensor [B]), output ``label`` INT64 [B]; no scores.
 - ``model``: a bare model server, the unprotected baseline: the model's own FP32 [B,C,H,W] input
   and its scores (logits or probabilities) [B,K]. Names come from ModelMetadata; servers that
   publish none (MLServer without a signature) get ``input`` and ``logits``.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import tritonclient.grpc as triton
@@ -90,6 +90,16 @@ class Adapter:
         infer_input.set_data_from_numpy(tensor)
         return Request([infer_input], [triton.InferRequestedOutput(self.output_name)])
 
+    def request_encoded(self, encoded: Sequence[bytes]) -> Request:
+        """Encoded images (PNG, JPEG, ...) as one BYTES tensor [B]: only a firewall decodes them."""
+        if self.kind != "firewall":
+            raise EndpointError("a bare model server takes pixels, not encoded images")
+        tensor = np.empty(len(encoded), dtype=np.object_)
+        tensor[:] = [bytes(item) for item in encoded]
+        infer_input = triton.InferInput(self.input_name, [len(encoded)], "BYTES")
+        infer_input.set_data_from_numpy(tensor)
+        return Request([infer_input], [triton.InferRequestedOutput(self.output_name)])
+
     def answer(self, result: triton.InferResult) -> Answer:
         values = result.as_numpy(self.output_name)
         if values is None:
@@ -140,6 +150,10 @@ class Endpoint:
 
     def request(self, pixels: np.ndarray) -> Request:
         return self.adapter.request(pixels)
+
+    def request_encoded(self, encoded: Sequence[bytes]) -> Request:
+        """A BYTES request of encoded images (a firewall only; EndpointError for a bare model server)."""
+        return self.adapter.request_encoded(encoded)
 
     def send(self, request: Request, client_id: str) -> Answer:
         """Raises Refusal when the endpoint refuses, EndpointError on any other failure."""

@@ -121,6 +121,7 @@ def markdown(report: dict) -> str:
     ]
     if "baseline" in benign:
         lines.append(f"| baseline | - | - | - | - | - | {_percent(benign['baseline']['accuracy'])} |")
+    lines += patterns_markdown(report.get("benign_patterns") or [])
     if report["cost"]:
         lines += [
             "",
@@ -147,6 +148,41 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {rule} | {role} | {count} |")
     lines += ["", "## Plots", ""] + [f"![{plot}]({plot})" for plot in report["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def patterns_markdown(entries: list[dict]) -> list[str]:
+    """The benign traffic patterns (firewall.evaluate.patterns): every refusal is a false positive."""
+    if not entries:
+        return []
+    lines = [
+        "",
+        "## Benign traffic patterns",
+        "",
+        "Every refusal here is a false positive. Alerted: clients with at least one warning-level alert "
+        "(needs `--alerts`). Agreement: answered queries whose label equals the bare model's on the same query.",
+        "",
+        "| pattern | clients | queries | refused clients | refused queries | alerted clients | accuracy "
+        "| bare model accuracy | agreement with bare model | throttled tries |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for entry in entries:
+        lines.append(
+            f"| {entry['pattern']} | {entry['clients']} | {entry['queries']} | {entry['refused_clients']} "
+            f"| {entry['refused_queries']} | {_cell(entry.get('alerted_clients'))} | {_percent(entry.get('accuracy'))} "
+            f"| {_percent(entry.get('baseline_accuracy'))} | {_percent(entry.get('agreement_with_baseline'))} "
+            f"| {entry['throttled_tries']} |"
+        )
+    for entry in entries:
+        if entry.get("first_pass_clients") is not None:
+            lines += [
+                "",
+                f"{entry['pattern']}: {entry['refused_clients']} of {entry['clients']} ids refused "
+                f"({_percent(entry['refused_clients_share'])}); of the {entry['first_pass_clients']} ids whose images "
+                f"no earlier id had sent, {entry['first_pass_refused_clients']} refused "
+                f"({_percent(entry['first_pass_refused_share'])}). The other ids re-send held-out images, re-encoded "
+                "and lightly augmented (there are fewer images than ids).",
+            ]
+    return lines
 
 
 def _plot_detection(runs: list[AttackRun], budget: int, path: Path) -> Path:

@@ -2,7 +2,9 @@
 
 Each phase gets its own slice of the data, so that the firewall's memory of one phase does not
 help it in the next: benign traffic takes the first images, each attack scenario its own block of
-the last images (the baseline is attacked on the same images as the target), and the cost phase
+the last images (the baseline is attacked on the same images as the target), the benign traffic
+patterns (``--benign-patterns``, ``firewall.evaluate.patterns``) each their own slice just before
+the attacks' images (the large ``distinct-ids`` run reuses every image the attacks leave), and the cost phase
 cycles through the benign images, last, so its load cannot disturb the detection results. Every
 simulated client's id starts with ``eval-<run id>-``, so the alert log can be matched to this run.
 """
@@ -26,6 +28,7 @@ from tqdm import tqdm
 from firewall.evaluate import alerts as alert_log
 from firewall.evaluate.attacks import ATTACKS, LABEL_ONLY_ATTACKS, SCORE_ATTACKS, AttackRun, run_attack
 from firewall.evaluate.benign import BenignResult, accuracy, run_benign
+from firewall.evaluate.benign_phase import BenignPatterns
 from firewall.evaluate.cost import CostLevel, measure_cost
 from firewall.evaluate.data import Dataset, load_dataset
 from firewall.evaluate.endpoint import Endpoint
@@ -54,6 +57,7 @@ class Evaluation:
         self.args = args
         self.dataset: Dataset = load_dataset(args.data)
         self.max_l2 = args.max_l2 if args.max_l2 is not None else self.dataset.default_max_l2
+        self.patterns = BenignPatterns(args, self.dataset)
         self.scenarios, self.benign_count = self._split_data()
         self.endpoints = {"target": Endpoint(args.target, args.model, args.target_kind, args.timeout)}
         if args.baseline:
@@ -72,6 +76,7 @@ class Evaluation:
             Scenario(name, clients, list(range(first + k * args.attack_images, first + (k + 1) * args.attack_images)))
             for k, (name, clients) in enumerate(plan)
         ]
+        first = self.patterns.place(first, args.benign_clients)  # their slices lie just before the attacks'
         benign_count = min(first, args.benign_images) if args.benign_images else first
         if benign_count < args.benign_clients:
             raise EvaluationError(f"{count} images are too few for the attack scenarios and the benign clients")
@@ -85,10 +90,12 @@ class Evaluation:
         started, clock = datetime.now(timezone.utc), time.perf_counter()
         attack_runs = sum(len(s.images) for s in self.scenarios) * len(self.endpoints)
         cost_slots = len(args.concurrency) * args.cost_rounds * len(self.endpoints) if args.cost_seconds > 0 else 0
-        total = self.benign_count + attack_runs + cost_slots
         try:
+            self.patterns.plan(self.prefix, self.roles)
+            total = self.benign_count + self.patterns.steps + attack_runs + cost_slots
             with tqdm(total=total, unit="step", disable=None, file=sys.stderr) as progress:
                 benign = self._benign(progress)
+                self.patterns.run(self.endpoints, progress)
                 runs = self._attacks(progress)
                 cost = self._cost(progress)
         finally:
@@ -98,6 +105,7 @@ class Evaluation:
         report = {
             "setup": self._setup(started, time.perf_counter() - clock),
             "benign": self._benign_report(benign, alerts),
+            "benign_patterns": self.patterns.report(alerts),
             "scenarios": [self._scenario_report(scenario, runs, alerts is not None) for scenario in self.scenarios],
             "runs": [run.summary() for run in runs],
             "cost": [level.summary() for level in cost],
@@ -231,6 +239,7 @@ class Evaluation:
             "benign_clients": args.benign_clients,
             "benign_interval_s": args.benign_interval,
             "retry_rate": args.retry_rate,
+            "benign_patterns": self.patterns.setup(),
             "attack_images": args.attack_images,
             "query_budget": args.queries,
             "max_l2": self.max_l2,
