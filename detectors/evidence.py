@@ -99,9 +99,15 @@ class ClientRateConfig(BaseModel):
 def client_rate_findings(
     rule: str, test: Cusum, ctx: RequestContext, scores: np.ndarray, threshold: float, details: dict
 ) -> list[Finding]:
-    """Feed a request's per-image flags to the client's test; a finding while the client is over it."""
+    """Feed a request's per-image flags to the client's test; a finding while the client is over it.
+
+    Only new content counts (``ctx.scratch["novel"]``, from the probing stage, when it runs first):
+    a flagged image re-sent in a burst or at three JPEG qualities is one observation, not five.
+    """
+    novel = ctx.scratch.get("novel", [True] * len(scores))
     flags = [bool(score > threshold) for score in scores]
-    statistic = test.add(ctx.client_id, flags, time.time())
+    observed = [flag for flag, new in zip(flags, novel) if new]
+    statistic = test.add(ctx.client_id, observed, time.time())
     if statistic < test.threshold:
         return []
     worst = int(np.argmax(scores))

@@ -25,6 +25,8 @@ stage therefore looks for label disagreement among near-duplicates, across all c
   ``probing.client`` (``probing.address``), a warning-level alert naming the attacker, on each of
   its queries while the evidence lasts. A single probed query is an info-level observation only.
 - A byte-identical repeat is no new query: it gets the answer its original got.
+- ``ctx.scratch["novel"]`` tells later stages which images are new content (no earlier query
+  within the radius), so that the per-image detectors count a re-sent image once.
 
 The radius is a trade-off that ``firewall calibrate`` measures on benign images: large enough that
 the blends and noisy copies an attack sends around an image lie within it, small enough that two
@@ -129,8 +131,14 @@ class ProbingStage:
         keys = [digest_key(digest) for digest in received]
         now = time.time()
         with self.history.lock:
+            novel = [self._novel(vector, key) for vector, key in zip(vectors, keys)]
             placed = [self._place(vector, key, int(label), now) for vector, key, label in zip(vectors, keys, labels)]
+        ctx.scratch["novel"] = novel
         return self._findings(ctx, placed, now)
+
+    def _novel(self, vector: np.ndarray, key: int) -> bool:
+        """Whether no copy of this content (byte-identical or within the radius) was seen before."""
+        return self.history.repeat_of(key) is None and not len(self.history.near(vector, self.config.radius, 1).slots)
 
     def _place(self, vector: np.ndarray, key: int, label: int, now: float) -> tuple[int | None, bool]:
         """Store one query; return (the answer it gets when probed, else None; whether it is evidence)."""

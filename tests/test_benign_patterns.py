@@ -164,12 +164,12 @@ def test_distinct_ids_reuse_images_but_never_bytes(heldout):
     assert [q.copy for q in queries[:40]] == [0] * 40 and all(q.copy == 1 for q in queries[40:80])
 
 
-def test_every_pattern_is_answered_through_a_real_firewall(heldout):
-    """The calibrated detectors under monitor: every query answered, none refused, answers accurate."""
+def test_every_pattern_is_answered_by_the_default_firewall_without_refusal_or_warning(heldout):
+    """The zero-configuration firewall (calibrated detectors, default policy): every query answered,
+    none refused, answers accurate, and no warning-level finding about any benign client."""
     settings = Settings(
-        listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", throttle={"enabled": False},
-        models={"mnist": {"policy": {"action": "monitor"}}},
-    )  # fmt: skip
+        listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", throttle={"enabled": False}, models={"mnist": {}}
+    )
     assert settings.models["mnist"].detectors  # the calibrated set
     with running_firewall(settings) as firewall:
         endpoint = Endpoint(address(firewall), "mnist")
@@ -188,6 +188,10 @@ def test_every_pattern_is_answered_through_a_real_firewall(heldout):
             ids = run_distinct_ids(endpoint, distinct_ids(*heldout, ids=20, seed=1), "ids", workers=4).summary()
             assert ids["clients"] == 20 and ids["refused_clients"] == 0 and ids["accuracy"] >= 0.9
             assert ids["first_pass_clients"] == 20 and ids["first_pass_refused_share"] == 0.0
+            registry = firewall.service.metrics.registry
+            for rule in ("probing.client", "probing.address", "uncertainty", "squeeze"):
+                labels = {"model": "mnist", "rule": rule}
+                assert (registry.get_sample_value("firewall_findings_total", labels) or 0.0) == 0.0, rule
         finally:
             endpoint.close()
 

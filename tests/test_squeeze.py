@@ -79,3 +79,10 @@ def test_cifar_squeezers_leave_clean_photos_mostly_alone() -> None:
     batch = Sanitizer(SanitizerConfig(blur_sigma=0.5), model.input)(images)
     scores = squeeze_scores(model, batch, 5, 2)
     assert scores.shape == (100,) and np.median(scores) < 0.5
+
+
+def test_a_resent_image_is_one_observation(model: OnnxClassifier, digits: np.ndarray) -> None:
+    batch = sanitized(model, digits[:5])
+    ctx = RequestContext("r", "mnist", "c", "peer", [d.transpose(1, 2, 0) for d in digits[:5]], [b""] * 5, tensor=batch)
+    ctx.scratch["novel"] = [True, False, False, False, False]  # as the probing stage marks copies of one image
+    assert SqueezeStage(SqueezeConfig(threshold=1e-9), model)(ctx) == []
