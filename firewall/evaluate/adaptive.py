@@ -382,3 +382,33 @@ def adaptive_summary(runs: list[AdaptiveRun]) -> dict:
         "median_best_l2": middle(distortions),
         "ended": {reason: sum(run.ended == reason for run in runs) for reason in sorted({r.ended for r in runs})},
     }
+
+
+def adaptive_markdown(entries: list[dict], max_l2: float) -> list[str]:
+    """The report's Markdown section for the adaptive attacker (``entries``: report["adaptive"])."""
+    if not entries:
+        return []
+    first = entries[0]
+    lines = [
+        "",
+        "## Adaptive attacker",
+        "",
+        f"OARS-style (a fresh client id after every refusal, probe radius grown until <= 5 % of probes are "
+        f"refused, refused probes redrawn, refused steps retried smaller); {first['query_budget']} queries and "
+        f"{first['id_budget']} client ids per image; success = the bare model misclassifies the attacker's best "
+        f"candidate and its L2 <= {max_l2}.",
+        "",
+        "| attack | endpoint | runs | success | median queries | median refused | median ids used | median best L2 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for entry in entries:
+        for endpoint in ("target", "baseline"):
+            if endpoint not in entry:
+                continue
+            s = entry[endpoint]
+            success = "-" if s["success_rate"] is None else f"{100 * s['success_rate']:.1f}%"
+            cells = [s["median_queries"], s["median_refused"], s["median_ids_used"]]
+            cells = ["-" if value is None else f"{value:g}" for value in cells]
+            l2 = "-" if s["median_best_l2"] is None else f"{s['median_best_l2']:.2f}"
+            lines.append(f"| {entry['attack']} | {endpoint} | {s['runs']} | {success} | {' | '.join(cells)} | {l2} |")
+    return lines
