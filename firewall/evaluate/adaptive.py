@@ -177,9 +177,17 @@ def _unit(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _start(oracle: _Oracle, rng: np.random.Generator, tries: int = 200) -> np.ndarray | None:
-    """A misclassified starting point: uniform noise (each draw far from every other; refusals redrawn)."""
-    for _ in range(tries):
-        candidate = rng.uniform(0.0, 1.0, oracle.original.shape).astype(np.float32)
+    """A misclassified starting point: uniform noise, as both papers start (each draw far from every
+    other, so rarely refused; refused draws are redrawn); every other draw is darkened by a random
+    factor or made salt-and-pepper, for the images that plain uniform noise never leaves."""
+    shape = oracle.original.shape
+    for k in range(tries):
+        candidate = rng.uniform(0.0, 1.0, shape)
+        if k % 4 == 1:
+            candidate *= rng.uniform(0.05, 0.6)
+        elif k % 4 == 3:
+            candidate = (candidate < rng.uniform(0.05, 0.5)).astype(np.float64)
+        candidate = candidate.astype(np.float32)
         if oracle.ask(candidate):
             return candidate
     return None
