@@ -162,13 +162,16 @@ class _Radius:
         self.window: list[bool] = []
 
     def record(self, refused: bool) -> None:
-        self.window = (self.window + [refused])[-WINDOW:]
-        if refused and sum(self.window) / len(self.window) > REFUSED_TARGET:
+        """Decides once per WINDOW probes: grow when more than 5 % were refused, shrink when none was."""
+        self.window.append(refused)
+        if len(self.window) < WINDOW:
+            return
+        share = sum(self.window) / len(self.window)
+        if share > REFUSED_TARGET:
             self.scale *= GROW
-            self.window = []
-        elif len(self.window) >= WINDOW and not any(self.window):
+        elif share == 0:
             self.scale = max(1.0, self.scale * SHRINK)
-            self.window = []
+        self.window = []
 
 
 def _unit(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -193,12 +196,18 @@ def _start(oracle: _Oracle, rng: np.random.Generator, tries: int = 200) -> np.nd
     return None
 
 
-def _boundary(oracle: _Oracle, rng: np.random.Generator, adversarial: np.ndarray, tolerance: float) -> np.ndarray:
-    """Binary search on the segment original -> adversarial; returns the adversarial end."""
+def _boundary(oracle: _Oracle, rng: np.random.Generator, adversarial: np.ndarray, tolerance: float,
+              first: float | None = None) -> np.ndarray:
+    """Binary search on the segment original -> adversarial; returns the adversarial end.
+
+    ``first``: the blend factor probed first (HSJA probes just inside its current distance first, so
+    that a search cut short by refusals still ends closer than it started)."""
     x0 = oracle.original
     low, high, refusals, midpoint = 0.0, 1.0, 0, True
     while high - low > tolerance:
         alpha = (low + high) / 2 if midpoint else rng.uniform(low, high)
+        if first is not None and low < first < high:
+            alpha, first = first, None
         answer = oracle.ask((1 - alpha) * x0 + alpha * adversarial)
         if answer is None:
             refusals += 1
@@ -262,7 +271,10 @@ def _hsja(oracle: _Oracle, rng: np.random.Generator, max_iter: int = 64, init_ev
                 break
             step /= 2  # not adversarial, or refused: retry smaller
         if candidate is not None:
-            x = _boundary(oracle, rng, candidate, tolerance)
+            span = float(np.linalg.norm(candidate - x0))
+            found = _boundary(oracle, rng, candidate, tolerance, first=0.95 * dist / span if span else None)
+            if float(np.linalg.norm(found - x0)) < dist:  # a search cut short by refusals may end farther
+                x = found
     oracle.done()
     raise _Stop("finished")
 
