@@ -196,18 +196,12 @@ def _start(oracle: _Oracle, rng: np.random.Generator, tries: int = 200) -> np.nd
     return None
 
 
-def _boundary(oracle: _Oracle, rng: np.random.Generator, adversarial: np.ndarray, tolerance: float,
-              first: float | None = None) -> np.ndarray:
-    """Binary search on the segment original -> adversarial; returns the adversarial end.
-
-    ``first``: the blend factor probed first (HSJA probes just inside its current distance first, so
-    that a search cut short by refusals still ends closer than it started)."""
+def _boundary(oracle: _Oracle, rng: np.random.Generator, adversarial: np.ndarray, tolerance: float) -> np.ndarray:
+    """Binary search on the segment original -> adversarial; returns the adversarial end."""
     x0 = oracle.original
     low, high, refusals, midpoint = 0.0, 1.0, 0, True
     while high - low > tolerance:
         alpha = (low + high) / 2 if midpoint else rng.uniform(low, high)
-        if first is not None and low < first < high:
-            alpha, first = first, None
         answer = oracle.ask((1 - alpha) * x0 + alpha * adversarial)
         if answer is None:
             refusals += 1
@@ -271,8 +265,7 @@ def _hsja(oracle: _Oracle, rng: np.random.Generator, max_iter: int = 64, init_ev
                 break
             step /= 2  # not adversarial, or refused: retry smaller
         if candidate is not None:
-            span = float(np.linalg.norm(candidate - x0))
-            found = _boundary(oracle, rng, candidate, tolerance, first=0.95 * dist / span if span else None)
+            found = _boundary(oracle, rng, candidate, tolerance)
             if float(np.linalg.norm(found - x0)) < dist:  # a search cut short by refusals may end farther
                 x = found
     oracle.done()
