@@ -95,6 +95,7 @@ def report(endpoints, tmp_path_factory) -> tuple[dict, Path]:
         "--alerts", str(alert_log), "--queries", "120", "--attack-images", "1", "--sybil-clients", "4",
         "--benign-images", "60", "--benign-clients", "6", "--benign-interval", "0.005", "--retry-rate", "0.2",
         "--cost-seconds", "0.3", "--cost-rounds", "2", "--run-id", "test", "--benign-patterns", "none",
+        "--adaptive-images", "1", "--adaptive-queries", "40", "--adaptive-ids", "10",
     )  # fmt: skip
     assert code == 0
     return json.loads((out / "report.json").read_text()), out
@@ -136,6 +137,24 @@ def test_attacks_are_refused_by_the_target_only(report):
         assert run["ended"] in (("refused",) if run["endpoint"] == "target" else ("budget", "finished"))
     sybil = next(run for run in data["runs"] if len(run["client_ids"]) == 4 and run["endpoint"] == "target")
     assert sybil["refused_ids"] == 4
+
+
+def test_adaptive_attacker_in_the_report(report):
+    data, out = report
+    entries = {entry["attack"]: entry for entry in data["adaptive"]}
+    assert set(entries) == {"adaptive-hsja", "adaptive-boundary"}
+    blocks = [entry["images"] for entry in entries.values()]
+    scenario_images = {run["image"] for run in data["runs"]}
+    assert len({*blocks[0], *blocks[1]}) == 2 and not scenario_images & {*blocks[0], *blocks[1]}
+    for entry in entries.values():
+        assert entry["query_budget"] == 40 and entry["id_budget"] == 10
+        assert entry["target"]["runs"] + entry["target"]["skipped"] == 1
+        assert entry["baseline"]["median_refused"] in (0, None)  # a bare model server never refuses
+    for run in data["adaptive_runs"]:
+        assert run["queries"] <= 40 and run["ids_used"] <= 10
+        if run["endpoint"] == "target" and run["ended"] != "skipped":
+            assert run["refused"] > 0 and run["ids_used"] == min(10, run["refused"] + 1)
+    assert "## Adaptive attacker" in (out / "report.md").read_text()
 
 
 def test_alert_log_agrees_with_the_client_view(report):

@@ -91,6 +91,30 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
         "--queries", type=_positive_int, default=300, help="query budget per attack (default: %(default)s)"
     )
     attacks.add_argument("--max-l2", type=float, help="largest L2 distortion counted as success (default: by data)")
+    adaptive = parser.add_argument_group("adaptive attacker (OARS-style: refusal-aware, a fresh client id per refusal)")
+    adaptive.add_argument(
+        "--adaptive-attack",
+        type=_name_list,
+        default=["adaptive-hsja", "adaptive-boundary"],
+        help="adaptive attacks, comma-separated, or none (default: adaptive-hsja,adaptive-boundary)",
+    )
+    adaptive.add_argument(
+        "--adaptive-images", type=_positive_int, default=2, help="images per adaptive attack (default: %(default)s)"
+    )
+    adaptive.add_argument(
+        "--adaptive-queries",
+        type=_positive_int,
+        default=5000,
+        help="query budget per image, refused queries included (default: %(default)s)",
+    )
+    adaptive.add_argument(
+        "--adaptive-ids", type=_positive_int, default=400, help="client ids per image (default: %(default)s)"
+    )
+    adaptive.add_argument(
+        "--judge-onnx",
+        type=Path,
+        help="the bare model (ONNX) that judges adaptive successes (default: the bundled model named by --model)",
+    )
     benign = parser.add_argument_group("benign traffic")
     benign.add_argument(
         "--benign-images",

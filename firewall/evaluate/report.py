@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from firewall.evaluate.adaptive import adaptive_markdown  # noqa: E402
 from firewall.evaluate.alerts import Alert  # noqa: E402
 from firewall.evaluate.attacks import AttackRun  # noqa: E402
 from firewall.evaluate.cost import CostLevel  # noqa: E402
@@ -104,6 +105,7 @@ def markdown(report: dict) -> str:
                 f"| {_percent(s['alerted_rate'])} | {_cell(s['median_queries_to_alert'], 0)} "
                 f"| {_cell(s['median_best_l2'])} | {s['throttled_tries']} |"
             )
+    lines += adaptive_markdown(report.get("adaptive") or [], setup["max_l2"])
     benign = report["benign"]
     target = benign["target"]
     lines += [

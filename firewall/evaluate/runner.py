@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from firewall.evaluate import adaptive
 from firewall.evaluate import alerts as alert_log
 from firewall.evaluate.attacks import ATTACKS, LABEL_ONLY_ATTACKS, SCORE_ATTACKS, AttackRun, run_attack
 from firewall.evaluate.benign import BenignResult, accuracy, run_benign
@@ -52,6 +53,7 @@ class Evaluation:
         _check_names(args.attacks, LABEL_ONLY_ATTACKS, "--attacks")
         _check_names(args.score_attack, SCORE_ATTACKS, "--score-attack")
         _check_names(args.sybil_attack, tuple(ATTACKS), "--sybil-attack")
+        _check_names(args.adaptive_attack, adaptive.ADAPTIVE_ATTACKS, "--adaptive-attack")
         if args.alerts is not None and not args.alerts.is_file():
             raise EvaluationError(f"alert log {args.alerts} does not exist")
         self.args = args
@@ -63,6 +65,7 @@ class Evaluation:
         if args.baseline:
             model = args.baseline_model or args.model
             self.endpoints["baseline"] = Endpoint(args.baseline, model, args.baseline_kind, args.timeout)
+        self.judge = self._judge() if args.adaptive_attack else None  # after the endpoints: their errors first
         self.run_id = args.run_id or secrets.token_hex(3)
         self.prefix = f"eval-{self.run_id}"
         self.roles: dict[str, str] = {}  # client id -> benign | attack | verify | cost
@@ -76,6 +79,11 @@ class Evaluation:
             Scenario(name, clients, list(range(first + k * args.attack_images, first + (k + 1) * args.attack_images)))
             for k, (name, clients) in enumerate(plan)
         ]
+        # each adaptive attack: its own block of images, just before the attack scenarios' blocks
+        self.adaptive_blocks: dict[str, list[int]] = {}
+        for name in args.adaptive_attack:
+            first -= args.adaptive_images
+            self.adaptive_blocks[name] = list(range(first, first + args.adaptive_images))
         first = self.patterns.place(first, args.benign_clients)  # their slices lie just before the attacks'
         benign_count = min(first, args.benign_images) if args.benign_images else first
         if benign_count < args.benign_clients:
@@ -89,6 +97,7 @@ class Evaluation:
         args.out.mkdir(parents=True, exist_ok=True)
         started, clock = datetime.now(timezone.utc), time.perf_counter()
         attack_runs = sum(len(s.images) for s in self.scenarios) * len(self.endpoints)
+        attack_runs += sum(len(block) for block in self.adaptive_blocks.values()) * len(self.endpoints)
         cost_slots = len(args.concurrency) * args.cost_rounds * len(self.endpoints) if args.cost_seconds > 0 else 0
         try:
             self.patterns.plan(self.prefix, self.roles)
@@ -97,6 +106,7 @@ class Evaluation:
                 benign = self._benign(progress)
                 self.patterns.run(self.endpoints, progress)
                 runs = self._attacks(progress)
+                adaptive_runs = self._adaptive(progress)
                 cost = self._cost(progress)
         finally:
             for endpoint in self.endpoints.values():
@@ -108,6 +118,8 @@ class Evaluation:
             "benign_patterns": self.patterns.report(alerts),
             "scenarios": [self._scenario_report(scenario, runs, alerts is not None) for scenario in self.scenarios],
             "runs": [run.summary() for run in runs],
+            "adaptive": self._adaptive_report(adaptive_runs),
+            "adaptive_runs": [{"endpoint": name, **run.summary()} for name, run in adaptive_runs],
             "cost": [level.summary() for level in cost],
             "alerts": self._alerts_report(alerts) if alerts is not None else None,
         }
@@ -164,6 +176,56 @@ class Evaluation:
                     runs.append(run)
                     progress.update(1)
         return runs
+
+    def _judge(self):
+        path = self.args.judge_onnx
+        if path is None:
+            from models.runtime import bundled_model_path
+
+            path = bundled_model_path(self.args.model)
+        if not Path(path).is_file():
+            raise EvaluationError(f"no ONNX model at {path} to judge the adaptive attacks (give --judge-onnx)")
+        return adaptive.onnx_judge(path)
+
+    def _adaptive(self, progress: tqdm) -> list[tuple[str, adaptive.AdaptiveRun]]:
+        """Each adaptive attack on its own images, through each endpoint.
+
+        Client ids: ``<prefix>-<attack>-<endpoint>-<image>-<k>``, k counting the ids the attacker took."""
+        args, runs = self.args, []
+        for name, block in self.adaptive_blocks.items():
+            progress.set_description(name)
+            for index in block:
+                for endpoint_name, endpoint in self.endpoints.items():
+                    prefix = f"{self.prefix}-{name}-{endpoint_name}-{index}"
+                    run = adaptive.run_adaptive_attack(
+                        name,
+                        endpoint,
+                        self.judge,
+                        self.dataset.images[index],
+                        index,
+                        int(self.dataset.labels[index]),
+                        max_l2=self.max_l2,
+                        id_prefix=prefix,
+                        query_budget=args.adaptive_queries,
+                        id_budget=args.adaptive_ids,
+                        seed=args.seed + index,
+                    )
+                    self.roles.update(dict.fromkeys({client for client, _ in run.trace}, "attack"))
+                    runs.append((endpoint_name, run))
+                    progress.update(1)
+        return runs
+
+    def _adaptive_report(self, runs: list[tuple[str, adaptive.AdaptiveRun]]) -> list[dict]:
+        args = self.args
+        entries = []
+        for name, block in self.adaptive_blocks.items():
+            entry = {"attack": name, "images": block, "query_budget": args.adaptive_queries}
+            entry["id_budget"] = args.adaptive_ids
+            for endpoint_name in self.endpoints:
+                chosen = [run for where, run in runs if where == endpoint_name and run.attack == name]
+                entry[endpoint_name] = adaptive.adaptive_summary(chosen)
+            entries.append(entry)
+        return entries
 
     def _cost(self, progress: tqdm) -> list[CostLevel]:
         args = self.args
