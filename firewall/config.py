@@ -97,8 +97,9 @@ class PolicyConfig(Strict):
     # its content had anyway (README, Detection: the measurements behind this default).
     action: Action = "decoy"
     # Per-rule overrides by rule name. The per-image detectors flag a client whose rate of flagged
-    # images is far above the calibrated benign 5 %: worth an alert, not a changed answer.
-    rules: dict[str, Action] = {"uncertainty": "monitor", "squeeze": "monitor"}
+    # images is far above the calibrated benign 5 %: worth an alert, not a changed answer. An
+    # address may be a NAT or proxy in front of many benign users: its evidence alerts only.
+    rules: dict[str, Action] = {"uncertainty": "monitor", "squeeze": "monitor", "probing.address": "monitor"}
     ban: BanConfig = BanConfig()
 
 
