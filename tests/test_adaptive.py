@@ -99,7 +99,7 @@ class RefuseAllButFirst:
 def test_refusals_are_never_labels(judge, mnist_heldout):
     """Everything after the clean image is refused: the attacker believes nothing adversarial,
     rotates through exactly its id budget, one id per refusal, and stops there."""
-    with running_firewall(make_settings()) as firewall:
+    with running_firewall(make_settings(models={"mnist": {"policy": {"action": "reject"}}})) as firewall:
         firewall.service.pipelines["mnist"].stages.append(RefuseAllButFirst())
         with _closing(Endpoint(address(firewall), "mnist")) as endpoint:
             run = _attack("adaptive-hsja", endpoint, judge, mnist_heldout, 0, query_budget=200, id_budget=12)
