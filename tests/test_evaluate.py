@@ -77,7 +77,7 @@ class NearDuplicateProbe:
 def endpoints(tmp_path_factory) -> tuple[str, str, Path]:
     alert_log = tmp_path_factory.mktemp("alerts") / "alerts.jsonl"
     alert_log.write_text('{"event.kind": "event", "message": "server.started"}\nnot json\n')
-    with mlserver("mnist", MNIST) as baseline, running_firewall(make_settings()) as firewall:
+    with mlserver("mnist", MNIST) as baseline, running_firewall(make_settings(models={"mnist": {"policy": {"action": "ban"}}}, throttle={"address_refusals": 10_000})) as firewall:
         firewall.service.pipelines["mnist"].stages.append(NearDuplicateProbe(alert_log))
         yield address(firewall), baseline, alert_log
 
