@@ -111,5 +111,10 @@ def client_rate_findings(
     if statistic < test.threshold:
         return []
     worst = int(np.argmax(scores))
-    details = {**details, "image_score": float(scores[worst]), "image_threshold": threshold, "flagged_items": sum(flags)}
+    details = {
+        **details,
+        "image_score": float(scores[worst]),
+        "image_threshold": threshold,
+        "flagged_items": sum(flags),
+    }
     return [Finding(rule, statistic, test.threshold, item=worst if flags[worst] else None, details=details)]

@@ -26,7 +26,8 @@ stage therefore looks for label disagreement among near-duplicates, across all c
   its queries while the evidence lasts. A single probed query is an info-level observation only.
 - A byte-identical repeat is no new query: it gets the answer its original got.
 - ``ctx.scratch["novel"]`` tells later stages which images are new content (no earlier query
-  within the radius), so that the per-image detectors count a re-sent image once.
+  within the radius, this request's earlier images included), so that the per-image detectors
+  count a re-sent image once.
 
 The radius is a trade-off that ``firewall calibrate`` measures on benign images: large enough that
 the blends and noisy copies an attack sends around an image lie within it, small enough that two
@@ -50,7 +51,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import numpy as np
 import structlog
@@ -63,6 +64,14 @@ from firewall.stage import Finding, RequestContext
 from models.runtime import OnnxClassifier
 
 log = structlog.get_logger(__name__)
+
+
+class Placement(NamedTuple):
+    """What one query turned out to be."""
+
+    answer: int | None  # the answer it gets when probed, else None
+    evidence: bool  # an earlier query within the radius got another label
+    novel: bool  # no copy of its content (byte-identical or within the radius) came before
 
 
 class ProbingConfig(BaseModel):
@@ -131,22 +140,17 @@ class ProbingStage:
         keys = [digest_key(digest) for digest in received]
         now = time.time()
         with self.history.lock:
-            novel = [self._novel(vector, key) for vector, key in zip(vectors, keys)]
             placed = [self._place(vector, key, int(label), now) for vector, key, label in zip(vectors, keys, labels)]
-        ctx.scratch["novel"] = novel
+        ctx.scratch["novel"] = [placement.novel for placement in placed]
         return self._findings(ctx, placed, now)
 
-    def _novel(self, vector: np.ndarray, key: int) -> bool:
-        """Whether no copy of this content (byte-identical or within the radius) was seen before."""
-        return self.history.repeat_of(key) is None and not len(self.history.near(vector, self.config.radius, 1).slots)
-
-    def _place(self, vector: np.ndarray, key: int, label: int, now: float) -> tuple[int | None, bool]:
-        """Store one query; return (the answer it gets when probed, else None; whether it is evidence)."""
+    def _place(self, vector: np.ndarray, key: int, label: int, now: float) -> Placement:
+        """Store one query and say what it is."""
         history, config = self.history, self.config
         repeat = history.repeat_of(key)
         if repeat is not None:  # the same bytes again: no new information, the same answer
             answer = int(history.answers[repeat])
-            return (answer if answer != label else None), False
+            return Placement(answer if answer != label else None, evidence=False, novel=False)
         near = history.near(vector, config.radius, config.neighbours)
         evidence = bool((history.labels[near.slots] != label).any())
         answer = self.evidence.nearest(vector, config.spread * config.radius)
@@ -155,23 +159,27 @@ class ProbingStage:
         if evidence:
             self.evidence.add(vector, answer)
         history.add(vector, key, label, label if answer is None else answer, evidence, now)
-        return answer, evidence
+        return Placement(answer, evidence, novel=not len(near.slots))
 
-    def _findings(self, ctx: RequestContext, placed: list[tuple[int | None, bool]], now: float) -> list[Finding]:
-        probed = [i for i, (answer, _) in enumerate(placed) if answer is not None]
-        evidence = sum(1 for _, is_evidence in placed if is_evidence)
+    def _findings(self, ctx: RequestContext, placed: list[Placement], now: float) -> list[Finding]:
+        probed = [i for i, placement in enumerate(placed) if placement.answer is not None]
+        evidence = sum(placement.evidence for placement in placed)
         client = self.clients.add(ctx.client_id, evidence, now)
         address = self.addresses.add(ctx.peer, evidence, now)
         findings = [
-            Finding("probing.region", float(evidence), 1.0, item=i, answer=placed[i][0], severity="info")
+            Finding("probing.region", float(evidence), 1.0, item=i, answer=placed[i].answer, severity="info")
             for i in probed
         ]
         first = probed[0] if probed else None
         details = {"probed_items": len(probed), "evidence_items": evidence}
         if client >= self.config.client_threshold:
-            findings.append(Finding("probing.client", client, self.config.client_threshold, item=first, details=details))
+            findings.append(
+                Finding("probing.client", client, self.config.client_threshold, item=first, details=details)
+            )
         if address >= self.config.address_threshold:
-            findings.append(Finding("probing.address", address, self.config.address_threshold, item=first, details=details))
+            findings.append(
+                Finding("probing.address", address, self.config.address_threshold, item=first, details=details)
+            )
         return findings
 
     def stats(self) -> dict[str, float]:
