@@ -1,6 +1,7 @@
 """`firewall evaluate` options, and the command: a one-line error and exit status 2 for what the user can fix.
 
-Imports only the standard library at first, so a missing ``[eval]`` extra is reported, not raised.
+Imports only the standard library and the firewall's own core dependencies at first, so a missing
+``[eval]`` extra is reported, not raised.
 """
 
 from __future__ import annotations
@@ -9,17 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from firewall.evaluate.patterns import PATTERNS  # core dependencies only (NumPy, OpenCV), no [eval] extra
+
 EXIT_ERROR = 2
-# firewall.evaluate.patterns.PATTERNS, spelled out so that --help needs no third-party import
-BENIGN_PATTERNS = (
-    "distinct",
-    "one-class",
-    "retries",
-    "camera-bursts",
-    "popular",
-    "thumbnail-and-full",
-    "jpeg-qualities",
-)
 
 
 def _positive_int(text: str) -> int:
@@ -141,8 +134,8 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     patterns.add_argument(
         "--benign-patterns",
         type=_name_list,
-        default=list(BENIGN_PATTERNS),
-        help=f"comma-separated, or none (default: all: {','.join(BENIGN_PATTERNS)})",
+        default=list(PATTERNS),
+        help=f"comma-separated, or none (default: all: {','.join(PATTERNS)})",
     )
     patterns.add_argument(
         "--pattern-clients", type=_positive_int, default=20, help="client ids per pattern (default: %(default)s)"
