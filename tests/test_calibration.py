@@ -64,8 +64,7 @@ def test_calibrate_writes_thresholds_the_service_config_accepts(tmp_path: Path) 
     sanitizer = Sanitizer(SanitizerConfig(**document["sanitizer"]), model.input)
     heldout = np.load(FIXTURES / "mnist_heldout.npz")["images"][300:]
     batch = sanitizer([image[:, :, None] for image in heldout])
-    uncertainty_stage, squeeze_stage = uncertainty.build(model), squeeze.build(model)
-    assert np.mean(uncertainty_stage.scores(batch)["variance"] > uncertainty.threshold) <= 0.1
+    assert np.mean(uncertainty.build(model).scores(batch)["variance"] > uncertainty.threshold) <= 0.1
     assert np.mean(squeeze_scores(model, batch, squeeze.bit_depth, squeeze.median_size) > squeeze.threshold) <= 0.1
     stage = probing.build(model)
     for n, image in enumerate(heldout):
