@@ -5,8 +5,9 @@ image a per-image detector flags at its calibrated 5 % rate, says little; many o
 client say a lot.
 
 - ``DecayingCount``: a count of observations that halves every ``half_life_s`` (exponentially
-  weighted), for the probing detector's queries into probed regions. An attacker's evidence does
-  not wait for a window to fill, and a benign client's rare hit fades.
+  weighted), for the probing detector's evidence (queries next to one the model labelled
+  otherwise). An attacker's evidence does not wait for a window to fill, and a benign client's
+  rare hit fades.
 - ``Cusum``: Page's cumulative-sum test ("Continuous Inspection Schemes", Biometrika 1954) over
   Bernoulli observations, for the per-image detectors. Under H0 a client's images are flagged at the
   calibrated benign rate ``p0``; under H1 at ``p1``. Each image adds its log-likelihood ratio,

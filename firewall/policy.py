@@ -8,13 +8,13 @@ A request without findings is predicted and answered. With findings, the model's
   address) is refused for a cool-down: ``first_s``, times ``factor`` per repeat offence, at most
   ``max_s``; offences ``forget_s`` apart start over.
 - ``decoy``: the flagged images get a plausible label that carries no signal: the answer their
-  finding carries (a probed region's frozen label, the same for every client), else the label the
-  client's most recent genuine answer had (a fixed per-client label before it has one), so an
-  attack's binary searches see a constant. The model still runs, so a decoy takes as long as a
-  genuine answer. An explicit refusal is itself an oracle that adaptive attacks exploit (Feng,
-  Hooda, Mangaokar, Fawaz, Jha & Prakash, "Stateful Defenses for Machine Learning Models Are Not
-  Yet Secure Against Black-box Attacks", CCS 2023); a decoy keeps the attacker unaware while the
-  alerts go on.
+  finding carries (near probing evidence: what the first query there got, the same for every
+  client), else the label the client's most recent genuine answer had (a fixed per-client label
+  before it has one), so an attack's binary searches see a constant. The model still runs, so a
+  decoy takes as long as a genuine answer. An explicit refusal is itself an oracle that adaptive
+  attacks exploit (Feng, Hooda, Mangaokar, Fawaz, Jha & Prakash, "Stateful Defenses for Machine
+  Learning Models Are Not Yet Secure Against Black-box Attacks", CCS 2023); a decoy keeps the
+  attacker unaware while the alerts go on.
 - ``monitor``: the genuine answer; alerts only.
 
 Every finding becomes an alert. Refusals all carry the same generic message. After a refused
@@ -104,7 +104,7 @@ class ResponsePolicy:
             return "monitored"
         decoyed = [f for f in ctx.findings if policy.rules.get(f.rule, policy.action) != "monitor"]
         decoys = np.full(ctx.batch_size, -1, np.int64)
-        for finding in decoyed:  # an item's own decoy (a probed region's frozen answer) first
+        for finding in decoyed:  # an item's own decoy (the probing stage's) first
             if finding.item is not None and finding.answer is not None:
                 decoys[finding.item] = finding.answer
         fallback = self._decoy_label(ctx, pipeline)
