@@ -45,8 +45,13 @@ def test_serve_answers_then_drains_on_sigterm(mnist_heldout):
         with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
             wait_live(client, process)
             assert client.infer("mnist", [uint8_input(images[:4])]).as_numpy("label").tolist() == labels[:4].tolist()
-            for index in range(16):
-                client.async_infer("mnist", [uint8_input(images[index : index + 1])], lambda result, error: answers.put((result, error)))
+            for index in range(16):  # one id each: a single id may have only 8 calls in flight
+                client.async_infer(
+                    "mnist",
+                    [uint8_input(images[index : index + 1])],
+                    lambda result, error: answers.put((result, error)),
+                    headers={"x-client-id": f"drain-{index}"},
+                )
             process.send_signal(signal.SIGTERM)
             results = [answers.get(timeout=30) for _ in range(16)]
         assert process.wait(timeout=30) == 0
