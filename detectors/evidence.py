@@ -63,6 +63,11 @@ class DecayingCount(_Bounded):
             self._store(key, value, now)
             return value
 
+    def set(self, key: str, value: float, now: float) -> None:
+        """Take a value counted elsewhere (a shared store's), so that it decays from here on."""
+        with self.lock:
+            self._store(key, value, now)
+
 
 class Cusum(_Bounded):
     def __init__(self, p0: float, p1: float, threshold: float, max_keys: int):

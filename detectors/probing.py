@@ -41,6 +41,12 @@ The constant answer is a decoy in the sense of Feng, Hooda, Mangaokar, Fawaz, Jh
 CCS 2023): an explicit refusal is an oracle their adaptive attacker (OARS) steers by; a constant
 answer is not.
 
+Several replicas (``share``): the firewall hands the stage its state (``detectors.shared``). The
+evidence counts are then one count per client id and per address across every replica, and each
+replica publishes the queries it placed (embedding, digest key, label, answer, evidence flag, time)
+and adds the other replicas' to its own history, so a search stays local and never waits for the
+network, and an attack spread over replicas lands in one history.
+
 Memory is bounded: ``window`` queries (embedding, time, key, label, answer, evidence flag) and at
 most ``max_clients`` evidence counters per kind. FAISS runs with one thread. The history is written
 to ``snapshot_path`` by ``close()`` and read back at start; a missing or unreadable snapshot is
@@ -60,6 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from detectors.embedders import Embedder, EmbeddingConfig, PixelEmbeddingConfig
 from detectors.evidence import DecayingCount
 from detectors.history import EvidenceHistory, QueryHistory, digest_key, load_snapshot, save_snapshot
+from detectors.shared import QueryFeed, QueryRows, SharedState
 from firewall.stage import Finding, RequestContext
 from models.runtime import OnnxClassifier
 
@@ -72,6 +79,7 @@ class Placement(NamedTuple):
     answer: int | None  # the answer it gets when probed, else None
     evidence: bool  # an earlier query within the radius got another label
     novel: bool  # no copy of its content (byte-identical or within the radius) came before
+    repeat: bool = False  # byte-identical to a query in the history: not stored again
 
 
 class ProbingConfig(BaseModel):
@@ -109,6 +117,7 @@ class ProbingStage:
         self.model = model
         self.clients = DecayingCount(config.evidence_half_life_s, config.max_clients)
         self.addresses = DecayingCount(config.evidence_half_life_s, config.max_clients)
+        self.feed: QueryFeed | None = None
         self._start_empty()
         if config.snapshot_path is not None:
             self._load(config.snapshot_path)
@@ -130,6 +139,26 @@ class ProbingStage:
         else:
             log.info("probing snapshot loaded", path=str(path), queries=len(self.history))
 
+    def share(self, state: SharedState, name: str) -> None:
+        """Count evidence in ``state`` and exchange queries through it (several replicas)."""
+        config = self.config
+        self.clients = state.counts(f"{name}.clients", config.evidence_half_life_s, config.max_clients)
+        self.addresses = state.counts(f"{name}.addresses", config.evidence_half_life_s, config.max_clients)
+        self.feed = state.feed(name, self._receive)
+
+    def _receive(self, rows: QueryRows) -> None:
+        """Add queries other replicas placed to this history (no search: they were placed there)."""
+        if rows.vectors.ndim != 2 or rows.vectors.shape[1] != self.embedder.dim:
+            log.warning("probing queries of another embedding ignored", dim=rows.vectors.shape[-1])
+            return
+        with self.history.lock:
+            for vector, key, label, answer, evidence, when in zip(
+                rows.vectors, rows.keys, rows.labels, rows.answers, rows.evidence, rows.times
+            ):
+                self.history.add(vector, int(key), int(label), int(answer), bool(evidence), float(when))
+                if evidence:
+                    self.evidence.add(vector, int(answer))
+
     def __call__(self, ctx: RequestContext) -> Sequence[Finding]:
         if ctx.tensor is None or not len(ctx.tensor):
             return []
@@ -142,7 +171,24 @@ class ProbingStage:
         with self.history.lock:
             placed = [self._place(vector, key, int(label), now) for vector, key, label in zip(vectors, keys, labels)]
         ctx.scratch["novel"] = [placement.novel for placement in placed]
+        if self.feed is not None:
+            self._publish(vectors, keys, labels, placed, now)
         return self._findings(ctx, placed, now)
+
+    def _publish(self, vectors: np.ndarray, keys: list[int], labels: np.ndarray, placed: list[Placement], now: float) -> None:
+        stored = [i for i, placement in enumerate(placed) if not placement.repeat]
+        if stored:
+            answers = [labels[i] if placed[i].answer is None else placed[i].answer for i in stored]
+            self.feed.publish(
+                QueryRows(
+                    vectors=np.ascontiguousarray(vectors[stored], np.float32),
+                    keys=np.array([keys[i] for i in stored], np.uint64),
+                    labels=labels[stored].astype(np.int64),
+                    answers=np.array(answers, np.int64),
+                    evidence=np.array([placed[i].evidence for i in stored], bool),
+                    times=np.full(len(stored), now),
+                )
+            )
 
     def _place(self, vector: np.ndarray, key: int, label: int, now: float) -> Placement:
         """Store one query and say what it is."""
@@ -150,7 +196,7 @@ class ProbingStage:
         repeat = history.repeat_of(key)
         if repeat is not None:  # the same bytes again: no new information, the same answer
             answer = int(history.answers[repeat])
-            return Placement(answer if answer != label else None, evidence=False, novel=False)
+            return Placement(answer if answer != label else None, evidence=False, novel=False, repeat=True)
         near = history.near(vector, config.radius, config.neighbours)
         evidence = bool((history.labels[near.slots] != label).any())
         answer = self.evidence.nearest(vector, config.spread * config.radius)

@@ -175,6 +175,40 @@ class ListenerTLS(Strict):
         return self
 
 
+class RedisTLS(Strict):
+    """TLS to Redis (``rediss://`` URLs): trust ``ca`` instead of the system's roots; ``cert`` and
+    ``key`` for mutual TLS."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    check_hostname: bool = True
+
+
+class StateConfig(Strict):
+    """Where state that outlives a request lives (firewall/state.py, firewall/redis_state.py).
+
+    ``memory``: in this process (one replica). ``redis``: shared by every replica through the
+    Redis server at ``url`` (``redis://[:password@]host:port/db``; set it from a Secret with
+    FIREWALL_STATE__URL). When Redis cannot be reached, ``fail_mode: open`` answers from this
+    replica's memory (a metric and an alert say shared state is degraded) and ``closed`` answers
+    UNAVAILABLE until it is back.
+    """
+
+    backend: Literal["memory", "redis"] = "memory"
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = Field("firewall:", min_length=1, max_length=64)
+    tls: RedisTLS | None = None
+    fail_mode: Literal["open", "closed"] = "open"
+    timeout_s: PositiveFloat = 0.25  # per call; past it the call counts as failed
+    max_connections: PositiveInt = 32  # callers beyond them wait for one, at most timeout_s
+    retry_s: PositiveFloat = 0.1  # first reconnection attempt after a failure, doubling ...
+    max_retry_s: PositiveFloat = 5.0  # ... up to this
+    stream_length: PositiveInt = 100_000  # query entries kept per model's stream (approximate trimming)
+    buffer: PositiveInt = 10_000  # queries waiting to be published; beyond it the oldest are dropped and counted
+    label_ttl_s: PositiveFloat = 3600.0  # a client's last genuine label is kept this long after it was given
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FIREWALL_", env_nested_delimiter="__", extra="forbid")
 
@@ -183,6 +217,7 @@ class Settings(BaseSettings):
     client_id_header: str = "x-client-id"
     tls: ListenerTLS | None = None
     throttle: ThrottleConfig = ThrottleConfig()
+    state: StateConfig = StateConfig()
     alerts: AlertConfig = AlertConfig()
     max_tracked_clients: PositiveInt = 100_000  # buckets and last answers; least recently seen clients are forgotten first
     # Bans, offence counts, suspects and refusal windows: never evicted before they expire; at the

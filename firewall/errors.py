@@ -39,6 +39,10 @@ class Refused(Rejection):
     public_message = "request refused"
 
 
+class Banned(Refused):
+    """Refused because of a ban. The client sees the same status and message as any refusal."""
+
+
 class Throttled(Rejection):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     public_message = "too many requests"
@@ -47,3 +51,7 @@ class Throttled(Rejection):
 class Unavailable(Rejection):
     code = grpc.StatusCode.UNAVAILABLE
     public_message = "model unavailable"
+
+
+class StoreUnavailable(Unavailable):
+    """The shared state store cannot be reached and its ``fail_mode`` is closed."""

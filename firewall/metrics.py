@@ -4,8 +4,11 @@
     firewall_decisions_total{model, outcome}       how each request ended, see OUTCOMES
     firewall_findings_total{model, rule}           findings raised, by detector rule
     firewall_stage_seconds{model, stage}           latency of each pipeline stage and of the prediction
-    firewall_tracked_clients                       clients with state (buckets, bans)
-    firewall_bans_active                           clients and addresses banned right now
+    firewall_tracked_clients                       clients with state (buckets, bans) in this replica's memory
+    firewall_bans_active                           clients and addresses banned right now (known to this replica)
+    firewall_shared_state_up                       1 while the shared store (Redis) answers, 0 while degraded
+    firewall_shared_state_errors_total             calls to the shared store that failed or timed out
+    firewall_shared_state_dropped_total            queries not exchanged with other replicas (buffers full, store down)
     firewall_stage_stat{model, stage, stat}        what stages report from ``stats()`` (index sizes)
 
 Gauges that describe state are computed when Prometheus scrapes, never on the request path.
@@ -13,16 +16,14 @@ Gauges that describe state are computed when Prometheus scrapes, never on the re
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from firewall.errors import InvalidInput, Refused, Rejection, Throttled, UnknownModel
+from firewall.errors import Banned, InvalidInput, Refused, Rejection, Throttled, UnknownModel
 from firewall.pipeline import ModelPipeline
 from firewall.state import ClientState
-from firewall.throttle import Banned
 
 OUTCOMES = (
     "answered",  # no finding: the genuine label
@@ -47,7 +48,6 @@ class Metrics:
         self,
         pipelines: dict[str, ModelPipeline],
         state: ClientState,
-        clock: Callable[[], float] = time.monotonic,
     ):
         self.registry = CollectorRegistry()
         self.requests = Counter("firewall_requests", "Inference requests received", ["model"], registry=self.registry)
@@ -56,7 +56,7 @@ class Metrics:
         self.stage_seconds = Histogram(
             "firewall_stage_seconds", "Pipeline stage latency", ["model", "stage"], buckets=LATENCY_BUCKETS, registry=self.registry
         )
-        self.registry.register(StateCollector(pipelines, state, clock))
+        self.registry.register(StateCollector(pipelines, state))
         self._server = None
 
     def observer(self, model: str) -> Callable[[str, float], None]:
@@ -78,16 +78,18 @@ class Metrics:
 class StateCollector:
     """Gauges read from the client state and the stages at scrape time."""
 
-    def __init__(self, pipelines: dict[str, ModelPipeline], state: ClientState, clock: Callable[[], float]):
+    def __init__(self, pipelines: dict[str, ModelPipeline], state: ClientState):
         self.pipelines = pipelines
         self.state = state
-        self.clock = clock
 
     def collect(self) -> Iterable[Metric]:
-        now = self.clock()
-        yield GaugeMetricFamily("firewall_tracked_clients", "Clients with state (buckets, bans)", value=len(self.state))
-        bans = sum(record.banned_until > now for record in self.state.records())
-        yield GaugeMetricFamily("firewall_bans_active", "Clients and addresses banned now", value=bans)
+        state = self.state.stats()
+        yield GaugeMetricFamily("firewall_tracked_clients", "Clients with state (buckets, bans)", value=state["tracked_clients"])
+        yield GaugeMetricFamily("firewall_bans_active", "Clients and addresses banned now", value=state["bans_active"])
+        if "shared_up" in state:
+            yield GaugeMetricFamily("firewall_shared_state_up", "1 while the shared state store answers", value=state["shared_up"])
+            yield CounterMetricFamily("firewall_shared_state_errors", "Failed shared state calls", value=state["shared_errors"])
+            yield CounterMetricFamily("firewall_shared_state_dropped", "Queries not exchanged", value=state["shared_dropped"])
         stats = GaugeMetricFamily("firewall_stage_stat", "Stage statistics (index sizes)", labels=["model", "stage", "stat"])
         for model, pipeline in self.pipelines.items():
             for stage in pipeline.stages:

@@ -1,7 +1,9 @@
 """One protected model's pipeline: sanitize, detect, predict.
 
 The stages come from configuration (the sanitizer first, then each configured detector in
-order), so adding a detector means one module in ``detectors/`` and one config entry.
+order), so adding a detector means one module in ``detectors/`` and one config entry. A stage with
+state that outlives a request has a ``share(state, name)`` method: it gets the firewall's state
+(``firewall.state``, as ``detectors.shared.SharedState``) and a name unique to the model and stage.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from firewall.backends import Predictor, build_predictor
 from firewall.codec import Limits
 from firewall.config import ProtectedModel, Settings
 from firewall.stage import RequestContext, Stage
+from firewall.state import ClientState
 from models.runtime import OnnxClassifier
 
 
@@ -46,7 +49,7 @@ class ModelPipeline:
         self.predictor.close()
 
 
-def build_pipeline(name: str, model: ProtectedModel, settings: Settings) -> ModelPipeline:
+def build_pipeline(name: str, model: ProtectedModel, settings: Settings, state: ClientState) -> ModelPipeline:
     classifier = OnnxClassifier(settings.onnx_path(name))
     stages: list[Stage] = [model.sanitizer.build(classifier)]
     for detector in model.detectors:
@@ -54,6 +57,10 @@ def build_pipeline(name: str, model: ProtectedModel, settings: Settings) -> Mode
             path = settings.snapshot_dir / f"{name}.{detector.kind}.snapshot"
             detector = detector.model_copy(update={"snapshot_path": path})
         stages.append(detector.build(classifier))
+    for stage in stages:
+        share = getattr(stage, "share", None)
+        if share is not None:
+            share(state, f"{name}.{stage.name}")
     return ModelPipeline(
         name=name,
         classifier=classifier,
@@ -69,5 +76,5 @@ def build_pipeline(name: str, model: ProtectedModel, settings: Settings) -> Mode
     )
 
 
-def build_pipelines(settings: Settings) -> dict[str, ModelPipeline]:
-    return {name: build_pipeline(name, model, settings) for name, model in settings.models.items()}
+def build_pipelines(settings: Settings, state: ClientState) -> dict[str, ModelPipeline]:
+    return {name: build_pipeline(name, model, settings, state) for name, model in settings.models.items()}

@@ -25,48 +25,28 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
-from typing import Callable
 
 import numpy as np
 import structlog
 
 from firewall.alerts import Alert, AlertAggregator
 from firewall.config import BanConfig, Settings
-from firewall.errors import Refused
+from firewall.errors import Banned, Refused
 from firewall.pipeline import ModelPipeline
 from firewall.stage import RequestContext
-from firewall.state import ClientRecord, ClientState
-from firewall.throttle import Banned, peer_key
+from firewall.state import ClientState
+from firewall.throttle import peer_key
 
 log = structlog.get_logger("firewall.policy")
 
 SEVERITY = ("monitor", "decoy", "reject", "ban")
-MAX_ESCALATIONS = 64  # factor ** offences stays a finite float
-
-
-def start_ban(record: ClientRecord, config: BanConfig, suspect_s: float, now: float) -> float | None:
-    """Ban the record's client; return the duration, or None when it is banned already."""
-    if record.banned_until > now:
-        return None  # findings of calls admitted before the ban began are not new offences
-    if now - record.last_offence_at > config.forget_s:
-        record.offences = 0
-    duration = min(config.first_s * config.factor ** min(record.offences, MAX_ESCALATIONS), config.max_s)
-    record.offences += 1
-    record.last_offence_at = now
-    record.banned_until = now + duration
-    record.suspect_until = record.banned_until + suspect_s
-    return duration
 
 
 class ResponsePolicy:
-    def __init__(
-        self, settings: Settings, state: ClientState, alerts: AlertAggregator, clock: Callable[[], float] = time.monotonic
-    ):
+    def __init__(self, settings: Settings, state: ClientState, alerts: AlertAggregator):
         self.settings = settings
         self.state = state
         self.alerts = alerts
-        self.clock = clock
         self._decoy_secret = os.urandom(16)  # fallback decoy labels cannot be computed outside
 
     def decide(self, ctx: RequestContext, pipeline: ModelPipeline) -> str:
@@ -95,8 +75,7 @@ class ResponsePolicy:
             self._ban(ctx, policy.ban)
             raise Banned(f"{len(ctx.findings)} finding(s), ban")
         if action == "reject":
-            suspect_until = self.clock() + self.settings.throttle.suspect_s
-            self.state.update(ctx.client_id, lambda record: setattr(record, "suspect_until", suspect_until))
+            self.state.suspect(ctx.client_id, self.settings.throttle.suspect_s)
             raise Refused(f"{len(ctx.findings)} finding(s), reject")
         pipeline.predict(ctx)
         if action == "monitor":
@@ -117,23 +96,20 @@ class ResponsePolicy:
         return "decoyed"
 
     def _ban(self, ctx: RequestContext, config: BanConfig) -> None:
-        now = self.clock()
-        suspect_s = self.settings.throttle.suspect_s
         keys = [ctx.client_id, peer_key(ctx.peer)] if config.by_peer else [ctx.client_id]
         for key in keys:
-            duration = self.state.update(key, lambda record: start_ban(record, config, suspect_s, now))
+            duration = self.state.ban(key, config, self.settings.throttle.suspect_s)
             if duration is not None:
                 log.warning("ban.started", banned=key, duration_s=duration)
 
     def _remember(self, ctx: RequestContext, genuine: np.ndarray) -> None:
         if len(genuine):
-            label = int(genuine[-1])
-            self.state.update(ctx.client_id, lambda record: record.last_labels.__setitem__(ctx.model, label))
+            self.state.remember(ctx.client_id, ctx.model, int(genuine[-1]))
 
     def _decoy_label(self, ctx: RequestContext, pipeline: ModelPipeline) -> int:
-        record = self.state.get(ctx.client_id)
-        if record is not None and ctx.model in record.last_labels:
-            return record.last_labels[ctx.model]
+        label = self.state.last_label(ctx.client_id, ctx.model)
+        if label is not None:
+            return label
         digest = hashlib.sha256(self._decoy_secret + f"{ctx.model}\0{ctx.client_id}".encode()).digest()
         return int.from_bytes(digest[:8], "little") % class_count(pipeline)
 

@@ -39,7 +39,7 @@ from firewall.pipeline import build_pipelines
 from firewall.policy import ResponsePolicy
 from firewall.protocol import pb, pb_grpc
 from firewall.service import InferenceService, log
-from firewall.state import MemoryClientState
+from firewall.state import ClientState, MemoryClientState
 from firewall.throttle import Admission
 from firewall.tls import server_credentials
 
@@ -83,6 +83,17 @@ REFLECTED_SERVICES = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Heal
 cv2.setNumThreads(1)
 
 
+def build_state(settings: Settings) -> ClientState:
+    """Process memory, or Redis shared by every replica (with this process's memory as its fallback)."""
+    keep_offences_s = max([model.policy.ban.forget_s for model in settings.models.values()] + [settings.throttle.refusal_window_s])
+    local = MemoryClientState(settings.max_tracked_clients, settings.max_protected_clients, keep_offences_s)
+    if settings.state.backend == "memory":
+        return local
+    from firewall.redis_state import RedisClientState  # the redis client is needed only here
+
+    return RedisClientState(settings.state, local, keep_offences_s)
+
+
 class Firewall:
     """A running firewall: build it from settings, ``await start()``, ``await stop()``."""
 
@@ -93,13 +104,12 @@ class Firewall:
             if not path.is_file():
                 known = "" if model.onnx is not None else " (not a bundled model: set models.<name>.onnx)"
                 raise StartupError(f"model {name!r}: no ONNX file at {path}{known}")
+        state = build_state(settings)
+        self.state = state
         try:
-            pipelines = build_pipelines(settings)
+            pipelines = build_pipelines(settings, state)
         except Exception as error:  # ONNX Runtime, FAISS, a detector's own checks
             raise StartupError(f"cannot load the models: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
-        keep_offences_s = max([model.policy.ban.forget_s for model in settings.models.values()] + [settings.throttle.refusal_window_s])
-        state = MemoryClientState(settings.max_tracked_clients, settings.max_protected_clients, keep_offences_s)
-        self.state = state
         self.snapshot_path: Path | None = settings.snapshot_dir / CLIENT_SNAPSHOT if settings.snapshot_dir else None
         if self.snapshot_path is not None and self.snapshot_path.exists():
             try:
@@ -142,6 +152,7 @@ class Firewall:
         except (OSError, ValueError) as error:
             raise StartupError(f"cannot serve metrics on {self.settings.metrics_listen}: {error.strerror or error if isinstance(error, OSError) else error}") from None
         self._alert_flusher = asyncio.create_task(self.alerts.run())
+        await self.state.start()
         await self.server.start()
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._update_readiness()
@@ -161,6 +172,7 @@ class Firewall:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_s)
         await asyncio.get_running_loop().run_in_executor(None, self.service.close)
+        await self.state.close()
         if self.snapshot_path is not None:
             try:
                 log.info("state.saved", records=self.state.snapshot(self.snapshot_path), path=str(self.snapshot_path))

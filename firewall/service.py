@@ -180,12 +180,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         with structlog.contextvars.bound_contextvars(**fields):
             try:
                 cost = request_cost(request, pipeline.limits.max_batch if pipeline else 1)
-                self.admission.check_bans(identity.client_id, identity.peer)
-                self.admission.charge_address(identity.peer, cost)  # unknown models and invalid input pay too
+                await self.admission.admit_address(identity.client_id, identity.peer, cost)  # unknown models and invalid input pay too
                 if pipeline is None:
                     raise UnknownModel(f"model {request.model_name!r} is not protected here")
                 plan = codec.plan_request(request, pipeline.limits)  # invalid input creates no client record
-                created = self.admission.charge_client(identity.client_id, cost)
+                created = await self.admission.charge_client(identity.client_id, cost)
                 try:
                     ticket = self.in_flight.enter(identity.client_id, identity.peer, plan.decoded_bytes)
                 except Rejection:
@@ -203,7 +202,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         self.admission.state.discard(identity.client_id)
                     raise
                 except Refused:
-                    self.admission.count_refusal(identity.peer)  # the pipeline's policy refused: the address's budget
+                    await self.admission.count_refusal(identity.peer)  # the pipeline's policy refused: the address's budget
                     raise
                 finally:
                     self.in_flight.leave(ticket)

@@ -1,7 +1,13 @@
-"""Per-client state that outlives a request: token bucket, suspicion, bans, the last genuine answer.
+"""State that outlives a request: token buckets, bans and offences, suspicion, refusal budgets, the
+last genuine answer, and the stateful detectors' evidence and query exchange.
 
-Everything goes through one small interface, ``ClientState``: read a record, or change it
-atomically. ``MemoryClientState`` keeps the records in process memory in two places:
+Everything goes through one interface, ``ClientState``, with two implementations: process memory
+(``MemoryClientState``, the zero-configuration default) and Redis (``firewall.redis_state``, the
+store several replicas share). Each operation is one decision taken atomically (in Redis: one Lua
+script), so two replicas never act on a stale copy. The operations admission runs on the event
+loop are coroutines; those the policy runs on worker threads are plain calls.
+
+``MemoryClientState`` keeps the records in process memory in two places:
 
 - ordinary records (a token bucket, the last answer) in an LRU bounded by ``max_clients``: the
   least recently seen client is forgotten first, so a flood of fresh ids only forgets other
@@ -14,9 +20,8 @@ atomically. ``MemoryClientState`` keeps the records in process memory in two pla
   (RESOURCE_EXHAUSTED), so the table can only grow by ids already tracked, and no ban is ever
   forgotten to make room.
 
-A shared store (Redis, for several replicas) can replace it by running ``update`` as an optimistic
-transaction on the serialized record. Times are the caller's clock (``time.monotonic`` in the
-service); ``snapshot``/``restore`` convert them to durations so they survive a restart.
+Times are the caller's clock (``time.monotonic`` in the service); ``snapshot``/``restore`` convert
+them to durations so they survive a restart.
 """
 
 from __future__ import annotations
@@ -26,11 +31,18 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Protocol, TypeVar
+from typing import Protocol, TypeVar
+
+from detectors.evidence import DecayingCount
+from detectors.shared import Counts, QueryFeed, QueryRows
+from firewall.config import BanConfig
+from firewall.errors import Banned, Throttled
 
 T = TypeVar("T")
+MAX_ESCALATIONS = 64  # factor ** offences stays a finite float
 
 PURGE_INTERVAL_S = 1.0  # at the cap, expired protected records are looked for at most this often
 
@@ -52,26 +64,98 @@ class ClientRecord:
 _MOMENTS = ("refilled_at", "suspect_until", "banned_until", "last_offence_at", "refusals_until")
 
 
-class ClientState(Protocol):
-    def get(self, key: str) -> ClientRecord | None:
-        """A copy of the record, or None when the key is not tracked. Never creates one."""
+@dataclass(frozen=True)
+class Bucket:
+    """A token bucket: ``burst`` tokens at once, ``rate`` per second after that."""
 
-    def update(self, key: str, change: Callable[[ClientRecord], T]) -> T:
-        """Apply ``change`` to the key's record (a fresh one if untracked) atomically; return its result."""
+    rate: float
+    burst: int
+
+
+def take_tokens(record: ClientRecord, cost: int, rate: float, burst: int, now: float) -> bool:
+    """Refill the record's bucket up to ``burst``, then spend ``cost`` tokens if the bucket allows it.
+
+    A request may overdraw the bucket once it holds at least min(cost, burst) tokens, so a batch
+    larger than the burst is slowed, not refused forever.
+    """
+    if record.tokens is None:
+        record.tokens = float(burst)
+    else:
+        record.tokens = min(float(burst), record.tokens + (now - record.refilled_at) * rate)
+    record.refilled_at = now
+    if record.tokens < min(cost, burst):
+        return False
+    record.tokens -= cost
+    return True
+
+
+def start_ban(record: ClientRecord, config: BanConfig, suspect_s: float, now: float) -> float | None:
+    """Ban the record's client; return the duration, or None when it is banned already."""
+    if record.banned_until > now:
+        return None  # findings of calls admitted before the ban began are not new offences
+    if now - record.last_offence_at > config.forget_s:
+        record.offences = 0
+    duration = min(config.first_s * config.factor ** min(record.offences, MAX_ESCALATIONS), config.max_s)
+    record.offences += 1
+    record.last_offence_at = now
+    record.banned_until = now + duration
+    record.suspect_until = record.banned_until + suspect_s
+    return duration
+
+
+class ClientState(Protocol):
+    """The one interface to state that outlives a request. Keys are client ids and ``peer_key``s."""
+
+    # -- on the event loop (admission) -------------------------------------------------------------
+
+    async def admit_address(self, client_key: str, peer_key: str, cost: int, bucket: Bucket | None) -> None:
+        """Raise ``Banned`` when the client or its address is banned, else spend from the address's
+        bucket (None: throttling off) and raise ``Throttled`` when it is empty. Creates no client record."""
+
+    async def admit_client(self, key: str, cost: int, bucket: Bucket | None, suspect: Bucket) -> bool:
+        """Raise ``Banned`` for a banned client, else spend from its bucket (the suspect one while
+        suspect) and raise ``Throttled`` when empty; return whether the record is new."""
+
+    async def count_refusal(self, peer_key: str, budget: int, window_s: float, cooldown_s: float) -> bool:
+        """Count a policy refusal against the address's budget; return True when it bans the address now."""
 
     def discard(self, key: str) -> None:
-        """Forget an ordinary record (one a request created before it failed validation)."""
+        """Forget a record a request created before it failed validation."""
 
-    def tracked(self, key: str) -> bool: ...
+    # -- on worker threads (policy) ----------------------------------------------------------------
 
-    @property
-    def full(self) -> bool:
-        """True while the protected table is at its cap: new ids are refused."""
+    def ban(self, key: str, config: BanConfig, suspect_s: float) -> float | None:
+        """Start a ban (``start_ban``); return its duration, or None when already banned."""
 
-    def records(self) -> list[ClientRecord]:
-        """Every tracked record, to read only (metrics)."""
+    def suspect(self, key: str, seconds: float) -> None:
+        """The client draws from the suspect bucket for ``seconds`` from now."""
 
-    def __len__(self) -> int: ...
+    def remember(self, key: str, model: str, label: int) -> None:
+        """The last genuine label the client got from ``model`` (decoys repeat it)."""
+
+    def last_label(self, key: str, model: str) -> int | None: ...
+
+    # -- stateful detectors (``detectors.shared.SharedState``) ---------------------------------------
+
+    def counts(self, name: str, half_life_s: float, max_keys: int) -> Counts: ...
+
+    def feed(self, name: str, receive: Callable[[QueryRows], None]) -> QueryFeed | None: ...
+
+    # -- life cycle and metrics ----------------------------------------------------------------------
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def refresh(self) -> None:
+        """Periodic housekeeping (expired protected records leave the table)."""
+
+    def snapshot(self, path: Path) -> int: ...
+
+    def restore(self, path: Path) -> int: ...
+
+    def stats(self) -> dict[str, float]:
+        """Gauges for the metrics endpoint, read from local memory only."""
 
 
 class MemoryClientState:
@@ -91,6 +175,104 @@ class MemoryClientState:
         self._lock = threading.Lock()  # the event loop and the pipeline's worker threads share it
         self._purged_at = float("-inf")
         self.full = False
+
+    # -- the ClientState operations --------------------------------------------------------------
+
+    async def admit_address(self, client_key: str, peer_key: str, cost: int, bucket: Bucket | None) -> None:
+        self.check_bans(client_key, peer_key)
+        if bucket is not None:
+            now = self.clock()
+            if not self.update(peer_key, lambda record: take_tokens(record, cost, bucket.rate, bucket.burst, now)):
+                raise Throttled("address rate limit")
+
+    def check_bans(self, *keys: str) -> None:
+        """Raise ``Banned`` when any key is banned. Reads only: creates no record."""
+        now = self.clock()
+        for key in keys:
+            record = self.get(key)
+            if record is not None and record.banned_until > now:
+                raise Banned(f"{key!r} banned")
+
+    async def admit_client(self, key: str, cost: int, bucket: Bucket | None, suspect: Bucket) -> bool:
+        created = not self.tracked(key)
+        if created and self.full:
+            raise Throttled("client state full")  # refuse a new id rather than forget a ban
+        now = self.clock()
+
+        def verdict(record: ClientRecord) -> Banned | Throttled | None:
+            if record.banned_until > now:
+                return Banned("client banned")
+            if bucket is None:
+                return None
+            current = suspect if record.suspect_until > now else bucket
+            return None if take_tokens(record, cost, current.rate, current.burst, now) else Throttled("client rate limit")
+
+        refusal = self.update(key, verdict)
+        if refusal is not None:
+            raise refusal
+        return created
+
+    async def count_refusal(self, peer_key: str, budget: int, window_s: float, cooldown_s: float) -> bool:
+        now = self.clock()
+
+        def count(record: ClientRecord) -> bool:
+            if record.refusals_until <= now:
+                record.refusals, record.refusals_until = 0, now + window_s
+            record.refusals += 1
+            if record.refusals > budget and record.banned_until <= now:
+                record.banned_until = now + cooldown_s
+                record.refusals_until = max(record.refusals_until, record.banned_until)
+                return True
+            return False
+
+        return self.update(peer_key, count)
+
+    def ban(self, key: str, config: BanConfig, suspect_s: float) -> float | None:
+        now = self.clock()
+        return self.update(key, lambda record: start_ban(record, config, suspect_s, now))
+
+    def suspect(self, key: str, seconds: float) -> None:
+        until = self.clock() + seconds
+        self.update(key, lambda record: setattr(record, "suspect_until", max(record.suspect_until, until)))
+
+    def remember(self, key: str, model: str, label: int) -> None:
+        self.update(key, lambda record: record.last_labels.__setitem__(model, label))
+
+    def last_label(self, key: str, model: str) -> int | None:
+        record = self.get(key)
+        return None if record is None else record.last_labels.get(model)
+
+    def counts(self, name: str, half_life_s: float, max_keys: int) -> Counts:
+        return DecayingCount(half_life_s, max_keys)
+
+    def feed(self, name: str, receive: Callable[[QueryRows], None]) -> QueryFeed | None:
+        return None  # one replica: nobody to exchange queries with
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, float]:
+        now = self.clock()
+        return {
+            "tracked_clients": float(len(self)),
+            "bans_active": float(sum(record.banned_until > now for record in self.records())),
+        }
+
+    def mirror_ban(self, key: str, remaining_s: float) -> None:
+        """Hold a ban decided elsewhere (by a shared store) for ``remaining_s`` more seconds."""
+        until = self.clock() + remaining_s
+        self.update(key, lambda record: setattr(record, "banned_until", max(record.banned_until, until)))
+
+    def active_bans(self) -> dict[str, float]:
+        """Key -> seconds left, for every ban in force (a shared store resynchronises them)."""
+        now = self.clock()
+        with self._lock:
+            return {key: record.banned_until - now for key, record in self._protected.items() if record.banned_until > now}
+
+    # -- records -----------------------------------------------------------------------------------
 
     def protects(self, record: ClientRecord, now: float) -> bool:
         return (

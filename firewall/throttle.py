@@ -26,22 +26,16 @@ a client's deadline.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Callable
 
 import structlog
 
 from firewall.config import ThrottleConfig
-from firewall.errors import Refused, Throttled
+from firewall.errors import Throttled
 from firewall.protocol import pb
-from firewall.state import ClientRecord, ClientState
+from firewall.state import Bucket, ClientState
 
 log = structlog.get_logger("firewall.throttle")
-
-
-class Banned(Refused):
-    """Refused because of a ban. The client sees the same status and message as any refusal."""
 
 
 def peer_key(peer: str) -> str:
@@ -49,96 +43,35 @@ def peer_key(peer: str) -> str:
     return f"peer {peer}"
 
 
-def take_tokens(record: ClientRecord, cost: int, rate: float, burst: int, now: float) -> bool:
-    """Refill the record's bucket up to ``burst``, then spend ``cost`` tokens if the bucket allows it."""
-    if record.tokens is None:
-        record.tokens = float(burst)
-    else:
-        record.tokens = min(float(burst), record.tokens + (now - record.refilled_at) * rate)
-    record.refilled_at = now
-    if record.tokens < min(cost, burst):
-        return False
-    record.tokens -= cost
-    return True
-
-
 class Admission:
-    def __init__(self, state: ClientState, config: ThrottleConfig, clock: Callable[[], float] = time.monotonic):
+    """Which buckets a request draws from, and with what parameters; the state decides atomically."""
+
+    def __init__(self, state: ClientState, config: ThrottleConfig):
         self.state = state
         self.config = config
-        self.clock = clock
+        enabled = config.enabled
+        self.address_bucket = Bucket(config.address_rate, config.address_burst) if enabled else None
+        self.client_bucket = Bucket(config.rate, config.burst) if enabled else None
+        self.suspect_bucket = Bucket(config.suspect_rate, config.suspect_burst)
 
-    def admit(self, client_id: str, peer: str, cost: int) -> bool:
-        """All of ``check_bans``, ``charge_address`` and ``charge_client``; return whether the client is new."""
-        self.check_bans(client_id, peer)
-        self.charge_address(peer, cost)
-        return self.charge_client(client_id, cost)
+    async def admit_address(self, client_id: str, peer: str, cost: int) -> None:
+        """``Banned`` for a banned client or address, else spend from the address's bucket (every
+        request, valid or not): ``Throttled`` when empty. Creates no client record."""
+        await self.state.admit_address(client_id, peer_key(peer), cost, self.address_bucket)
 
-    def check_bans(self, client_id: str, peer: str) -> None:
-        """Raise ``Banned`` for a banned client or address. Reads only: creates no record."""
-        now = self.clock()
-        peer_record = self.state.get(peer_key(peer))
-        if peer_record is not None and peer_record.banned_until > now:
-            raise Banned("peer address banned")
-        record = self.state.get(client_id)
-        if record is not None and record.banned_until > now:
-            raise Banned("client banned")
-
-    def charge_address(self, peer: str, cost: int) -> None:
-        """Spend from the address's bucket (every request, valid or not); ``Throttled`` when empty."""
-        config = self.config
-        if not config.enabled:
-            return
-        now = self.clock()
-        allowed = self.state.update(
-            peer_key(peer), lambda record: take_tokens(record, cost, config.address_rate, config.address_burst, now)
-        )
-        if not allowed:
-            raise Throttled("address rate limit")
-
-    def charge_client(self, client_id: str, cost: int) -> bool:
+    async def charge_client(self, client_id: str, cost: int) -> bool:
         """Spend from the client's bucket (the suspect one while suspect); return whether the record is new.
 
         While the protected state is full, ids not tracked yet are refused rather than any ban forgotten.
         """
-        created = not self.state.tracked(client_id)
-        if created and self.state.full:
-            raise Throttled("client state full")
-        now = self.clock()
-        verdict = self.state.update(client_id, lambda record: self._verdict(record, cost, now))
-        if verdict is not None:
-            raise verdict
-        return created
+        return await self.state.admit_client(client_id, cost, self.client_bucket, self.suspect_bucket)
 
-    def count_refusal(self, peer: str) -> None:
+    async def count_refusal(self, peer: str) -> None:
         """A policy refusal of one of the address's ids: past the budget the address is refused for a while."""
         config = self.config
-        now = self.clock()
-
-        def count(record: ClientRecord) -> bool:
-            if record.refusals_until <= now:
-                record.refusals, record.refusals_until = 0, now + config.refusal_window_s
-            record.refusals += 1
-            if record.refusals > config.address_refusals and record.banned_until <= now:
-                record.banned_until = now + config.address_cooldown_s
-                record.refusals_until = max(record.refusals_until, record.banned_until)
-                return True
-            return False
-
-        if self.state.update(peer_key(peer), count):
-            log.warning("address.refused", banned=peer_key(peer), duration_s=config.address_cooldown_s)
-
-    def _verdict(self, record: ClientRecord, cost: int, now: float) -> Banned | Throttled | None:
-        if record.banned_until > now:
-            return Banned("client banned")
-        config = self.config
-        if not config.enabled:
-            return None
-        if record.suspect_until > now:
-            allowed = take_tokens(record, cost, config.suspect_rate, config.suspect_burst, now)
-        else:
-            allowed = take_tokens(record, cost, config.rate, config.burst, now)
-        return None if allowed else Throttled("client rate limit")
+        key = peer_key(peer)
+        if await self.state.count_refusal(key, config.address_refusals, config.refusal_window_s, config.address_cooldown_s):
+            log.warning("address.refused", banned=key, duration_s=config.address_cooldown_s)
 
 
 @dataclass(frozen=True)

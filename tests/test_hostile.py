@@ -8,6 +8,7 @@ never called), not by a timing or by OpenCV refusing them itself.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from detectors.sanitizer import decode_image, read_header
 from firewall.protocol import pb, pb_grpc
 from firewall.stage import RequestContext
 from firewall.state import MemoryClientState
-from firewall.throttle import Admission, Throttled
+from firewall.errors import Throttled
+from firewall.throttle import Admission
 from firewall.config import ThrottleConfig
 from tests.conftest import address, make_settings, running_firewall
 from tests.stages import Flagger, marked, with_stage
@@ -202,19 +204,19 @@ def test_a_ban_survives_a_flood_of_fresh_ids_and_invalid_requests(mnist_heldout)
 def test_at_the_protected_cap_new_ids_are_refused_and_no_ban_forgotten():
     now = [1000.0]
     state = MemoryClientState(max_clients=10, max_protected=2, clock=lambda: now[0])
-    admission = Admission(state, ThrottleConfig(), clock=lambda: now[0])
+    admission = Admission(state, ThrottleConfig())
     for key in ("a", "b"):
         state.update(key, lambda record: setattr(record, "banned_until", now[0] + 60))
-    admission.charge_client("known", 1)
+    asyncio.run(admission.charge_client("known", 1))
     state.update("c", lambda record: setattr(record, "banned_until", now[0] + 60))  # a tracked id may still be banned
     assert state.full and all(state.get(key).banned_until > now[0] for key in "abc")
     with pytest.raises(Throttled):
-        admission.charge_client("newcomer", 1)
-    admission.charge_client("known", 1)  # ids already tracked are served
+        asyncio.run(admission.charge_client("newcomer", 1))
+    asyncio.run(admission.charge_client("known", 1))  # ids already tracked are served
     now[0] += 61  # the bans expire: the table empties, new ids are admitted again
     state.refresh()
     assert not state.full and state.protected_count() == 0
-    admission.charge_client("newcomer", 1)
+    asyncio.run(admission.charge_client("newcomer", 1))
 
 
 # -- 7. identity: the address counts -----------------------------------------------------------

@@ -11,8 +11,7 @@ from pydantic import ValidationError
 from tritonclient.utils import InferenceServerException
 
 from firewall.config import BanConfig, load_settings
-from firewall.policy import start_ban
-from firewall.state import ClientRecord
+from firewall.state import ClientRecord, start_ban
 from tests.conftest import address, make_settings, running_firewall, uint8_input
 from tests.stages import Flagger, marked, with_stage
 

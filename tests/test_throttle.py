@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from firewall.protocol import pb, pb_grpc
-from firewall.state import MemoryClientState
-from firewall.throttle import take_tokens
+from firewall.state import MemoryClientState, take_tokens
 from tests.conftest import address, make_settings, running_firewall
 from tests.stages import Flagger, Slow, marked, with_stage
 
