@@ -299,7 +299,7 @@ class RedisClientState:
         for start in range(0, len(bans), 500):
             pipe = self.client.pipeline(transaction=False)
             for key, left in bans[start : start + 500]:
-                self.scripts["hold_ban"](keys=[self._key(key)], args=[left, self.keep_offences_s], client=pipe)
+                await self.scripts["hold_ban"](keys=[self._key(key)], args=[left, self.keep_offences_s], client=pipe)
             await asyncio.wait_for(pipe.execute(), self.config.timeout_s * 4)
 
     # -- admission (event loop) --------------------------------------------------------------------

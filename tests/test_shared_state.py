@@ -1,0 +1,215 @@
+"""Two firewall replicas (own gRPC and metrics ports) on one real redis-server (issue 17): bans,
+buckets, refusal budgets and probing evidence are shared; Redis killed mid-traffic leaves open mode
+answering (degraded metric and alert, then resynchronised) and closed mode answering UNAVAILABLE."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from contextlib import ExitStack, contextmanager
+from typing import Iterator
+
+import grpc
+import numpy as np
+import pytest
+import structlog
+import yaml
+
+from firewall.logs import logging_config
+from firewall.protocol import pb, pb_grpc
+from firewall.server import Firewall
+from models.runtime import OnnxClassifier
+from tests.conftest import address, make_settings, running_firewall
+from tests.redis_server import RedisServer
+from tests.stages import Flagger, marked, with_stage
+from tests.test_probing import MNIST_THRESHOLDS, noise_blend
+
+OK, DENIED, THROTTLED, UNAVAILABLE = (
+    grpc.StatusCode.OK,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAVAILABLE,
+)
+WAIT_S = 60.0  # a condition that needs a background task (stream reader, reconnection) is polled up to this long
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    from tests.conftest import FIXTURES
+
+    return np.load(FIXTURES / "mnist_heldout.npz")["images"]
+
+
+@contextmanager
+def replicas(server: RedisServer, count: int = 2, state: dict | None = None, **overrides) -> Iterator[list[Firewall]]:
+    settings = make_settings(state={"backend": "redis", "url": server.url, "retry_s": 0.05, "max_retry_s": 0.2, **(state or {})}, **overrides)
+    with ExitStack() as stack:
+        yield [stack.enter_context(running_firewall(settings)) for _ in range(count)]
+
+
+def infer(firewall: Firewall, pixels: np.ndarray, client_id: str, datatype: str = "UINT8") -> grpc.StatusCode:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype=datatype, shape=list(pixels.shape))
+    message = pb.ModelInferRequest(model_name="mnist", inputs=[tensor], raw_input_contents=[pixels.tobytes()])
+    with grpc.insecure_channel(address(firewall)) as channel:
+        try:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(message, metadata=[("x-client-id", client_id)], timeout=30)
+        except grpc.RpcError as error:
+            return error.code()
+    return OK
+
+
+def scrape(firewall: Firewall, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{firewall.metrics_port}/metrics", timeout=10) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached in {WAIT_S}s: {what}")
+        time.sleep(0.05)
+
+
+# -- shared decisions --------------------------------------------------------------------------------
+
+
+def test_a_client_banned_on_one_replica_is_refused_by_the_other(redis_server, images):
+    with replicas(redis_server, models={"mnist": {"policy": {"action": "ban"}}}) as (first, second):
+        with with_stage(first, Flagger()):
+            assert infer(first, marked(images[:1]), "attacker") == DENIED
+        assert infer(second, images[:1], "attacker") == DENIED
+        assert infer(second, images[:1], "bystander") == OK
+        assert scrape(second, "firewall_bans_active") == 1  # the replica mirrors the ban it saw
+
+
+def test_a_bucket_is_shared_by_the_replicas(redis_server, images):
+    # A slow refill, so that a loaded machine cannot refill the bucket between two calls.
+    throttle = {"rate": 0.01, "burst": 4}
+    with replicas(redis_server, throttle=throttle) as (first, second):
+        assert [infer(replica, images[:1], "c") for replica in (first, second, first, second)] == [OK] * 4
+        assert infer(first, images[:1], "c") == THROTTLED
+        assert infer(second, images[:1], "c") == THROTTLED
+        assert infer(second, images[:1], "other") == OK
+
+
+def test_an_address_refusal_budget_is_shared(redis_server, images):
+    throttle = {"address_refusals": 2}
+    with replicas(redis_server, throttle=throttle, models={"mnist": {"policy": {"action": "reject"}}}) as (first, second):
+        with with_stage(first, Flagger()), with_stage(second, Flagger()):
+            codes = [infer(replica, marked(images[:1]), f"id-{n}") for n, replica in enumerate((first, second, first))]
+        assert codes == [DENIED] * 3  # the third refusal exceeds the budget of two: the address is refused
+        assert infer(second, images[:1], "fresh") == DENIED
+        assert infer(first, images[:1], "fresh-too") == DENIED
+
+
+def test_an_attack_spread_over_two_replicas_is_seen_as_one(redis_server, images, mnist_model: OnnxClassifier):
+    """Each replica sees the other's queries (stream) and both count one client's evidence (Redis).
+
+    Evidence is a query next to an earlier one labelled otherwise: each blend goes to the replica
+    that did not see its original, and the client is flagged at its third piece of evidence, of
+    which no single replica has more than two."""
+    from detectors.sanitizer import Sanitizer, SanitizerConfig
+    from models.runtime import InputSpec
+
+    document = yaml.safe_load(MNIST_THRESHOLDS.read_text())
+    probing = next(d for d in document["detectors"] if d["kind"] == "probing") | {"client_threshold": 2.5}
+    sanitizer = Sanitizer(SanitizerConfig(**document["sanitizer"]), InputSpec("input", 1, 28, 28))
+    model = {
+        "sanitizer": document["sanitizer"],
+        "detectors": [probing],
+        "policy": {"action": "decoy", "rules": {"probing.client": "reject", "probing.address": "monitor"}},
+    }
+    targets = [image for image in images[10:40] if mnist_model.predict(sanitizer([image[:, :, None]]))[0] != 8][:3]
+    blends = [noise_blend(image, mnist_model, sanitizer)[None] for image in targets]
+    with replicas(redis_server, models={"mnist": model}) as pair:
+        stages = [replica.service.pipelines["mnist"].stages[-1] for replica in pair]
+        codes = []
+        for n, (image, blend) in enumerate(zip(targets, blends)):
+            owner, prober = pair[n % 2], pair[1 - n % 2]
+            assert infer(owner, image[None], f"owner-{n}") == OK
+            wait_for(lambda: stages[1 - n % 2].history.total >= 2 * n + 1, "the original reaches the other replica")
+            codes.append(infer(prober, blend.astype(np.float32), "prober", datatype="FP32"))
+            wait_for(lambda: stages[n % 2].history.total >= 2 * n + 2, "the blend reaches the other replica")
+        assert codes == [OK, OK, DENIED]  # decoys, then the shared evidence crosses the threshold
+        assert infer(pair[0], images[100:101], "prober") == DENIED  # on both replicas, while it lasts
+        assert infer(pair[1], images[101:102], "prober") == DENIED
+
+
+# -- failure -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def log_lines(tmp_path):
+    path = tmp_path / "stdout.jsonl"
+    with path.open("w", buffering=1) as stream:
+        structlog.configure(**logging_config("INFO", stream))
+        try:
+            yield lambda: [json.loads(line) for line in path.read_text().splitlines()]
+        finally:
+            structlog.reset_defaults()
+
+
+def test_redis_killed_in_open_mode_answers_on_then_resynchronises(redis_server, images, log_lines):
+    with replicas(redis_server, models={"mnist": {"policy": {"action": "ban"}}}) as (first, second):
+        assert scrape(first, "firewall_shared_state_up") == 1
+        redis_server.kill()
+        codes = [infer(replica, images[n : n + 1], f"c{n}") for n in range(6) for replica in (first, second)]
+        assert codes == [OK] * 12
+        assert scrape(first, "firewall_shared_state_up") == 0 and scrape(second, "firewall_shared_state_up") == 0
+        assert scrape(first, "firewall_shared_state_errors_total") >= 1
+        degraded = [line for line in log_lines() if line.get("event.action") == "shared-state-degraded"]
+        assert len(degraded) == 2 and all(line["event.kind"] == "alert" for line in degraded)  # one per replica
+        with with_stage(first, Flagger()):
+            assert infer(first, marked(images[:1]), "attacker") == DENIED  # banned in the first's memory only
+        assert infer(second, images[:1], "attacker") == OK
+
+        redis_server.start()  # empty: everything it held is lost
+        wait_for(lambda: all(scrape(replica, "firewall_shared_state_up") == 1 for replica in (first, second)), "reconnected")
+        assert infer(second, images[:1], "attacker") == DENIED  # the first wrote its ban back
+        recovered = [line for line in log_lines() if line.get("event.action") == "shared-state-recovered"]
+        assert len(recovered) == 2
+
+
+def test_redis_down_in_closed_mode_answers_unavailable(redis_server, images):
+    with replicas(redis_server, count=1, state={"fail_mode": "closed"}) as (firewall,):
+        assert infer(firewall, images[:1], "c") == OK
+        redis_server.kill()
+        assert [infer(firewall, images[:1], "c") for _ in range(3)] == [UNAVAILABLE] * 3
+        redis_server.start()
+        wait_for(lambda: scrape(firewall, "firewall_shared_state_up") == 1, "reconnected")
+        assert infer(firewall, images[:1], "c") == OK
+
+
+# -- memory in Redis -------------------------------------------------------------------------------------
+
+
+def test_every_key_expires_and_the_query_stream_is_trimmed(redis_server, images):
+    document = yaml.safe_load(MNIST_THRESHOLDS.read_text())
+    probing = next(d for d in document["detectors"] if d["kind"] == "probing")
+    model = {"sanitizer": document["sanitizer"], "detectors": [probing]}
+    with replicas(redis_server, count=1, state={"stream_length": 10}, models={"mnist": {**model, "policy": {"action": "ban"}}}) as (firewall,):
+        for n in range(150):
+            assert infer(firewall, images[n : n + 1], f"client-{n % 30}") == OK
+        with with_stage(firewall, Flagger()):
+            assert infer(firewall, marked(images[:1]), "attacker") == DENIED
+        store = redis_server.client()
+        keys = list(store.scan_iter("firewall:*"))
+        streams = [key for key in keys if store.type(key) == b"stream"]
+        assert len(streams) == 1 and store.xlen(streams[0]) < 150  # trimmed (approximately, by whole nodes)
+        assert all(store.ttl(key) > 0 for key in keys if key not in streams)  # every record, label and count expires
+        assert any(key.startswith(b"firewall:c:attacker") for key in keys)
