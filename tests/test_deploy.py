@@ -21,6 +21,7 @@ import datetime
 import fnmatch
 import importlib.util
 import json
+import os
 import re
 import shutil
 import signal
@@ -306,6 +307,41 @@ def test_some_overlay_scales_out_and_some_uses_tls() -> None:
     (secret,) = [v for v in pod_spec(docs)["volumes"] if "secret" in v]
     for variable in ("FIREWALL_TLS__CERT", "FIREWALL_TLS__KEY", "HEALTHCHECK_TLS_CA"):
         assert Path(env(firewall)[variable]).parent == mounts[secret["name"]]
+
+
+def test_shared_state_components_add_a_redis_only_the_firewall_pods_reach(tmp_path: Path) -> None:
+    """components/shared-state + components/redis on an overlay: replicas without sticky routing,
+    the Redis URL from a Secret, and a Redis whose NetworkPolicy admits the firewall pods only."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: the kustomize overlays cannot be rendered here")
+    relative = lambda path: os.path.relpath(path, tmp_path)  # noqa: E731 (kustomize refuses absolute paths)
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [relative(K8S / "overlays" / "mlserver")],
+        "components": [relative(K8S / "components" / name) for name in ("shared-state", "redis")],
+    }))
+    result = subprocess.run([kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    named = lambda kind, name: next(d for d in of_kind(docs, kind) if d["metadata"]["name"] == name)  # noqa: E731
+    classifier = named("Deployment", "classifier")
+    assert classifier["spec"]["replicas"] > 1 and not of_kind(docs, "DestinationRule")
+    (firewall,) = [c for c in classifier["spec"]["template"]["spec"]["initContainers"] if c["name"] == "firewall"]
+    variables = {item["name"]: item for item in firewall["env"]}
+    assert variables["FIREWALL_STATE__BACKEND"]["value"] == "redis"
+    assert variables["FIREWALL_STATE__URL"]["valueFrom"]["secretKeyRef"] == {"name": "classifier-redis", "key": "url"}
+    redis = named("Deployment", "classifier-redis")["spec"]["template"]
+    (server,) = redis["spec"]["containers"]
+    assert server["securityContext"]["readOnlyRootFilesystem"] is True and "memory" in server["resources"]["limits"]
+    policy = named("NetworkPolicy", "classifier-redis")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= redis["metadata"]["labels"].items()
+    (rule,) = policy["spec"]["ingress"]
+    assert [peer["podSelector"]["matchLabels"] for peer in rule["from"]] == [{"app.kubernetes.io/name": "classifier"}]
+    assert [port["port"] for port in rule["ports"]] == [6379]
 
 
 # --- Container images -------------------------------------------------------------------------
