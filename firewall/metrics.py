@@ -8,7 +8,7 @@
     firewall_bans_active                           clients and addresses banned right now (known to this replica)
     firewall_shared_state_up                       1 while the shared store (Redis) answers, 0 while degraded
     firewall_shared_state_errors_total             calls to the shared store that failed or timed out
-    firewall_shared_state_dropped_total            queries not exchanged with other replicas (buffers full, store down)
+    firewall_shared_state_dropped_total            queries and label writes not shared (buffers full, store down)
     firewall_stage_stat{model, stage, stat}        what stages report from ``stats()`` (index sizes)
 
 Gauges that describe state are computed when Prometheus scrapes, never on the request path.
@@ -89,7 +89,7 @@ class StateCollector:
         if "shared_up" in state:
             yield GaugeMetricFamily("firewall_shared_state_up", "1 while the shared state store answers", value=state["shared_up"])
             yield CounterMetricFamily("firewall_shared_state_errors", "Failed shared state calls", value=state["shared_errors"])
-            yield CounterMetricFamily("firewall_shared_state_dropped", "Queries not exchanged", value=state["shared_dropped"])
+            yield CounterMetricFamily("firewall_shared_state_dropped", "Queries and label writes not shared", value=state["shared_dropped"])
         stats = GaugeMetricFamily("firewall_stage_stat", "Stage statistics (index sizes)", labels=["model", "stage", "stat"])
         for model, pipeline in self.pipelines.items():
             for stage in pipeline.stages:

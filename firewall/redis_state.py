@@ -10,7 +10,8 @@ replicas agree on time and never act on a stale copy:
   ``firewall.state.take_tokens`` exactly), the suspect bucket's, the suspect and ban ends, offence
   count and time, the refusal budget's count and window. Its TTL is the latest moment anything in
   it matters, so a fresh id's record lives only until its bucket is full again;
-- a client's last genuine labels, ``<prefix>l:<key>``, kept ``label_ttl_s``;
+- a client's last genuine labels, ``<prefix>l:<key>``, kept ``label_ttl_s`` (written in batches
+  every 50 ms: no decision of the request depends on it);
 - the stateful detectors' decaying evidence counts, ``<prefix>e:<name>:<key>``, kept until they
   decay below 0.01;
 - per model, a stream of the queries each replica placed in its history, ``<prefix>q:<name>``,
@@ -58,6 +59,7 @@ FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 READ_BLOCK_MS = 1000  # a stream reader waits this long for new entries before asking again
 READ_COUNT = 512  # entries per read
 SMALLEST_COUNT = 0.01  # an evidence count is forgotten once it has decayed below this
+LABEL_FLUSH_S = 0.05  # last labels are written to Redis in batches this often
 
 PRELUDE = """
 local function clock()
@@ -197,6 +199,10 @@ class RedisClientState:
         self.feeds: list[RedisFeed] = []
         self.loop: asyncio.AbstractEventLoop | None = None
         self._recovery: asyncio.Task | None = None
+        self._lock = threading.Lock()
+        self._labels: dict[tuple[str, str], int] = {}  # (client, model) -> label, waiting for the next batch
+        self._label_writer: asyncio.Task | None = None
+        self.dropped_writes = 0
 
     def _pool(self, size: int, timeout_s: float) -> BlockingConnectionPool:
         tls: dict[str, Any] = {}
@@ -222,14 +228,14 @@ class RedisClientState:
     # -- calls, failure and recovery -------------------------------------------------------------
 
     async def _call(self, call: Awaitable[T]) -> T:
-        """Await a Redis call within the deadline; ``_Down`` (open) or UNAVAILABLE (closed) when it fails."""
+        """Await a Redis call (the connections' timeouts bound it); ``_Down`` (open) or UNAVAILABLE (closed) when it fails."""
         if not self.up:
             if asyncio.iscoroutine(call):
                 call.close()
             self._fail_closed()
             raise _Down
         try:
-            return await asyncio.wait_for(call, self.config.timeout_s)
+            return await call
         except FAILURES as error:
             self._degrade(error)
             self._fail_closed()
@@ -307,7 +313,8 @@ class RedisClientState:
     async def admit_address(self, client_key: str, peer_key: str, cost: int, bucket: Bucket | None) -> None:
         rate, burst = (bucket.rate, bucket.burst) if bucket else (0, 0)
         try:
-            reply = await self._run("admit_address", [self._key(client_key), self._key(peer_key)], [cost, rate, burst, self.keep_offences_s])
+            keys = [self._key(client_key), self._key(peer_key)]
+            reply = await self._run("admit_address", keys, [cost, rate, burst, self.keep_offences_s])
         except _Down:
             return await self.local.admit_address(client_key, peer_key, cost, bucket)
         self._verdict(reply, [client_key, peer_key], "address rate limit")
@@ -361,24 +368,39 @@ class RedisClientState:
             self.local.suspect(key, seconds)
 
     def remember(self, key: str, model: str, label: int) -> None:
-        name = f"{self.config.key_prefix}l:{key}"
+        """Written locally now, and to Redis with the next batch (every ``LABEL_FLUSH_S``): no
+        decision of this request depends on it. At most ``buffer`` labels wait; beyond, the label
+        stays local and is counted dropped."""
+        self.local.remember(key, model, label)
+        with self._lock:
+            if len(self._labels) >= self.config.buffer and (key, model) not in self._labels:
+                self.dropped_writes += 1
+                return
+            self._labels[(key, model)] = label
 
-        async def store() -> None:
+    async def _write_labels(self) -> None:
+        prefix, ttl = f"{self.config.key_prefix}l:", math.ceil(self.config.label_ttl_s)
+        while True:
+            await asyncio.sleep(LABEL_FLUSH_S)
+            if not self.up or not self._labels:
+                continue  # while degraded the newest labels wait (bounded) for the recovery
+            with self._lock:
+                labels, self._labels = self._labels, {}
             pipe = self.client.pipeline(transaction=False)
-            pipe.hset(name, model, label).expire(name, math.ceil(self.config.label_ttl_s))
-            await pipe.execute()
-
-        try:
-            self._wait(self._call(store()))
-        except _Down:
-            self.local.remember(key, model, label)
+            for (key, model), label in labels.items():
+                pipe.hset(prefix + key, model, label).expire(prefix + key, ttl)
+            try:
+                await pipe.execute()
+            except FAILURES as error:
+                self.dropped_writes += len(labels)
+                self._degrade(error)
 
     def last_label(self, key: str, model: str) -> int | None:
         try:
             label = self._wait(self._call(self.client.hget(f"{self.config.key_prefix}l:{key}", model)))
         except _Down:
             return self.local.last_label(key, model)
-        return None if label is None else int(label)
+        return self.local.last_label(key, model) if label is None else int(label)  # local: not written yet
 
     # -- stateful detectors --------------------------------------------------------------------------
 
@@ -403,12 +425,14 @@ class RedisClientState:
             self._alert("shared-state-degraded", "warning", error=type(error).__name__)
         for feed in self.feeds:
             feed.start()
+        self._label_writer = asyncio.create_task(self._write_labels())
 
     async def close(self) -> None:
         for feed in self.feeds:
             await feed.close()
-        if self._recovery is not None:
-            self._recovery.cancel()
+        for task in (self._recovery, self._label_writer):
+            if task is not None:
+                task.cancel()
         await self.client.aclose()
 
     def refresh(self) -> None:
@@ -425,7 +449,7 @@ class RedisClientState:
             **self.local.stats(),
             "shared_up": float(self.up),
             "shared_errors": float(self.errors),
-            "shared_dropped": float(sum(feed.dropped for feed in self.feeds)),
+            "shared_dropped": float(self.dropped_writes + sum(feed.dropped for feed in self.feeds)),
         }
 
 

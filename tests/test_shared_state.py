@@ -53,7 +53,8 @@ def images() -> np.ndarray:
 
 @contextmanager
 def replicas(server: RedisServer, count: int = 2, state: dict | None = None, **overrides) -> Iterator[list[Firewall]]:
-    settings = make_settings(state={"backend": "redis", "url": server.url, "retry_s": 0.05, "max_retry_s": 0.2, **(state or {})}, **overrides)
+    state = {"backend": "redis", "url": server.url, "retry_s": 0.05, "max_retry_s": 0.2, **(state or {})}
+    settings = make_settings(state=state, **overrides)
     with ExitStack() as stack:
         yield [stack.enter_context(running_firewall(settings)) for _ in range(count)]
 
@@ -202,7 +203,8 @@ def test_every_key_expires_and_the_query_stream_is_trimmed(redis_server, images)
     document = yaml.safe_load(MNIST_THRESHOLDS.read_text())
     probing = next(d for d in document["detectors"] if d["kind"] == "probing")
     model = {"sanitizer": document["sanitizer"], "detectors": [probing]}
-    with replicas(redis_server, count=1, state={"stream_length": 10}, models={"mnist": {**model, "policy": {"action": "ban"}}}) as (firewall,):
+    model["policy"] = {"action": "ban"}
+    with replicas(redis_server, count=1, state={"stream_length": 10}, models={"mnist": model}) as (firewall,):
         for n in range(150):
             assert infer(firewall, images[n : n + 1], f"client-{n % 30}") == OK
         with with_stage(firewall, Flagger()):
