@@ -38,10 +38,10 @@ import math
 import threading
 import uuid
 from collections import deque
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Awaitable, Callable, TypeVar
 
 import numpy as np
+import redis
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
@@ -192,8 +192,12 @@ class RedisClientState:
         self.local = local  # answers while Redis is away, and holds every ban seen
         self.keep_offences_s = keep_offences_s
         self.replica = uuid.uuid4().hex  # tells this replica's stream entries from the others'
+        # The event loop's client (admission, the streams) and the worker threads' own (policy,
+        # detectors): a worker blocks on its socket instead of waiting for the busy loop.
         self.client = Redis(connection_pool=self._pool(config.max_connections, config.timeout_s))
         self.scripts = {name: self.client.register_script(PRELUDE + body) for name, body in SCRIPTS.items()}
+        self.blocking = redis.Redis(connection_pool=self._pool(config.max_connections, config.timeout_s, redis.BlockingConnectionPool))
+        self.blocking_scripts = {name: self.blocking.register_script(PRELUDE + body) for name, body in SCRIPTS.items()}
         self.up = False  # until the first answer
         self.errors = 0
         self.feeds: list[RedisFeed] = []
@@ -204,7 +208,7 @@ class RedisClientState:
         self._label_writer: asyncio.Task | None = None
         self.dropped_writes = 0
 
-    def _pool(self, size: int, timeout_s: float) -> BlockingConnectionPool:
+    def _pool(self, size: int, timeout_s: float, kind: type = BlockingConnectionPool) -> Any:
         tls: dict[str, Any] = {}
         if self.config.tls is not None:
             tls = {
@@ -213,7 +217,7 @@ class RedisClientState:
                 "ssl_keyfile": str(self.config.tls.key) if self.config.tls.key else None,
                 "ssl_check_hostname": self.config.tls.check_hostname,
             }
-        return BlockingConnectionPool.from_url(
+        return kind.from_url(
             self.config.url,
             max_connections=size,
             timeout=timeout_s,
@@ -244,19 +248,20 @@ class RedisClientState:
     def _run(self, name: str, keys: list[str], args: list[Any]) -> Awaitable[Any]:
         return self._call(self.scripts[name](keys=keys, args=args))
 
-    def _wait(self, call: Awaitable[T]) -> T:
-        """Run ``_call`` on the event loop from a worker thread."""
-        if self.loop is None or self.loop.is_closed():
-            if asyncio.iscoroutine(call):
-                call.close()
+    def _blocking(self, call: Callable[[], T]) -> T:
+        """A call on a worker thread, bounded by the connections' timeouts; like ``_call``."""
+        if not self.up or self.loop is None or self.loop.is_closed():
+            self._fail_closed()
             raise _Down
-        future = asyncio.run_coroutine_threadsafe(call, self.loop)
         try:
-            return future.result(timeout=4 * self.config.timeout_s)  # the loop may be busy; the call has its own deadline
-        except FutureTimeout:
-            future.cancel()
+            return call()
+        except FAILURES as error:
+            self.loop.call_soon_threadsafe(self._degrade, error)
             self._fail_closed()
             raise _Down from None
+
+    def _run_blocking(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return self._blocking(lambda: self.blocking_scripts[name](keys=keys, args=args))
 
     def _fail_closed(self) -> None:
         if self.config.fail_mode == "closed":
@@ -355,7 +360,7 @@ class RedisClientState:
     def ban(self, key: str, config: BanConfig, suspect_s: float) -> float | None:
         args = [config.first_s, config.factor, config.max_s, config.forget_s, suspect_s, self.keep_offences_s]
         try:
-            started, seconds = self._wait(self._run("ban", [self._key(key)], args))
+            started, seconds = self._run_blocking("ban", [self._key(key)], args)
         except _Down:
             return self.local.ban(key, config, suspect_s)
         self.local.mirror_ban(key, float(seconds))
@@ -363,7 +368,7 @@ class RedisClientState:
 
     def suspect(self, key: str, seconds: float) -> None:
         try:
-            self._wait(self._run("suspect", [self._key(key)], [seconds, self.keep_offences_s]))
+            self._run_blocking("suspect", [self._key(key)], [seconds, self.keep_offences_s])
         except _Down:
             self.local.suspect(key, seconds)
 
@@ -397,7 +402,7 @@ class RedisClientState:
 
     def last_label(self, key: str, model: str) -> int | None:
         try:
-            label = self._wait(self._call(self.client.hget(f"{self.config.key_prefix}l:{key}", model)))
+            label = self._blocking(lambda: self.blocking.hget(f"{self.config.key_prefix}l:{key}", model))
         except _Down:
             return self.local.last_label(key, model)
         return self.local.last_label(key, model) if label is None else int(label)  # local: not written yet
@@ -434,6 +439,7 @@ class RedisClientState:
             if task is not None:
                 task.cancel()
         await self.client.aclose()
+        self.blocking.close()
 
     def refresh(self) -> None:
         self.local.refresh()
@@ -463,7 +469,7 @@ class RedisCounts:
 
     def add(self, key: str, count: float, now: float) -> float:
         try:
-            value = float(self.state._wait(self.state._run("count", [self.prefix + key], [count, self.rate])))
+            value = float(self.state._run_blocking("count", [self.prefix + key], [count, self.rate]))
         except _Down:
             return self.local.add(key, count, now)
         self.local.set(key, value, now)
