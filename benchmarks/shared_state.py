@@ -173,9 +173,7 @@ def main() -> int:
                     process, address = start(Path(workdir), f"{backend}-{detectors}", state, detectors)
                     processes.append(process)
                     servers[(backend, detectors)] = address
-            extra = [start(Path(workdir), f"replica-{n}", shared, True) for n in range(2)]
-            processes += [process for process, _ in extra]
-            for address in [*servers.values(), *(address for _, address in extra)]:
+            for address in servers.values():
                 wait_ready(address)
 
             print("| stages | state | p50 ms | p99 ms | added p50 ms | added p99 ms |")
@@ -192,6 +190,12 @@ def main() -> int:
                     stages = "calibrated detectors" if detectors else "pass-through"
                     print(f"| {stages} | {backend} | {p50:.3f} | {p99:.3f} | {added} |")
 
+            # Started only now: each replica indexes every replica's queries, which on a shared
+            # machine would have taken CPU from the latency run.
+            extra = [start(Path(workdir), f"replica-{n}", shared, True) for n in range(2)]
+            processes += [process for process, _ in extra]
+            for _, address in extra:
+                wait_ready(address)
             one = asyncio.run(throughput([servers[("redis", True)]], args.callers, args.seconds))
             three = asyncio.run(throughput([servers[("redis", True)], *(a for _, a in extra)], args.callers, args.seconds))
             print(f"\nthroughput, {args.callers} callers, calibrated detectors, Redis state: one replica {one:.0f}/s, "

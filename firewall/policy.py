@@ -26,7 +26,6 @@ finding (reject, or the end of a ban) the client draws from the tighter suspect 
 from __future__ import annotations
 
 import hashlib
-import os
 
 import numpy as np
 import structlog
@@ -49,7 +48,6 @@ class ResponsePolicy:
         self.settings = settings
         self.state = state
         self.alerts = alerts
-        self._decoy_secret = os.urandom(16)  # fallback decoy labels cannot be computed outside
 
     def decide(self, ctx: RequestContext, pipeline: ModelPipeline) -> str:
         """Set ``ctx.labels`` to the answer and return the outcome, or raise the rejection the client gets."""
@@ -114,7 +112,8 @@ class ResponsePolicy:
         label = self.state.last_label(ctx.client_id, ctx.model)
         if label is not None:
             return label
-        digest = hashlib.sha256(self._decoy_secret + f"{ctx.model}\0{ctx.client_id}".encode()).digest()
+        # The state's secret: outsiders cannot compute the label, and every replica gives the same one.
+        digest = hashlib.sha256(self.state.secret + f"{ctx.model}\0{ctx.client_id}".encode()).digest()
         return int.from_bytes(digest[:8], "little") % class_count(pipeline)
 
 

@@ -14,6 +14,8 @@ replicas agree on time and never act on a stale copy:
   every 50 ms: no decision of the request depends on it);
 - the stateful detectors' decaying evidence counts, ``<prefix>e:<name>:<key>``, kept until they
   decay below 0.01;
+- ``<prefix>secret``: 16 random bytes the first replica writes and all read at start, so that
+  the decoy label a client gets before it has a genuine one is the same on every replica;
 - per model, a stream of the queries each replica placed in its history, ``<prefix>q:<name>``,
   trimmed to about ``stream_length`` entries (XADD MAXLEN ~). Each replica reads the others'
   entries (XREAD, blocking on a connection of its own) into its own FAISS index on a worker
@@ -192,6 +194,7 @@ class RedisClientState:
         self.local = local  # answers while Redis is away, and holds every ban seen
         self.keep_offences_s = keep_offences_s
         self.replica = uuid.uuid4().hex  # tells this replica's stream entries from the others'
+        self.secret = local.secret  # until Redis gives the shared one
         # The event loop's client (admission, the streams) and the worker threads' own (policy,
         # detectors): a worker blocks on its socket instead of waiting for the busy loop.
         self.client = Redis(connection_pool=self._pool(config.max_connections, config.timeout_s))
@@ -422,7 +425,7 @@ class RedisClientState:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(self.client.ping(), self.config.timeout_s)
+            await asyncio.wait_for(self._share_secret(), self.config.timeout_s)
             await self._resync()  # bans restored from a snapshot
             self.up = True
         except FAILURES as error:
@@ -431,6 +434,12 @@ class RedisClientState:
         for feed in self.feeds:
             feed.start()
         self._label_writer = asyncio.create_task(self._write_labels())
+
+    async def _share_secret(self) -> None:
+        """The first replica's random secret becomes everyone's (one key, no TTL)."""
+        name = f"{self.config.key_prefix}secret"
+        await self.client.set(name, self.local.secret, nx=True)
+        self.secret = await self.client.get(name) or self.local.secret
 
     async def close(self) -> None:
         for feed in self.feeds:

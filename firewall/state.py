@@ -106,6 +106,8 @@ def start_ban(record: ClientRecord, config: BanConfig, suspect_s: float, now: fl
 class ClientState(Protocol):
     """The one interface to state that outlives a request. Keys are client ids and ``peer_key``s."""
 
+    secret: bytes  # random, shared by every replica (decoy labels computed from it agree)
+
     # -- on the event loop (admission) -------------------------------------------------------------
 
     async def admit_address(self, client_key: str, peer_key: str, cost: int, bucket: Bucket | None) -> None:
@@ -175,6 +177,7 @@ class MemoryClientState:
         self._lock = threading.Lock()  # the event loop and the pipeline's worker threads share it
         self._purged_at = float("-inf")
         self.full = False
+        self.secret = os.urandom(16)
 
     # -- the ClientState operations --------------------------------------------------------------
 

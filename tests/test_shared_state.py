@@ -108,6 +108,27 @@ def test_a_bucket_is_shared_by_the_replicas(redis_server, images):
         assert infer(second, images[:1], "other") == OK
 
 
+def answer(firewall: Firewall, pixels: np.ndarray, client_id: str) -> int:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=list(pixels.shape))
+    message = pb.ModelInferRequest(model_name="mnist", inputs=[tensor], raw_input_contents=[pixels.tobytes()])
+    with grpc.insecure_channel(address(firewall)) as channel:
+        reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(message, metadata=[("x-client-id", client_id)], timeout=30)
+    return int(np.frombuffer(reply.raw_output_contents[0], np.int64)[0])
+
+
+def test_decoys_agree_across_replicas(redis_server, images):
+    """A decoy is the client's last genuine label, else a label from a secret: both shared."""
+    with replicas(redis_server, models={"mnist": {"policy": {"action": "decoy"}}}) as (first, second):
+        with with_stage(first, Flagger()), with_stage(second, Flagger()):
+            for n in range(5):  # new clients: no genuine label yet, the secret decides
+                decoys = {answer(replica, marked(images[n : n + 1]), f"new-{n}") for replica in (first, second)}
+                assert len(decoys) == 1
+            genuine = answer(first, images[7:8], "known")
+            store = redis_server.client()
+            wait_for(lambda: store.hget("firewall:l:known", "mnist") is not None, "the label is written")
+            assert answer(second, marked(images[20:21]), "known") == genuine
+
+
 def test_an_address_refusal_budget_is_shared(redis_server, images):
     throttle = {"address_refusals": 2}
     with replicas(redis_server, throttle=throttle, models={"mnist": {"policy": {"action": "reject"}}}) as (first, second):
@@ -213,5 +234,6 @@ def test_every_key_expires_and_the_query_stream_is_trimmed(redis_server, images)
         keys = list(store.scan_iter("firewall:*"))
         streams = [key for key in keys if store.type(key) == b"stream"]
         assert len(streams) == 1 and store.xlen(streams[0]) < 150  # trimmed (approximately, by whole nodes)
-        assert all(store.ttl(key) > 0 for key in keys if key not in streams)  # every record, label and count expires
+        expiring = [key for key in keys if key not in streams and key != b"firewall:secret"]
+        assert all(store.ttl(key) > 0 for key in expiring)  # every record, label and count expires
         assert any(key.startswith(b"firewall:c:attacker") for key in keys)
