@@ -308,7 +308,8 @@ class RedisClientState:
             return
 
     async def _resync(self) -> None:
-        """Write back the bans this replica holds (decided while degraded, or seen before)."""
+        """Write back the shared secret and the bans this replica holds (decided while degraded, or seen before)."""
+        await self.client.set(f"{self.config.key_prefix}secret", self.secret, nx=True)
         bans = list(self.local.active_bans().items())
         for start in range(0, len(bans), 500):
             pipe = self.client.pipeline(transaction=False)
