@@ -40,6 +40,7 @@ import math
 import threading
 import uuid
 from collections import deque
+from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
 import numpy as np
@@ -454,10 +455,10 @@ class RedisClientState:
     def refresh(self) -> None:
         self.local.refresh()
 
-    def snapshot(self, path) -> int:
+    def snapshot(self, path: Path) -> int:
         return self.local.snapshot(path)
 
-    def restore(self, path) -> int:
+    def restore(self, path: Path) -> int:
         return self.local.restore(path)
 
     def stats(self) -> dict[str, float]:

@@ -17,6 +17,9 @@ address bucket only and create no client record. An address whose ids collect mo
 ``address_cooldown_s`` (a refusal budget per address: an attacker who takes a fresh id after each
 refusal runs out of it).
 
+Buckets, bans and refusal budgets live in the state (``firewall.state``): process memory, or Redis
+shared by every replica (``firewall.redis_state``), where each decision is one Lua script.
+
 ``InFlight`` bounds concurrent work: a global cap, a share per client and per address, a
 server-wide budget of bytes being decoded at once, and a cap on "heavy" requests (more than
 ``heavy_request_bytes`` decoded) so that large images can never occupy every worker. Beyond any of
