@@ -14,7 +14,9 @@ from tests.upstream import free_port
 
 
 class RedisServer:
-    def __init__(self):
+    """``tls``: (certificate, key, CA) paths: TLS only, clients must present a certificate from the CA."""
+
+    def __init__(self, tls: tuple[Path, Path, Path] | None = None):
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         if not Path(binary).is_file():
             raise RuntimeError("redis-server not installed (apt-get install redis-server; .ci/run does)")
@@ -22,18 +24,24 @@ class RedisServer:
         self.port = free_port()
         self.workdir = tempfile.mkdtemp(prefix="redis-")
         self.process: subprocess.Popen | None = None
+        self.tls = tls
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        listen = ["--port", str(self.port)]
+        if self.tls:
+            cert, key, ca = self.tls
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+            listen += ["--tls-ca-cert-file", str(ca), "--tls-auth-clients", "yes"]
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self.workdir],
+            [self.binary, *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self.workdir],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_timeout=1)
+        client = self.client()
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -53,7 +61,11 @@ class RedisServer:
             self.process = None
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=5)
+        if self.tls is None:
+            return redis.Redis("127.0.0.1", self.port, socket_timeout=5)
+        cert, key, ca = self.tls
+        files = {"ssl_certfile": str(cert), "ssl_keyfile": str(key), "ssl_ca_certs": str(ca)}
+        return redis.Redis("127.0.0.1", self.port, socket_timeout=5, ssl=True, **files)
 
     def close(self) -> None:
         self.kill()

@@ -237,3 +237,29 @@ def test_every_key_expires_and_the_query_stream_is_trimmed(redis_server, images)
         expiring = [key for key in keys if key not in streams and key != b"firewall:secret"]
         assert all(store.ttl(key) > 0 for key in expiring)  # every record, label and count expires
         assert any(key.startswith(b"firewall:c:attacker") for key in keys)
+
+
+def test_tls_to_redis_with_a_client_certificate(tmp_path, images):
+    import ipaddress
+
+    from cryptography import x509
+
+    from tests.test_tls import Authority
+
+    authority = Authority(tmp_path)
+    server_cert, server_key = authority.issue("redis", "redis", [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    client_cert, client_key = authority.issue("firewall", "firewall")
+    server = RedisServer(tls=(server_cert, server_key, authority.ca))
+    server.start()
+    tls = {"ca": str(authority.ca), "cert": str(client_cert), "key": str(client_key)}
+    try:
+        with replicas(server, state={"tls": tls}, models={"mnist": {"policy": {"action": "ban"}}}) as (first, second):
+            assert scrape(first, "firewall_shared_state_up") == 1
+            with with_stage(first, Flagger()):
+                assert infer(first, marked(images[:1]), "attacker") == DENIED
+            assert infer(second, images[:1], "attacker") == DENIED
+        with replicas(server, count=1, state={"tls": {"ca": str(authority.ca)}}) as (anonymous,):  # no client certificate
+            assert scrape(anonymous, "firewall_shared_state_up") == 0
+            assert infer(anonymous, images[:1], "c") == OK  # open mode: answered from memory
+    finally:
+        server.close()
