@@ -5,6 +5,9 @@ answering (degraded metric and alert, then resynchronised) and closed mode answe
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.request
 from contextlib import ExitStack, contextmanager
@@ -24,6 +27,7 @@ from tests.conftest import address, make_settings, running_firewall
 from tests.redis_server import RedisServer
 from tests.stages import Flagger, marked, with_stage
 from tests.test_probing import MNIST_THRESHOLDS, noise_blend
+from tests.upstream import free_port, wait_model_ready
 
 OK, DENIED, THROTTLED, UNAVAILABLE = (
     grpc.StatusCode.OK,
@@ -170,6 +174,52 @@ def test_an_attack_spread_over_two_replicas_is_seen_as_one(redis_server, images,
         assert codes == [OK, OK, DENIED]  # decoys, then the shared evidence crosses the threshold
         assert infer(pair[0], images[100:101], "prober") == DENIED  # on both replicas, while it lasts
         assert infer(pair[1], images[101:102], "prober") == DENIED
+
+
+def test_two_serve_processes_configured_from_the_environment_share_a_bucket_and_their_queries(redis_server, images):
+    """``firewall serve`` twice, the bundled configuration, the state and ports from FIREWALL_* variables."""
+    ports = [(free_port(), free_port()) for _ in range(2)]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FIREWALL_")}
+    shared = {"FIREWALL_STATE__BACKEND": "redis", "FIREWALL_STATE__URL": redis_server.url}
+    shared |= {"FIREWALL_THROTTLE__RATE": "0.01", "FIREWALL_THROTTLE__BURST": "4"}  # a slow refill: no timing
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "firewall", "serve", "--listen", f"127.0.0.1:{grpc_port}"],
+            env={**base, **shared, "FIREWALL_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"},
+            stdout=subprocess.DEVNULL,
+        )
+        for grpc_port, metrics_port in ports
+    ]
+    try:
+        targets = [f"127.0.0.1:{grpc_port}" for grpc_port, _ in ports]
+        for target in targets:
+            wait_model_ready(target, "mnist")
+
+        def call(target: str, n: int) -> grpc.StatusCode:
+            tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=[1, 28, 28])
+            message = pb.ModelInferRequest(model_name="mnist", inputs=[tensor], raw_input_contents=[images[n].tobytes()])
+            with grpc.insecure_channel(target) as channel:
+                try:
+                    pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(message, metadata=[("x-client-id", "c")], timeout=30)
+                except grpc.RpcError as error:
+                    return error.code()
+            return OK
+
+        assert [call(targets[n % 2], n) for n in range(4)] == [OK] * 4
+        assert [call(target, 4) for target in targets] == [THROTTLED] * 2
+
+        def history(metrics_port: int) -> float:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+                lines = reply.read().decode().splitlines()
+            return float(next(line for line in lines if 'stat="history_queries"' in line).split()[-1])
+
+        for _, metrics_port in ports:  # two queries placed here, two received from the other process
+            wait_for(lambda: history(metrics_port) == 4, "each history holds all four queries")
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=60)
 
 
 # -- failure -------------------------------------------------------------------------------------------
