@@ -63,6 +63,7 @@ READ_BLOCK_MS = 1000  # a stream reader waits this long for new entries before a
 READ_COUNT = 512  # entries per read
 SMALLEST_COUNT = 0.01  # an evidence count is forgotten once it has decayed below this
 LABEL_FLUSH_S = 0.05  # last labels are written to Redis in batches this often
+PUBLISH_DELAY_S = 0.01  # queries are published this long after the first of a batch was placed
 
 PRELUDE = """
 local function clock()
@@ -530,6 +531,7 @@ class RedisFeed:
         state = self.state
         while True:
             await self._wake.wait()
+            await asyncio.sleep(PUBLISH_DELAY_S)  # after the responses being sent, and in batches
             self._wake.clear()
             if not state.up:
                 continue  # the outbox keeps the newest rows; recovery wakes this task
