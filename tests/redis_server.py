@@ -49,6 +49,7 @@ class RedisServer:
                 break
             except redis.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.kill()
                     raise RuntimeError("redis-server did not start") from None
                 time.sleep(0.05)
         client.close()
