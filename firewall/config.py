@@ -158,7 +158,7 @@ class AlertConfig(Strict):
 
 
 class ListenerTLS(Strict):
-    """TLS on the gRPC listener; with ``client_ca`` set, mutual TLS: a client must present a
+    """TLS on the gRPC and HTTP listeners; with ``client_ca`` set, mutual TLS: a client must present a
     certificate signed by that CA and its identity (SAN, else CN) becomes the client id."""
 
     cert: Path
@@ -179,6 +179,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FIREWALL_", env_nested_delimiter="__", extra="forbid")
 
     listen: str = "0.0.0.0:8001"
+    http_listen: str | None = "0.0.0.0:8000"  # the HTTP/JSON binding (null: gRPC only)
     metrics_listen: str = "0.0.0.0:9108"
     client_id_header: str = "x-client-id"
     tls: ListenerTLS | None = None

@@ -644,12 +644,12 @@ def test_alert_and_log_outputs_are_different_destinations() -> None:
 def test_local_pod_serves_through_the_firewall_and_stops_cleanly(tmp_path: Path) -> None:
     import tritonclient.grpc as triton
 
-    firewall, metrics, upstream = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    firewall, http, metrics, upstream = (f"127.0.0.1:{free_port()}" for _ in range(4))
     log = tmp_path / "local-pod.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "deploy/local_pod.py", "--listen", firewall, "--metrics-listen", metrics,
-             "--upstream-listen", upstream],
+            [sys.executable, "deploy/local_pod.py", "--listen", firewall, "--http-listen", http,
+             "--metrics-listen", metrics, "--upstream-listen", upstream],
             cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
         )
     try:
@@ -668,10 +668,12 @@ def test_local_pod_serves_through_the_firewall_and_stops_cleanly(tmp_path: Path)
         client.close()
         with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as reply:
             assert reply.status == 200
+        with urllib.request.urlopen(f"http://{http}/v2/health/ready", timeout=5) as reply:
+            assert reply.status == 200
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, log.read_text()[-4000:]
-        for address in (firewall, metrics, upstream):  # both processes are gone
+        for address in (firewall, http, metrics, upstream):  # both processes are gone
             host, port = address.rsplit(":", 1)
             with pytest.raises(ConnectionRefusedError), socket.create_connection((host, int(port)), timeout=2):
                 pass
