@@ -39,10 +39,12 @@ class UpstreamTLS(Strict):
 
 
 class UpstreamBackend(Strict):
-    """Forward the sanitized tensor to a KServe-v2 gRPC model server (Triton, KServe, MLServer)."""
+    """Forward the sanitized tensor to a KServe-v2 model server (Triton, KServe, MLServer), over
+    gRPC or over the protocol's HTTP/JSON binding (``protocol: rest``, KServe's default)."""
 
     kind: Literal["upstream"]
-    address: str
+    protocol: Literal["grpc", "rest"] = "grpc"
+    address: str  # HOST:PORT of the model server's port for that protocol
     model_name: str
     model_version: str = ""
     input_name: str = "input"
