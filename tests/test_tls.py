@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -140,3 +142,28 @@ def test_trusted_proxies_match_addresses_networks_and_identities():
 def test_trusted_proxies_require_mutual_tls(tmp_path):
     with pytest.raises(ValidationError, match="client_ca"):
         ListenerTLS(cert=tmp_path / "c", key=tmp_path / "k", trusted_proxies=["10.0.0.1"])
+
+
+def test_http_binding_speaks_the_same_tls_and_reads_the_same_identity(pki):
+    body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 784}]}
+
+    def client(who: str | None) -> httpx.Client:
+        context = ssl.create_default_context(cafile=pki["ca"])
+        if who is not None:
+            context.load_cert_chain(*pki[who])
+        return httpx.Client(base_url=f"https://127.0.0.1:{firewall.http_port}", verify=context, timeout=30)
+
+    def seen(who: str, claimed: str | None = None) -> str:
+        with with_stage(firewall, Recorder()) as recorder, client(who) as rest:
+            reply = rest.post("/v2/models/mnist/infer", json=body, headers={"x-client-id": claimed} if claimed else {})
+        assert reply.status_code == 200
+        return recorder.client_ids[-1]
+
+    with served(pki, client_ca=True, trusted_proxies=["proxy"]) as firewall:
+        assert seen("alice") == "alice" and seen("alice", "mallory") == "alice"
+        assert seen("bob") == "bob.example" and seen("proxy", "carol") == "carol"
+        for who in (None, "stranger"):  # no certificate, or one from another CA
+            with pytest.raises(httpx.HTTPError), client(who) as rest:
+                rest.get("/v2/health/live")
+        with pytest.raises(httpx.HTTPError), httpx.Client() as plaintext:
+            plaintext.get(f"http://127.0.0.1:{firewall.http_port}/v2/health/live", timeout=10)
