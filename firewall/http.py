@@ -17,13 +17,20 @@ unknown model or path, 403 refused, 429 throttled, 503 model unavailable, 413 a 
 JSON header's length, each binary input says its ``binary_data_size``, and outputs asked for with
 ``binary_data`` (or all of them, with the request parameter ``binary_data_output``) come back the
 same way. The ``Server`` header is not sent.
+
+Bodies are bounded before the request path's own admission sees them: at most
+``max_concurrent_requests`` inference bodies are read at once (beyond: 429 at once, counted as
+throttled), and JSON is parsed on two threads of its own, so a large JSON body never stalls the
+event loop that both bindings share.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -31,7 +38,7 @@ import numpy as np
 from aiohttp import web
 
 from firewall.config import ListenerTLS
-from firewall.errors import InvalidInput, Rejection
+from firewall.errors import InvalidInput, Rejection, Throttled
 from firewall.protocol import pb
 from firewall.service import InferenceService
 
@@ -49,10 +56,11 @@ _OUTPUT_DTYPES = {"INT64": np.dtype("<i8"), "FP32": np.dtype("<f4")}  # what the
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def application(service: InferenceService, max_body_bytes: int) -> web.Application:
+def application(service: InferenceService, max_body_bytes: int, max_bodies: int) -> web.Application:
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_errors])
     app.on_response_prepare.append(_hide_server)
-    routes = Routes(service)
+    routes = Routes(service, max_bodies)
+    app.on_cleanup.append(routes.close)
     for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         app.router.add_get(model, routes.model_metadata)
         app.router.add_get(model + "/ready", routes.model_ready)
@@ -78,8 +86,14 @@ def ssl_context(config: ListenerTLS) -> ssl.SSLContext:
 
 
 class Routes:
-    def __init__(self, service: InferenceService):
+    def __init__(self, service: InferenceService, max_bodies: int):
         self.service = service
+        self.max_bodies = max_bodies
+        self.bodies = 0  # inference bodies being read or parsed now
+        self.parser = ThreadPoolExecutor(max_workers=2, thread_name_prefix="http-parse")
+
+    async def close(self, app: web.Application) -> None:
+        self.parser.shutdown(wait=False, cancel_futures=True)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         return web.json_response(message_json(self.service.server_metadata()))
@@ -109,9 +123,16 @@ class Routes:
         return web.json_response([message_json(model) for model in index.models])
 
     async def infer(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        header, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
-        message = infer_request(request.match_info["name"], header, binary)
+        if self.bodies >= self.max_bodies:
+            self.service.metrics.decisions.labels("", "throttled").inc()
+            raise Throttled("too many HTTP bodies in flight")
+        self.bodies += 1
+        try:
+            body = await request.read()
+            parse = (_parse, request.match_info["name"], body, request.headers.get(HEADER_LENGTH))
+            header, message = await asyncio.get_running_loop().run_in_executor(self.parser, *parse)
+        finally:
+            self.bodies -= 1
         claimed = request.headers.get(self.service.settings.client_id_header)
         identity = self.service.identify(request.remote or "", claimed, certificate_identity(request))
         response = await self.service.infer(message, identity)
@@ -129,6 +150,11 @@ def certificate_identity(request: web.Request) -> str | None:
 
 
 # -- JSON and binary tensors <-> the protocol's messages --------------------------------------
+
+
+def _parse(model: str, body: bytes, header_length: str | None) -> tuple[dict[str, Any], pb.ModelInferRequest]:
+    header, binary = _split_body(body, header_length)
+    return header, infer_request(model, header, binary)
 
 
 def infer_request(model: str, header: dict[str, Any], binary: bytes) -> pb.ModelInferRequest:

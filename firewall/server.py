@@ -143,7 +143,7 @@ class Firewall:
         if settings.http_listen is not None:
             check_listen(settings.http_listen)
         self.http = web.AppRunner(
-            http.application(self.service, settings.max_message_bytes),
+            http.application(self.service, settings.max_message_bytes, settings.max_concurrent_requests),
             access_log=None,
             shutdown_timeout=settings.shutdown_grace_s,
         )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 
 import cv2
 import grpc
@@ -173,3 +175,35 @@ def test_identity_throttle_policy_and_upstream_outage_over_rest(mnist_heldout):
             assert not client.is_server_ready() and not client.is_model_ready("down")
         finally:
             client.close()
+
+
+def test_bodies_in_flight_are_bounded_without_a_queue(mnist_heldout):
+    images, _ = mnist_heldout
+    body = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 28, 28], "data": images[0].ravel().tolist()}]})
+
+    def answers(rest: httpx.Client) -> int:
+        return rest.post("/v2/models/mnist/infer", content=body).status_code
+
+    with running_firewall(make_settings(max_concurrent_requests=1)) as firewall:
+        host, port = http_address(firewall).split(":")
+        with httpx.Client(base_url=f"http://{http_address(firewall)}", timeout=30) as rest:
+            assert answers(rest) == 200
+            for _ in range(100):  # until the slow body holds the only slot (a request may race it there)
+                with socket.create_connection((host, int(port))) as slow:  # a body that never finishes arriving
+                    slow.sendall(b"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+                    if answers(rest) == 429:
+                        break
+                time.sleep(0.05)
+            else:
+                pytest.fail("an unfinished body never held the slot")
+            assert wait_for(lambda: answers(rest) == 200)  # the slow client left: its slot is free again
+        throttled = firewall.metrics.registry.get_sample_value("firewall_decisions_total", {"model": "", "outcome": "throttled"})
+        assert throttled >= 1
+
+
+def wait_for(condition, attempts: int = 200) -> bool:
+    for _ in range(attempts):
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
