@@ -120,9 +120,10 @@ async def measure(pid: int, grpc_port: int, http_port: int, callers: list[int], 
     results: dict[tuple[str, int], list[float]] = {}
     cpu: dict[tuple[str, int], float] = {}
     limits = httpx.Limits(max_connections=max(callers), max_keepalive_connections=max(callers))
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel, httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{http_port}", limits=limits, timeout=30
-    ) as client:
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", limits=limits, timeout=30) as client,
+    ):
         calls = {"gRPC": grpc_call(channel), "HTTP binary": http_call(client, True), "HTTP JSON": http_call(client, False)}
         for name, call in calls.items():
             await load(call, 1, 0.5)  # warm up connections

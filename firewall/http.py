@@ -61,6 +61,7 @@ def application(service: InferenceService, max_body_bytes: int, max_bodies: int)
     app.on_response_prepare.append(_hide_server)
     routes = Routes(service, max_bodies)
     app.on_cleanup.append(routes.close)
+    app.router.add_get("/v2/models/stats", routes.model_statistics)  # before /v2/models/{name} matches it
     for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         app.router.add_get(model, routes.model_metadata)
         app.router.add_get(model + "/ready", routes.model_ready)
@@ -70,7 +71,6 @@ def application(service: InferenceService, max_body_bytes: int, max_bodies: int)
     app.router.add_get("/v2", routes.server_metadata)
     app.router.add_get("/v2/health/live", routes.live)
     app.router.add_get("/v2/health/ready", routes.ready)
-    app.router.add_get("/v2/models/stats", routes.model_statistics)
     app.router.add_post("/v2/repository/index", routes.repository_index)
     return app
 

@@ -1,6 +1,10 @@
 """The Open Inference Protocol servicer: identify, admit, decode, inspect, decide, predict, respond.
 
-gRPC handlers run on the event loop and only do bookkeeping; everything CPU-bound (decoding,
+``identify`` and ``infer`` are the one request path; the gRPC handlers here and the HTTP routes
+(firewall/http.py) are thin adapters over it and over the shared metadata, configuration,
+statistics and readiness answers, so both bindings admit, inspect and answer alike.
+
+Handlers run on the event loop and only do bookkeeping; everything CPU-bound (decoding,
 sanitizing, detectors, the model) runs in one call on a bounded worker pool. Admission is decided
 on the event loop before any work is queued, so hostile load cannot grow a queue, in this order:
 bans (read only), the address's bucket (every request, valid or not), the model name, the cheap
@@ -25,10 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
-import grpc
 import structlog
 
-from firewall import codec
+from firewall import codec, statistics
 from firewall.config import Settings
 from firewall.errors import InvalidInput, Refused, Rejection, Throttled, UnknownModel
 from firewall.logs import request_fields
@@ -37,7 +40,6 @@ from firewall.pipeline import ModelPipeline
 from firewall.policy import ResponsePolicy
 from firewall.protocol import pb, pb_grpc
 from firewall.stage import RequestContext
-from firewall.statistics import ModelStatistics
 from firewall.throttle import Admission, InFlight, request_cost
 from firewall.tls import TrustedProxies, certificate_identity
 
@@ -107,7 +109,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             max_heavy=settings.max_heavy_requests or max(1, settings.workers // 2),
         )
         self.signatures = {name: codec.signature(p.classifier) for name, p in pipelines.items()}
-        self.statistics = {name: ModelStatistics() for name in pipelines}
+        self.statistics = {name: statistics.ModelStatistics() for name in pipelines}
 
     # -- health, metadata, configuration, statistics (shared by both bindings) ------------------
 

@@ -64,6 +64,7 @@ def test_tritonclient_http_unchanged(http_client, mnist_heldout):
     png.set_data_from_numpy(np.array([cv2.imencode(".png", images[0])[1].tobytes()], dtype=np.object_))
     assert http_client.infer("mnist", [png]).as_numpy("label")[0] == labels[0]
     assert http_client.get_inference_statistics("mnist")["model_stats"][0]["inference_count"] >= 65
+    assert [m["name"] for m in http_client.get_inference_statistics()["model_stats"]] == ["mnist"]
 
 
 def test_plain_json(rest, mnist_heldout, firewall):
@@ -93,7 +94,11 @@ def _as_rest(request) -> tuple[dict, bytes]:
     """A ModelInferRequest of the gRPC tests as the binary extension carries it."""
     (tensor,) = request.inputs
     raw = request.raw_input_contents[0]
-    header = {"inputs": [{"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape), "parameters": {"binary_data_size": len(raw)}}]}
+    header = {
+        "inputs": [
+            {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape), "parameters": {"binary_data_size": len(raw)}}
+        ]
+    }
     header["outputs"] = [{"name": output.name} for output in request.outputs]
     return header, raw
 
@@ -152,7 +157,11 @@ def test_identity_throttle_policy_and_upstream_outage_over_rest(mnist_heldout):
         throttle={"rate": 0.001, "burst": 2},
         models={"mnist": {"policy": {"action": "reject"}}, "down": {"onnx": str(bundled_model_path("mnist")), "backend": down}},
     )
-    with running_firewall(settings) as firewall, with_stage(firewall, Flagger(), ["mnist"]), with_stage(firewall, Recorder(), ["mnist"]) as recorder:
+    with (
+        running_firewall(settings) as firewall,
+        with_stage(firewall, Flagger(), ["mnist"]),
+        with_stage(firewall, Recorder(), ["mnist"]) as recorder,
+    ):
         client = triton_http.InferenceServerClient(http_address(firewall))
         try:
 
