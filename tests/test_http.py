@@ -19,6 +19,7 @@ from firewall.protocol import pb_grpc
 from models.runtime import bundled_model_path
 from tests.conftest import address, make_settings, running_firewall
 from tests.stages import Flagger, Recorder, marked, with_stage
+from tests.test_alerts import log_lines  # noqa: F401 (a fixture)
 from tests.test_service import BAD_REQUESTS
 
 
@@ -150,7 +151,7 @@ def test_body_over_the_message_limit_is_refused():
             assert rest.get("/v2/health/live").status_code == 200
 
 
-def test_identity_throttle_policy_and_upstream_outage_over_rest(mnist_heldout):
+def test_identity_throttle_policy_alerts_and_upstream_outage_over_rest(mnist_heldout, log_lines):
     images, _ = mnist_heldout
     down = {"kind": "upstream", "protocol": "rest", "address": "127.0.0.1:9", "model_name": "mnist", "timeout_s": 1}
     settings = make_settings(
@@ -184,6 +185,13 @@ def test_identity_throttle_policy_and_upstream_outage_over_rest(mnist_heldout):
             assert not client.is_server_ready() and not client.is_model_ready("down")
         finally:
             client.close()
+    (alert,) = [line for line in log_lines() if line.get("event.kind") == "alert" and line["firewall.episode"] == "start"]
+    assert (alert["user.id"], alert["source.ip"], alert["event.action"], alert["rule.name"]) == (
+        "mallory",
+        "127.0.0.1",
+        "reject",
+        "test.flagger",
+    )
 
 
 def test_bodies_in_flight_are_bounded_without_a_queue(mnist_heldout):
