@@ -151,7 +151,7 @@ def test_body_over_the_message_limit_is_refused():
             assert rest.get("/v2/health/live").status_code == 200
 
 
-def test_identity_throttle_policy_alerts_and_upstream_outage_over_rest(mnist_heldout, log_lines):
+def test_identity_throttle_policy_alerts_and_upstream_outage_over_rest(mnist_heldout, log_lines):  # noqa: F811
     images, _ = mnist_heldout
     down = {"kind": "upstream", "protocol": "rest", "address": "127.0.0.1:9", "model_name": "mnist", "timeout_s": 1}
     settings = make_settings(
