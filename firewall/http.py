@@ -118,7 +118,7 @@ class Routes:
 
     async def repository_index(self, request: web.Request) -> web.Response:
         body = await request.read()
-        options = _json_object(body) if body else {}
+        options = await asyncio.get_running_loop().run_in_executor(self.parser, _json_object, body) if body else {}
         index = await self.service.repository_index(bool(options.get("ready", False)))
         return web.json_response([message_json(model) for model in index.models])
 
