@@ -15,7 +15,7 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from firewall.http import HEADER_LENGTH, STATUS
-from firewall.protocol import pb_grpc
+from firewall.protocol import pb, pb_grpc
 from models.runtime import bundled_model_path
 from tests.conftest import address, make_settings, running_firewall
 from tests.stages import Flagger, Recorder, marked, with_stage
@@ -224,3 +224,14 @@ def wait_for(condition, attempts: int = 200) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_http_listen_null_serves_grpc_only(mnist_heldout):
+    images, labels = mnist_heldout
+    with running_firewall(make_settings(http_listen=None)) as firewall:
+        assert firewall.http_port is None
+        with grpc.insecure_channel(address(firewall)) as channel:
+            tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=[1, 28, 28])
+            request = pb.ModelInferRequest(model_name="mnist", inputs=[tensor], raw_input_contents=[images[0].tobytes()])
+            response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+    assert np.frombuffer(response.raw_output_contents[0], "<i8").tolist() == [labels[0]]
