@@ -94,9 +94,7 @@ def connect(firewall, pki, who: str | None = None) -> triton.InferenceServerClie
     if who is not None:
         cert, key = pki[who]
         credentials = {"certificate_chain": str(cert), "private_key": str(key)}
-    return triton.InferenceServerClient(
-        f"127.0.0.1:{firewall.port}", ssl=True, root_certificates=str(pki["ca"]), **credentials
-    )
+    return triton.InferenceServerClient(f"127.0.0.1:{firewall.port}", ssl=True, root_certificates=str(pki["ca"]), **credentials)
 
 
 def identity_seen(firewall, pki, who: str | None, claimed: str | None = None) -> str:
@@ -167,3 +165,24 @@ def test_http_binding_speaks_the_same_tls_and_reads_the_same_identity(pki):
                 rest.get("/v2/health/live")
         with pytest.raises(httpx.HTTPError), httpx.Client() as plaintext:
             plaintext.get(f"http://127.0.0.1:{firewall.http_port}/v2/health/live", timeout=10)
+
+
+def test_rest_upstream_over_mutual_tls_checks_the_server_name(pki, mnist_heldout):
+    """A firewall forwarding over REST to another firewall's HTTPS binding (an OIP REST server that
+    takes the model's own tensors), presenting a client certificate and checking ``server_name``."""
+    images, _ = mnist_heldout
+    with served(pki, client_ca=True) as upstream:
+        cert, key = pki["alice"]
+        tls = {"ca": str(pki["ca"]), "cert": str(cert), "key": str(key)}
+        backend = {"kind": "upstream", "protocol": "rest", "address": f"127.0.0.1:{upstream.http_port}", "model_name": "mnist"}
+        with running_firewall(make_settings(models={"mnist": {"backend": backend | {"tls": tls | {"server_name": "localhost"}}}})) as front:
+            with triton.InferenceServerClient(f"127.0.0.1:{front.port}") as client:
+                assert client.is_model_ready("mnist")
+                forwarded = client.infer("mnist", [uint8_input(images[:8])]).as_numpy("label")
+            with triton.InferenceServerClient(
+                f"127.0.0.1:{upstream.port}", ssl=True, root_certificates=str(pki["ca"]), private_key=str(key), certificate_chain=str(cert)
+            ) as direct:
+                assert forwarded.tolist() == direct.infer("mnist", [uint8_input(images[:8])]).as_numpy("label").tolist()
+        with running_firewall(make_settings(models={"mnist": {"backend": backend | {"tls": tls | {"server_name": "elsewhere"}}}})) as wrong:
+            with triton.InferenceServerClient(f"127.0.0.1:{wrong.port}") as client:
+                assert not client.is_model_ready("mnist")  # the certificate does not name "elsewhere"
