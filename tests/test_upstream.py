@@ -91,8 +91,9 @@ def test_upstream_down_is_unavailable_and_not_ready(mnist_heldout):
 
 
 def test_hung_upstream_fails_fast_turns_not_ready_and_recovers(mnist_heldout):
-    """SIGSTOP the real MLServer: readiness turns NOT_SERVING, calls fail with UNAVAILABLE (the
-    breaker opens, so later calls never wait for the upstream), and after SIGCONT it serves again."""
+    """SIGSTOP the real MLServer: for a firewall forwarding over gRPC and one forwarding over REST,
+    readiness turns NOT_SERVING, calls fail with UNAVAILABLE (the breaker opens, so later calls
+    never wait for the upstream), and after SIGCONT they serve again."""
     import os
     import signal
     import time
@@ -107,20 +108,31 @@ def test_hung_upstream_fails_fast_turns_not_ready_and_recovers(mnist_heldout):
             assert time.monotonic() < deadline
             time.sleep(0.05)
 
-    with mlserver("mnist", bundled_model_path("mnist")) as upstream_address:
-        with running_firewall(upstream_settings(upstream_address, timeout_s=1.0)) as forwarding:
-            predictor = forwarding.service.pipelines["mnist"].predictor
-            with triton.InferenceServerClient(address(forwarding)) as client:
-                assert client.infer("mnist", [uint8_input(images[:1])]).as_numpy("label").shape == (1,)
+    rest_port = free_port()
+    with mlserver("mnist", bundled_model_path("mnist"), http_port=rest_port) as upstream_address:
+        over_grpc = upstream_settings(upstream_address, timeout_s=1.0)
+        over_rest = upstream_settings(f"127.0.0.1:{rest_port}", timeout_s=1.0, protocol="rest")
+        with running_firewall(over_grpc) as via_grpc, running_firewall(over_rest) as via_rest:
+            firewalls = (via_grpc, via_rest)
+            predictors = [firewall.service.pipelines["mnist"].predictor for firewall in firewalls]
+            clients = [triton.InferenceServerClient(address(firewall)) for firewall in firewalls]
+            try:
+                for client in clients:
+                    assert client.infer("mnist", [uint8_input(images[:1])]).as_numpy("label").shape == (1,)
                 os.killpg(PROCESS_GROUPS[upstream_address], signal.SIGSTOP)
                 try:
-                    wait_until(lambda: not client.is_server_ready())
-                    wait_until(lambda: predictor.breaker.is_open)  # the failed readiness probes open it
-                    with pytest.raises(InferenceServerException) as raised:
-                        client.infer("mnist", [uint8_input(images[:1])])
-                    assert raised.value.status() == "StatusCode.UNAVAILABLE"
+                    for client, predictor in zip(clients, predictors, strict=True):
+                        wait_until(lambda client=client: not client.is_server_ready())
+                        wait_until(lambda predictor=predictor: predictor.breaker.is_open)  # the failed readiness probes open it
+                        with pytest.raises(InferenceServerException) as raised:
+                            client.infer("mnist", [uint8_input(images[:1])])
+                        assert raised.value.status() == "StatusCode.UNAVAILABLE"
                 finally:
                     os.killpg(PROCESS_GROUPS[upstream_address], signal.SIGCONT)
-                wait_until(client.is_server_ready)
-                assert not predictor.breaker.is_open
-                assert client.infer("mnist", [uint8_input(images[:1])]).as_numpy("label").shape == (1,)
+                for client, predictor in zip(clients, predictors, strict=True):
+                    wait_until(client.is_server_ready)
+                    assert not predictor.breaker.is_open
+                    assert client.infer("mnist", [uint8_input(images[:1])]).as_numpy("label").shape == (1,)
+            finally:
+                for client in clients:
+                    client.close()
