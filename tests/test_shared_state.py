@@ -178,20 +178,20 @@ def test_an_attack_spread_over_two_replicas_is_seen_as_one(redis_server, images,
 
 def test_two_serve_processes_configured_from_the_environment_share_a_bucket_and_their_queries(redis_server, images):
     """``firewall serve`` twice, the bundled configuration, the state and ports from FIREWALL_* variables."""
-    ports = [(free_port(), free_port()) for _ in range(2)]
+    ports = [(free_port(), free_port(), free_port()) for _ in range(2)]  # gRPC, metrics, HTTP
     base = {k: v for k, v in os.environ.items() if not k.startswith("FIREWALL_")}
     shared = {"FIREWALL_STATE__BACKEND": "redis", "FIREWALL_STATE__URL": redis_server.url}
     shared |= {"FIREWALL_THROTTLE__RATE": "0.01", "FIREWALL_THROTTLE__BURST": "4"}  # a slow refill: no timing
     processes = [
         subprocess.Popen(
             [sys.executable, "-m", "firewall", "serve", "--listen", f"127.0.0.1:{grpc_port}"],
-            env={**base, **shared, "FIREWALL_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"},
+            env=base | shared | {"FIREWALL_METRICS_LISTEN": f"127.0.0.1:{metrics_port}", "FIREWALL_HTTP_LISTEN": f"127.0.0.1:{http_port}"},
             stdout=subprocess.DEVNULL,
         )
-        for grpc_port, metrics_port in ports
+        for grpc_port, metrics_port, http_port in ports
     ]
     try:
-        targets = [f"127.0.0.1:{grpc_port}" for grpc_port, _ in ports]
+        targets = [f"127.0.0.1:{grpc_port}" for grpc_port, _, _ in ports]
         for target in targets:
             wait_model_ready(target, "mnist")
 
@@ -213,7 +213,7 @@ def test_two_serve_processes_configured_from_the_environment_share_a_bucket_and_
                 lines = reply.read().decode().splitlines()
             return float(next(line for line in lines if 'stat="history_queries"' in line).split()[-1])
 
-        for _, metrics_port in ports:  # two queries placed here, two received from the other process
+        for _, metrics_port, _ in ports:  # two queries placed here, two received from the other process
             wait_for(lambda: history(metrics_port) == 4, "each history holds all four queries")
     finally:
         for process in processes:
