@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal, NamedTuple, Sequence
+from typing import ClassVar, Literal, NamedTuple, Sequence
 
 import numpy as np
 import structlog
@@ -78,9 +78,10 @@ class ProbingConfig(BaseModel):
     """Probing detector settings. Distances are between normalized embeddings."""
 
     model_config = ConfigDict(extra="forbid")
+    live_fields: ClassVar[frozenset[str]] = frozenset({"radius", "neighbours", "spread", "client_threshold", "address_threshold"})  # read per call: a reload may change them
 
-    kind: Literal["probing"] = "probing"
-    embedding: EmbeddingConfig = Field(default_factory=PixelEmbeddingConfig)
+    kind: Literal["probing"] = Field("probing", description="selects this detector")
+    embedding: EmbeddingConfig = Field(default_factory=PixelEmbeddingConfig, description="how queries are embedded")
     radius: float = Field(0.15, ge=0.0, description="queries this close are near-duplicates (calibrated)")
     neighbours: int = Field(16, ge=1, le=256, description="nearest earlier queries compared with each query")
     spread: float = Field(2.0, ge=1.0, description="queries within spread x radius of evidence are probed")
@@ -181,6 +182,12 @@ class ProbingStage:
                 Finding("probing.address", address, self.config.address_threshold, item=first, details=details)
             )
         return findings
+
+    def evidence(self, client_id: str) -> dict[str, float]:
+        return {"client": self.clients.current(client_id, time.time()), "client_threshold": self.config.client_threshold}
+
+    def forget(self, client_id: str) -> None:
+        self.clients.forget(client_id)
 
     def stats(self) -> dict[str, float]:
         return {

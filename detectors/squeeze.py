@@ -13,25 +13,28 @@ reduction and a median filter: MNIST 1 bit and 2x2, CIFAR-10 5 bits and 2x2 (its
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from detectors.evidence import ClientRateConfig, client_rate_findings
+from detectors.evidence import ClientRateConfig, ClientRateStage, client_rate_findings
 from detectors.sanitizer import squeeze
 from firewall.stage import Finding, RequestContext
 from models.runtime import OnnxClassifier
 
 
 class SqueezeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Feature squeezing: how far the answer moves when the image is squeezed; flags the client, as uncertainty does."""
 
-    kind: Literal["squeeze"] = "squeeze"
+    model_config = ConfigDict(extra="forbid")
+    live_fields: ClassVar[frozenset[str]] = frozenset({"bit_depth", "median_size", "threshold"})  # read per call: a reload may change them
+
+    kind: Literal["squeeze"] = Field("squeeze", description="selects this detector")
     bit_depth: int | None = Field(1, ge=1, le=8, description="bit-depth squeezer (MNIST 1, CIFAR-10 5)")
     median_size: int | None = Field(2, ge=2, le=7, description="median squeezer window (2 for 2x2)")
     threshold: float = Field(1.0, gt=0.0, le=2.0, description="L1 softmax distance (calibrate: 5% benign FP)")
-    client: ClientRateConfig = Field(default_factory=ClientRateConfig)
+    client: ClientRateConfig = Field(default_factory=ClientRateConfig, description="when flagged images flag the client")
 
     @model_validator(mode="after")
     def _one_squeezer(self) -> SqueezeConfig:
@@ -55,7 +58,7 @@ def squeeze_scores(
     return np.max([np.abs(original - other).sum(axis=1) for other in others], axis=0)
 
 
-class SqueezeStage:
+class SqueezeStage(ClientRateStage):
     """Pipeline stage: flags squeeze-sensitive images; a finding while the client's flagged share is too high."""
 
     name = "squeeze"

@@ -19,12 +19,12 @@ predictions come from an upstream server.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from detectors.evidence import ClientRateConfig, client_rate_findings
+from detectors.evidence import ClientRateConfig, ClientRateStage, client_rate_findings
 from firewall.stage import Finding, RequestContext
 from models.mc_dropout import McDropoutClassifier
 from models.runtime import OnnxClassifier
@@ -33,15 +33,18 @@ Score = Literal["variance", "mutual_information"]
 
 
 class UncertaintyConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Monte-Carlo dropout uncertainty of each image; a client whose images are too often uncertain is flagged."""
 
-    kind: Literal["uncertainty"] = "uncertainty"
+    model_config = ConfigDict(extra="forbid")
+    live_fields: ClassVar[frozenset[str]] = frozenset({"passes", "score", "threshold"})  # read per call: a reload may change them
+
+    kind: Literal["uncertainty"] = Field("uncertainty", description="selects this detector")
     passes: int = Field(16, ge=2, le=256, description="MC-dropout passes, run as one batch")
     score: Score = Field("variance", description="which score the threshold applies to")
     threshold: float = Field(0.1, ge=0.0, description="calibrate: 5% benign false positives")
     model_path: Path | None = Field(None, description="model with Dropout; default: the protected model's file")
     threads: int = Field(1, ge=1, description="ONNX Runtime threads for the MC-dropout session")
-    client: ClientRateConfig = Field(default_factory=ClientRateConfig)
+    client: ClientRateConfig = Field(default_factory=ClientRateConfig, description="when flagged images flag the client")
 
     def build(self, model: OnnxClassifier) -> UncertaintyStage:
         return UncertaintyStage(self, McDropoutClassifier(self.model_path or model.path, threads=self.threads))
@@ -58,7 +61,7 @@ def uncertainty_scores(logits: np.ndarray) -> dict[str, np.ndarray]:
     return {"variance": variance, "mutual_information": np.maximum(entropy_of_mean - mean_entropy, 0.0)}
 
 
-class UncertaintyStage:
+class UncertaintyStage(ClientRateStage):
     """Pipeline stage: flags uncertain images; a finding while the client's flagged share is too high."""
 
     name = "uncertainty"

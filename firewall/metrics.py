@@ -86,7 +86,7 @@ class StateCollector:
     def collect(self) -> Iterable[Metric]:
         now = self.clock()
         yield GaugeMetricFamily("firewall_tracked_clients", "Clients with state (buckets, bans)", value=len(self.state))
-        bans = sum(record.banned_until > now for record in self.state.records())
+        bans = sum(record.banned_until > now for _, record in self.state.items())
         yield GaugeMetricFamily("firewall_bans_active", "Clients and addresses banned now", value=bans)
         stats = GaugeMetricFamily("firewall_stage_stat", "Stage statistics (index sizes)", labels=["model", "stage", "stat"])
         for model, pipeline in self.pipelines.items():

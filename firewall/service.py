@@ -29,7 +29,7 @@ import structlog
 from firewall import codec
 from firewall.config import Settings
 from firewall.errors import InvalidInput, Refused, Rejection, Throttled, UnknownModel
-from firewall.logs import request_fields
+from firewall.logs import refusal_level, rejection_fields, request_fields
 from firewall.metrics import Metrics, refusal_outcome
 from firewall.pipeline import ModelPipeline
 from firewall.policy import ResponsePolicy
@@ -211,9 +211,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         release_memory()
             except Rejection as rejection:
                 self.metrics.decisions.labels(model, refusal_outcome(rejection)).inc()
-                # Policy refusals are reported by alerts and metrics; a line per refused query would flood the log.
-                level = logging.DEBUG if isinstance(rejection, (Refused, Throttled)) else logging.INFO
-                log.log(level, "request.refused", code=rejection.code.name, reason=rejection.detail)
+                log.log(refusal_level(rejection), "request.refused", **rejection_fields(rejection))
                 raise
             except Exception:
                 self.metrics.decisions.labels(model, "failed").inc()
