@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from firewall.errors import InvalidInput, Refused, Rejection, Throttled, UnknownModel
+from firewall.errors import InvalidInput, Refused, Rejection, Throttled, Unavailable, UnknownModel
 from firewall.pipeline import ModelPipeline
 from firewall.state import ClientState
 from firewall.throttle import Banned
@@ -32,9 +32,17 @@ OUTCOMES = (
     "banned",  # findings that started a ban, or a request refused by an active ban
     "throttled",  # refused by a token bucket or the concurrency cap
     "invalid",  # bad input or unknown model
-    "failed",  # upstream unavailable or an internal error
+    "unavailable",  # the model server could not answer (down, timed out, circuit open)
+    "failed",  # an internal error
 )
-REFUSAL_OUTCOMES = ((Banned, "banned"), (Refused, "rejected"), (Throttled, "throttled"), (InvalidInput, "invalid"), (UnknownModel, "invalid"))
+REFUSAL_OUTCOMES = (
+    (Banned, "banned"),
+    (Refused, "rejected"),
+    (Throttled, "throttled"),
+    (InvalidInput, "invalid"),
+    (UnknownModel, "invalid"),
+    (Unavailable, "unavailable"),
+)
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
