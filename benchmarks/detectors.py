@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -172,7 +173,7 @@ def memory(name: str, data: Path) -> list[dict]:
                 [*command, "--memory-child", f"{window},{clients}"], capture_output=True, text=True, check=True
             )
             rows.append(json.loads(output.stdout.strip().splitlines()[-1]))
-            print(rows[-1], flush=True)
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -249,7 +250,7 @@ def attacks(name: str, data: Path, count: int) -> dict:
     for kind in ("HopSkipJump", "Boundary", "SignOPT"):
         for mode in ("plain", "blinded", "sybil", "rotating", "rotating blinded"):
             firsts, client_firsts, global_firsts, per_identity, gave_up = [], [], [], [], 0
-            for n in range(count):
+            for n in tqdm(range(count), desc=f"{kind} {mode}", unit="attack", disable=None, leave=False):
                 stage = detectors["probing"].build(model)
                 attacker = Attacker(
                     model, sanitizer, stage, ids=mode.split()[0], blind=mode.endswith("blinded"), seed=n
@@ -280,7 +281,7 @@ def attacks(name: str, data: Path, count: int) -> dict:
                 row["rotated_id_queries_to_flag_median"] = float(np.median(per_identity)) if per_identity else None
                 row["rotated_id_queries_to_flag_max"] = max(per_identity) if per_identity else None
             results[f"{kind} {mode}"] = row
-            print(kind, mode, row, flush=True)
+            print(json.dumps({"attack": kind, "mode": mode, **row}), flush=True)
     return results
 
 
@@ -316,7 +317,7 @@ def benign(name: str, data: Path) -> dict:
         stage = detectors["probing"].build(model)
         flagged = {"probing.client": 0, "probing.global": 0}
         clients_flagged: set[str] = set()
-        for client, image in traffic:
+        for client, image in tqdm(traffic, desc=pattern, unit="query", disable=None, leave=False):
             for finding in stage(context([image], client, sanitizer)):
                 flagged[finding.rule] += 1
                 clients_flagged.add(client)
@@ -328,7 +329,7 @@ def benign(name: str, data: Path) -> dict:
             "global_fp_per_query": flagged["probing.global"] / len(traffic),
             "clients_with_a_fp": f"{len(clients_flagged)}/{clients}",
         }
-        print(pattern, results[pattern], flush=True)
+        print(json.dumps({"pattern": pattern, **results[pattern]}), flush=True)
     return results
 
 
@@ -398,7 +399,7 @@ def uncertainty(name: str, data: Path, count: int) -> dict:
             "squeeze_flagged": float(np.mean(s > squeeze.threshold)),
             "seconds": round(time.time() - start, 1),
         }
-        print(attack, results[attack], flush=True)
+        print(json.dumps({"attack": attack, **results[attack]}), flush=True)
     results["benign"] = {
         "mc_dropout_flagged": float(np.mean(benign_u > stage.config.threshold)),
         "squeeze_flagged": float(np.mean(benign_s > squeeze.threshold)),
