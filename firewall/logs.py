@@ -24,7 +24,6 @@ from structlog.typing import EventDict, WrappedLogger
 
 from firewall.errors import Refused, Rejection, Throttled, Unavailable
 
-
 ECS_VERSION = "8.11.0"
 ECS_NAMES = {"path": "file.path", "error": "error.message", "reason": "event.reason"}
 KEPT = {"message", "log.level", "@timestamp"}

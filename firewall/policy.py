@@ -31,14 +31,13 @@ from typing import Callable
 import numpy as np
 
 from firewall.alerts import Alert, AlertAggregator
+from firewall.bans import BanLog, peer_key
 from firewall.config import BanConfig, Settings
 from firewall.errors import Refused
 from firewall.pipeline import ModelPipeline
 from firewall.stage import RequestContext
 from firewall.state import ClientRecord, ClientState
-from firewall.bans import BanLog, peer_key
 from firewall.throttle import Banned
-
 
 SEVERITY = ("monitor", "decoy", "reject", "ban")
 MAX_ESCALATIONS = 64  # factor ** offences stays a finite float

@@ -32,6 +32,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
+
 from firewall import reload
 from firewall.admin import AdminService, admin_server
 from firewall.alerts import AlertAggregator

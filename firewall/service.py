@@ -16,7 +16,6 @@ import asyncio
 import contextvars
 import ctypes
 import ctypes.util
-import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor

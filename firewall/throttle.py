@@ -30,13 +30,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-
 from firewall.bans import BanLog, peer_key
 from firewall.config import ThrottleConfig
 from firewall.errors import Refused, Throttled
 from firewall.protocol import pb
 from firewall.state import ClientRecord, ClientState
-
 
 
 class Banned(Refused):
