@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
             overrides = {
                 "FIREWALL_METRICS_LISTEN": args.metrics_listen,
                 "FIREWALL_SNAPSHOT_DIR": snapshot_dir,
+                "FIREWALL_ADMIN__LISTEN": f"unix:{snapshot_dir}/admin.sock",  # this run's own socket
                 "FIREWALL_MODELS__MNIST__BACKEND__ADDRESS": args.upstream_listen,
             }
             firewall = _start(
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
                 _say(failure)
                 return 0 if stop.is_set() else 1
 
-            _say(f"ready: firewall {args.listen} (metrics {args.metrics_listen}) -> model server {args.upstream_listen}")
+            _say(f"ready: firewall {args.listen} (metrics {args.metrics_listen}, admin {overrides['FIREWALL_ADMIN__LISTEN']}) -> model server {args.upstream_listen}")
             while not stop.wait(0.5):
                 for child in children:
                     if child.process.poll() is not None:
