@@ -4,6 +4,11 @@ each an ECS audit event; reload by SIGHUP semantics (an invalid file keeps the r
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import grpc
 import numpy as np
@@ -112,6 +117,7 @@ def test_list_show_lift_reset_each_audited(firewall, capsys, log_lines, mnist_he
         assert audit["event.kind"] == "event" and audit["user.name"].startswith("ipv4:127.0.0.1:")
         assert audit["event.category"] in (["iam"], ["configuration"]) and audit["ecs.version"]
     assert {a.get("user.target.id") for a in audits if a["event.action"] != "admin-list"} == {"mallory"}
+    assert sum(line["message"] == "state.not_persisted" for line in lines) == 1  # no snapshot_dir: said at start
     bans = [(line["message"], line.get("event.reason", "")) for line in lines if line["message"].startswith("ban.")]
     assert [message for message, _ in bans] == ["ban.started", "ban.ended", "ban.started", "ban.ended"]
     assert bans[0][1] == "test.flagger" and bans[1][1].startswith("lifted by ipv4:127.0.0.1:")
@@ -210,3 +216,41 @@ def test_unreachable_endpoint_is_one_line(capsys):
     code = main(["admin", "--admin", f"127.0.0.1:{free_port()}", "list"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("firewall admin: list: UNAVAILABLE") and len(err.strip().splitlines()) == 1
+
+
+def test_sighup_reloads_a_running_process(config_file):
+    """`firewall serve` as a process: SIGHUP swaps a changed policy in, then an invalid file is one error."""
+    from tests.upstream import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIREWALL_")}
+    command = [sys.executable, "-m", "firewall", "serve", "--config", str(config_file), "--listen", f"127.0.0.1:{port}"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
+            deadline = time.monotonic() + 60
+            while not _ready(client):
+                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+                time.sleep(0.2)
+        changed = json.loads(json.dumps(CONFIG))
+        changed["models"]["mnist"]["policy"]["action"] = "reject"
+        config_file.write_text(yaml.safe_dump(changed))
+        process.send_signal(signal.SIGHUP)
+        config_file.write_text("models: [mnist\n")
+        process.send_signal(signal.SIGHUP)
+        process.send_signal(signal.SIGTERM)  # signals are handled in the order they arrive
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+    lines = [json.loads(line) for line in process.stdout.read().splitlines()]
+    events = [line for line in lines if line["message"].startswith("config.")]
+    assert [line["message"] for line in events] == ["config.reloaded", "config.reload_failed"]
+    assert events[0]["firewall.changed"] == ["models.mnist.policy.action"] and events[0]["user.name"] == "SIGHUP"
+    assert "not valid YAML" in events[1]["error.message"] and events[1]["log.level"] == "error"
+
+
+def _ready(client) -> bool:
+    try:
+        return client.is_server_ready()
+    except InferenceServerException:
+        return False
