@@ -26,6 +26,7 @@ from firewall.stage import RequestContext
 from firewall.state import MemoryClientState
 from firewall.throttle import Admission, Throttled
 from firewall.config import ThrottleConfig
+from firewall.bans import BanLog
 from tests.conftest import address, make_settings, running_firewall
 from tests.stages import Flagger, marked, with_stage
 
@@ -202,7 +203,7 @@ def test_a_ban_survives_a_flood_of_fresh_ids_and_invalid_requests(mnist_heldout)
 def test_at_the_protected_cap_new_ids_are_refused_and_no_ban_forgotten():
     now = [1000.0]
     state = MemoryClientState(max_clients=10, max_protected=2, clock=lambda: now[0])
-    admission = Admission(state, ThrottleConfig(), clock=lambda: now[0])
+    admission = Admission(state, ThrottleConfig(), BanLog(state), clock=lambda: now[0])
     for key in ("a", "b"):
         state.update(key, lambda record: setattr(record, "banned_until", now[0] + 60))
     admission.charge_client("known", 1)
