@@ -13,6 +13,7 @@ gRPC client can call it without stubs. It reads and changes client state only th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -91,10 +92,13 @@ class AdminService:
     # -- the calls --------------------------------------------------------------------------------
 
     async def list(self, request: dict[str, Any], context: grpc.aio.ServicerContext) -> dict[str, Any]:
-        now = self.clock()
-        items = self.state.items()
         limit = int(request.get("limit", LIST_LIMIT))
         banned_only = bool(request.get("banned", False))
+        return await asyncio.to_thread(self._list, limit, banned_only)  # off the event loop: O(tracked clients)
+
+    def _list(self, limit: int, banned_only: bool) -> dict[str, Any]:
+        now = self.clock()
+        items = self.state.items()
         rows = [self._summary(key, record, now) for key, record in items if not banned_only or record.banned_until > now]
         rows.sort(key=lambda row: (-row["banned_s"], -row["suspect_s"], row["key"]))
         return {

@@ -72,7 +72,7 @@ class ClientState(Protocol):
         """Forget everything about a key, bans included (an operator's reset); return whether it was tracked."""
 
     def items(self) -> list[tuple[str, ClientRecord]]:
-        """Every tracked key with a copy of its record, to read only (metrics, the admin endpoint)."""
+        """Every tracked key with its record, to read only (metrics, the admin endpoint); never change them."""
 
     def __len__(self) -> int: ...
 
@@ -158,12 +158,8 @@ class MemoryClientState:
             return (self._protected.pop(key, None) or self._records.pop(key, None)) is not None
 
     def items(self) -> list[tuple[str, ClientRecord]]:
-        with self._lock:
-            return [
-                (key, replace(record, last_labels=dict(record.last_labels)))
-                for table in (self._protected, self._records)
-                for key, record in table.items()
-            ]
+        with self._lock:  # references, not copies: 100,000 copies would hold the lock for a second
+            return [*self._protected.items(), *self._records.items()]
 
     def protected_count(self) -> int:
         return len(self._protected)

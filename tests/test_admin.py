@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -226,6 +228,8 @@ def test_sighup_reloads_a_running_process(config_file):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FIREWALL_")}
     command = [sys.executable, "-m", "firewall", "serve", "--config", str(config_file), "--listen", f"127.0.0.1:{port}"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=pump, args=(process.stdout, lines), daemon=True).start()
     try:
         with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
             deadline = time.monotonic() + 60
@@ -236,17 +240,30 @@ def test_sighup_reloads_a_running_process(config_file):
         changed["models"]["mnist"]["policy"]["action"] = "reject"
         config_file.write_text(yaml.safe_dump(changed))
         process.send_signal(signal.SIGHUP)
+        events = [next_line(lines, "config.")]  # the process has read the file: change it again
         config_file.write_text("models: [mnist\n")
         process.send_signal(signal.SIGHUP)
-        process.send_signal(signal.SIGTERM)  # signals are handled in the order they arrive
+        events.append(next_line(lines, "config."))
+        process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
     finally:
         process.kill()
-    lines = [json.loads(line) for line in process.stdout.read().splitlines()]
-    events = [line for line in lines if line["message"].startswith("config.")]
     assert [line["message"] for line in events] == ["config.reloaded", "config.reload_failed"]
     assert events[0]["firewall.changed"] == ["models.mnist.policy.action"] and events[0]["user.name"] == "SIGHUP"
     assert "not valid YAML" in events[1]["error.message"] and events[1]["log.level"] == "error"
+
+
+def pump(stream, lines: queue.Queue) -> None:
+    for text in stream:
+        lines.put(text)
+
+
+def next_line(lines: queue.Queue, prefix: str) -> dict:
+    """The next log line whose message starts with ``prefix`` (at most a minute's wait, so never a hang)."""
+    while True:
+        line = json.loads(lines.get(timeout=60))
+        if line["message"].startswith(prefix):
+            return line
 
 
 def _ready(client) -> bool:
