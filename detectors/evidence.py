@@ -115,14 +115,15 @@ class ClientRateConfig(BaseModel):
 
 
 class ClientRateStage:
-    """The per-image stages' per-client evidence, for the operator to read (``evidence``) and reset (``forget``)."""
+    """The per-image stages' per-client evidence, for the operator to read (``client_evidence``) and reset
+    (``forget_client``)."""
 
     clients: Cusum
 
-    def evidence(self, client_id: str) -> dict[str, float]:
+    def client_evidence(self, client_id: str) -> dict[str, float]:
         return {"cusum": self.clients.current(client_id), "cusum_threshold": self.clients.threshold}
 
-    def forget(self, client_id: str) -> None:
+    def forget_client(self, client_id: str) -> None:
         self.clients.forget(client_id)
 
 

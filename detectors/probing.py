@@ -187,10 +187,10 @@ class ProbingStage:
             )
         return findings
 
-    def evidence(self, client_id: str) -> dict[str, float]:
+    def client_evidence(self, client_id: str) -> dict[str, float]:
         return {"client": self.clients.current(client_id, time.time()), "client_threshold": self.config.client_threshold}
 
-    def forget(self, client_id: str) -> None:
+    def forget_client(self, client_id: str) -> None:
         self.clients.forget(client_id)
 
     def stats(self) -> dict[str, float]:

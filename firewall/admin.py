@@ -6,7 +6,7 @@ default (127.0.0.1, or a unix socket, made readable by its owner only), mutual T
 that the port clients reach for inference never carries it. Messages are JSON documents, so any
 gRPC client can call it without stubs. It reads and changes client state only through the
 ``ClientState`` interface (memory or a shared store alike) and the stages' optional
-``evidence``/``forget``. Every call is an ECS audit event (``event.category: configuration`` or
+``client_evidence``/``forget_client``. Every call is an ECS audit event (``event.category: configuration`` or
 ``iam``), naming the operator (the certificate identity with mutual TLS, else the peer) in
 ``user.name`` and the client acted on in ``user.target.id``.
 """
@@ -92,8 +92,9 @@ class AdminService:
     # -- the calls --------------------------------------------------------------------------------
 
     async def list(self, request: dict[str, Any], context: grpc.aio.ServicerContext) -> dict[str, Any]:
-        limit = int(request.get("limit", LIST_LIMIT))
-        banned_only = bool(request.get("banned", False))
+        limit, banned_only = request.get("limit", LIST_LIMIT), request.get("banned", False)
+        if not isinstance(limit, int) or not isinstance(banned_only, bool):
+            raise ValueError("limit is an integer and banned a boolean")
         return await asyncio.to_thread(self._list, limit, banned_only)  # off the event loop: O(tracked clients)
 
     def _list(self, limit: int, banned_only: bool) -> dict[str, Any]:
@@ -111,7 +112,7 @@ class AdminService:
         key = state_key(request)
         record = self.state.get(key)
         evidence = {
-            name: {stage.name: stage.evidence(key) for stage in pipeline.stages if hasattr(stage, "evidence")}
+            name: {stage.name: stage.client_evidence(key) for stage in pipeline.stages if hasattr(stage, "client_evidence")}
             for name, pipeline in self.pipelines.items()
         }
         return {
@@ -137,8 +138,8 @@ class AdminService:
         removed = self.state.remove(key)
         for pipeline in self.pipelines.values():
             for stage in pipeline.stages:
-                if hasattr(stage, "forget"):
-                    stage.forget(key)
+                if hasattr(stage, "forget_client"):
+                    stage.forget_client(key)
         if record is not None and record.banned_until > self.clock():
             self.bans.lifted(key, operator(context))
         return {"key": key, "reset": True, "was_tracked": removed}
@@ -179,7 +180,7 @@ class AdminService:
                 fields["user.target.id"] = target
             try:
                 response = await method(request, context)
-            except (ValueError, TypeError) as error:  # a malformed request
+            except ValueError as error:  # a malformed request (its message says what is expected)
                 log.info("admin.call", **fields, **{"event.outcome": "failure", "event.reason": str(error)})
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
             except grpc.aio.AbortError:

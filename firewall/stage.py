@@ -7,8 +7,8 @@ A stage is a small callable, the way structlog chains processors and Envoy chain
         def __call__(self, ctx: RequestContext) -> Sequence[Finding]: ...
 
 Optionally, a stage reports ``stats() -> dict[str, float]`` (metrics), releases what it holds in
-``close()``, and, when it keeps evidence per client, shows it with ``evidence(client_id) ->
-dict[str, float]`` and drops it with ``forget(client_id)`` (the admin endpoint's show and reset).
+``close()``, and, when it keeps evidence per client, shows it with ``client_evidence(client_id) ->
+dict[str, float]`` and drops it with ``forget_client(client_id)`` (the admin endpoint's show and reset).
 
 Stages run in order on a worker thread (never on the event loop). A stage may read and write
 the context (the sanitizer fills ``ctx.tensor``; the probing stage reads it) and returns the

@@ -34,7 +34,12 @@ CONFIG = {
     "metrics_listen": "127.0.0.1:0",
     "admin": {"listen": "127.0.0.1:0"},
     "throttle": {"enabled": False},
-    "models": {"mnist": {"detectors": [{"kind": "squeeze"}], "policy": {"action": "ban", "ban": {"first_s": 3600}}}},
+    "models": {
+        "mnist": {
+            "detectors": [{"kind": "probing", "window": 1000, "lists": 4}, {"kind": "squeeze"}],
+            "policy": {"action": "ban", "ban": {"first_s": 3600}},
+        }
+    },
 }
 
 
@@ -97,8 +102,9 @@ def test_list_show_lift_reset_each_audited(firewall, capsys, log_lines, mnist_he
     assert shown["state"]["offences"] == 1
     assert [(f["rule"], f["action"], f["findings"]) for f in shown["findings"]] == [("test.flagger", "ban", 1)]
     assert set(shown["evidence"]["mnist"]["squeeze"]) == {"cusum", "cusum_threshold"}
+    assert shown["evidence"]["mnist"]["probing"] == {"client": 0.0, "client_threshold": 10.0}
     code, out, _ = admin(firewall, capsys, "show", "mallory")
-    assert "test.flagger -> ban: 1 since" in out and "squeeze: cusum" in out
+    assert "test.flagger -> ban: 1 since" in out and "squeeze: cusum" in out and "probing: client 0" in out
 
     assert admin(firewall, capsys, "lift", "mallory")[:2] == (0, "ban lifted: mallory\n")
     assert not refused(firewall, images[:1], "mallory")
@@ -111,9 +117,16 @@ def test_list_show_lift_reset_each_audited(firewall, capsys, log_lines, mnist_he
     assert not refused(firewall, images[:1], "mallory")  # ... forgotten with its ban
     assert json.loads(admin(firewall, capsys, "--json", "show", "mallory")[1])["state"]["offences"] == 0
 
+    with grpc.insecure_channel(f"127.0.0.1:{firewall.admin_port}") as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            channel.unary_unary(f"/{SERVICE}/List", request_serializer=str.encode)('{"limit": "all"}', timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "limit" in raised.value.details()
+
     lines = log_lines()
     audits = [line for line in lines if line["message"] == "admin.call"]
-    assert [a["event.action"] for a in audits] == ["admin-list"] * 2 + ["admin-show"] * 2 + ["admin-lift"] * 2 + ["admin-show", "admin-reset", "admin-show"]
+    assert [a["event.action"] for a in audits] == (
+        ["admin-list"] * 2 + ["admin-show"] * 2 + ["admin-lift"] * 2 + ["admin-show", "admin-reset", "admin-show", "admin-list"]
+    )
     assert [a["event.outcome"] for a in audits if a["event.action"] == "admin-lift"] == ["success", "failure"]
     for audit in audits:
         assert audit["event.kind"] == "event" and audit["user.name"].startswith("ipv4:127.0.0.1:")
@@ -127,10 +140,12 @@ def test_list_show_lift_reset_each_audited(firewall, capsys, log_lines, mnist_he
 
 def test_reload_swaps_policy_and_thresholds_and_refuses_what_needs_a_restart(firewall, config_file, capsys, log_lines, mnist_heldout):
     images, _ = mnist_heldout
-    squeeze = next(stage for stage in firewall.service.pipelines["mnist"].stages if stage.name == "squeeze")
+    stages = {stage.name: stage for stage in firewall.service.pipelines["mnist"].stages}
+    probing, squeeze = stages["probing"], stages["squeeze"]
     changed = json.loads(json.dumps(CONFIG))
     changed["models"]["mnist"]["policy"]["action"] = "monitor"
-    changed["models"]["mnist"]["detectors"][0]["threshold"] = 0.5
+    changed["models"]["mnist"]["detectors"][0]["client_threshold"] = 5.0
+    changed["models"]["mnist"]["detectors"][1]["threshold"] = 0.5
     changed["throttle"] = {"enabled": True, "rate": 5.0}
     config_file.write_text(yaml.safe_dump(changed))
     code, out, _ = admin(firewall, capsys, "reload")
@@ -138,7 +153,8 @@ def test_reload_swaps_policy_and_thresholds_and_refuses_what_needs_a_restart(fir
     assert out.strip() == "reloaded: " + ", ".join(
         sorted(
             [
-                "models.mnist.detectors.0.threshold",
+                "models.mnist.detectors.0.client_threshold",
+                "models.mnist.detectors.1.threshold",
                 "models.mnist.policy.action",
                 "throttle.address_rate",
                 "throttle.enabled",
@@ -147,6 +163,7 @@ def test_reload_swaps_policy_and_thresholds_and_refuses_what_needs_a_restart(fir
         )
     )
     assert squeeze.config.threshold == 0.5 and firewall.admission.config.rate == 5.0
+    assert probing.config.client_threshold == 5.0 and probing.config.window == 1000
     assert not refused(firewall, marked(images[:1]), "eve")  # monitor now: answered
 
     running = firewall.settings
