@@ -148,13 +148,13 @@ class Firewall:
         self.admin: grpc.aio.Server | None = None
         self.admin_port: int | None = None  # 0 for a unix socket
         if settings.admin.listen is not None:
-            if not settings.admin.listen.startswith("unix:"):
-                check_listen(settings.admin.listen)
             service = AdminService(state, self.bans, self.alerts, pipelines, self.reload)
             try:
+                if not settings.admin.listen.startswith("unix:"):
+                    check_listen(settings.admin.listen)
                 self.admin, self.admin_port = admin_server(settings.admin.listen, settings.admin.tls, service)
-            except (RuntimeError, OSError, ValueError) as error:
-                raise StartupError(f"cannot serve the admin endpoint on {settings.admin.listen}: {error}") from None
+            except (StartupError, RuntimeError, OSError, ValueError) as error:
+                raise StartupError(f"admin endpoint (admin.listen): {error}") from None
         self._ready: bool | None = None
         self.metrics_port: int | None = None  # set by start()
         self._readiness: asyncio.Task | None = None

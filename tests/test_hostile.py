@@ -315,16 +315,17 @@ def start_failure(tmp_path: Path, config: str | None, *args: str) -> tuple[int, 
 
 
 def test_start_up_failures_are_one_line_with_exit_status_2(tmp_path):
-    base = "metrics_listen: 127.0.0.1:0\nmodels:\n  mnist: {}\n"
+    base = "metrics_listen: 127.0.0.1:0\nadmin: {listen: 127.0.0.1:0}\nmodels:\n  mnist: {}\n"
     with taken_port() as grpc_port, taken_port() as metrics_port:
         cases = {
             "grpc port taken": (base, "--listen", f"127.0.0.1:{grpc_port.getsockname()[1]}"),
-            "metrics port taken": (f"metrics_listen: 127.0.0.1:{metrics_port.getsockname()[1]}\nmodels:\n  mnist: {{}}\n", "--listen", "127.0.0.1:0"),
+            "metrics port taken": (base.replace("metrics_listen: 127.0.0.1:0", f"metrics_listen: 127.0.0.1:{metrics_port.getsockname()[1]}"), "--listen", "127.0.0.1:0"),
             "yaml syntax": ("models: [mnist\n", "--listen", "127.0.0.1:0"),
             "missing onnx": (f"metrics_listen: 127.0.0.1:0\nmodels:\n  mnist: {{onnx: {tmp_path}/none.onnx, detectors: []}}\n", "--listen", "127.0.0.1:0"),
             "unknown model": ("metrics_listen: 127.0.0.1:0\nmodels:\n  nosuchmodel: {}\n", "--listen", "127.0.0.1:0"),
             "bad listen": (base, "--listen", "999.1.2.3:notaport"),
             "bad log level": (base, "--listen", "127.0.0.1:0", "--log-level", "LOUD"),
+            "admin port taken": (base.replace("admin: {listen: 127.0.0.1:0}", f"admin: {{listen: 127.0.0.1:{grpc_port.getsockname()[1]}}}"), "--listen", "127.0.0.1:0"),
         }
         for name, (config, *args) in cases.items():
             code, stderr = start_failure(tmp_path, config, *args)
