@@ -177,6 +177,15 @@ class ListenerTLS(Strict):
         return self
 
 
+class ServerMetadata(BaseModel):
+    """What metadata calls say about the server. Neutral by default: nothing names the firewall."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "inference-server"  # ServerMetadata and the REST server metadata
+    platform: str = "onnxruntime_onnx"  # ModelMetadata and ModelConfig (the protected models are ONNX)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FIREWALL_", env_nested_delimiter="__", extra="forbid")
 
@@ -201,6 +210,8 @@ class Settings(BaseSettings):
     workers: PositiveInt = 8  # threads running the pipeline; requests beyond them wait, bounded by the cap above
     shutdown_grace_s: PositiveFloat = 10.0
     snapshot_dir: Path | None = None  # stateful detectors without their own snapshot_path persist here
+    server_metadata: ServerMetadata = ServerMetadata()
+    reflection: bool = False  # gRPC server reflection lists the services; off so the chain stays unnamed
     models: dict[str, ProtectedModel]
 
     @model_validator(mode="before")

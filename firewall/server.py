@@ -129,7 +129,8 @@ class Firewall:
         self.server = grpc.aio.server(options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(REFLECTED_SERVICES, self.server, pool=pb.DESCRIPTOR.pool)
+        if settings.reflection:
+            reflection.enable_server_reflection(REFLECTED_SERVICES, self.server, pool=pb.DESCRIPTOR.pool)
         check_listen(settings.listen)
         try:
             if settings.tls is None:
