@@ -46,7 +46,8 @@ class UpstreamTLS(Strict):
 
 
 class UpstreamBackend(Strict):
-    """Forward the sanitized tensor to a KServe-v2 gRPC model server (Triton, KServe, MLServer).
+    """Forward the sanitized tensor to a KServe-v2 model server (Triton, KServe, MLServer), over
+    gRPC or over the protocol's HTTP/JSON binding (``protocol: rest``, KServe's default).
 
     Circuit breaker: after ``breaker_failures`` consecutive failed calls, calls fail fast
     (UNAVAILABLE) and only a probe every ``breaker_open_s`` (doubling up to ``breaker_max_open_s``)
@@ -54,7 +55,8 @@ class UpstreamBackend(Strict):
     """
 
     kind: Literal["upstream"] = Field(description="the model runs on a model server the firewall calls")
-    address: str = Field(description="HOST:PORT of the model server")
+    protocol: Literal["grpc", "rest"] = Field("grpc", description="gRPC, or the HTTP/JSON binding (KServe's default)")
+    address: str = Field(description="HOST:PORT of the model server's port for that protocol")
     model_name: str = Field(description="the model's name on the model server")
     model_version: str = Field("", description="the model's version there (empty: the server's choice)")
     input_name: str = Field("input", description="the model's input tensor")
@@ -174,7 +176,7 @@ class AlertConfig(Strict):
 
 
 class ListenerTLS(Strict):
-    """TLS on the gRPC listener; with ``client_ca`` set, mutual TLS: a client must present a
+    """TLS on the gRPC and HTTP listeners; with ``client_ca`` set, mutual TLS: a client must present a
     certificate signed by that CA and its identity (SAN, else CN) becomes the client id."""
 
     cert: Path = Field(description="the server certificate (PEM)")
@@ -232,13 +234,25 @@ def is_local(listen: str) -> bool:
         return False
 
 
+class ServerMetadata(Strict):
+    """What metadata calls say about the server. Neutral by default: nothing names the firewall."""
+
+    name: str = Field("inference-server", description="the server name of ServerMetadata and the REST server metadata")
+    platform: str = Field(
+        "onnxruntime_onnx", description="the platform of ModelMetadata and ModelConfig (the protected models are ONNX)"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FIREWALL_", env_nested_delimiter="__", extra="forbid")
 
     listen: str = Field("0.0.0.0:8001", description="HOST:PORT of the gRPC listener (`firewall serve --listen`)")
+    http_listen: str | None = Field(
+        "0.0.0.0:8000", description="HOST:PORT of the HTTP/JSON binding (`firewall serve --http-listen`); null: gRPC only"
+    )
     metrics_listen: str = Field("0.0.0.0:9108", description="HOST:PORT of the Prometheus endpoint")
     client_id_header: str = Field("x-client-id", description="request header naming the client; the peer address without it")
-    tls: ListenerTLS | None = Field(None, description="TLS on the gRPC listener (default: plaintext)")
+    tls: ListenerTLS | None = Field(None, description="TLS on the gRPC and HTTP listeners (default: plaintext)")
     admin: AdminConfig = Field(AdminConfig(), description="the operators' endpoint")
     throttle: ThrottleConfig = Field(ThrottleConfig(), description="token buckets per client and per address")
     alerts: AlertConfig = Field(AlertConfig(), description="alert aggregation")
@@ -266,6 +280,8 @@ class Settings(BaseSettings):
         description="where bans (clients.json) and the detectors' query history persist across restarts; "
         "default: nowhere, a restart forgets them (logged as a warning at start)",
     )
+    server_metadata: ServerMetadata = Field(ServerMetadata(), description="what metadata calls say about the server")
+    reflection: bool = Field(False, description="gRPC server reflection lists the services; off so the chain stays unnamed")
     models: dict[str, ProtectedModel] = Field(description="the protected models, by name")
 
     @model_validator(mode="before")

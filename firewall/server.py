@@ -1,9 +1,10 @@
-"""`firewall serve`: the grpc.aio server with the inference service, health and reflection.
+"""`firewall serve`: the grpc.aio server with the inference service, health and reflection, and
+the HTTP/JSON binding (firewall/http.py) on ``http_listen``, in the same event loop.
 
 Health (grpc.health.v1): the service "liveness" is SERVING while the process runs; "" and
 "inference.GRPCInferenceService" are SERVING while every protected model can answer (so a
 readiness probe fails while the upstream model server is down). On SIGTERM or SIGINT the server
-reports NOT_SERVING, stops accepting calls, lets in-flight calls finish within the grace period,
+reports NOT_SERVING, stops accepting calls on both listeners, lets in-flight calls finish within the grace period,
 then closes the stages (which persist their state), saves the protected client state (bans,
 offence counts, suspects, refusal windows) to ``snapshot_dir/clients.json`` (read back at start),
 logs the last line of every open alert episode and stops the metrics endpoint (``metrics_listen``).
@@ -29,11 +30,12 @@ from typing import Callable
 
 import cv2
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from firewall import reload
+from firewall import http, reload
 from firewall.admin import AdminService, admin_server
 from firewall.alerts import AlertAggregator
 from firewall.bans import BanLog
@@ -59,14 +61,19 @@ class StartupError(Exception):
     """The firewall cannot start; the message is the one line the operator sees."""
 
 
-def check_listen(listen: str) -> None:
-    """Raise ``StartupError`` unless HOST:PORT can be bound now (before gRPC logs its own error)."""
+def split_listen(listen: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[V6]:PORT' -> (host, port); raises ``StartupError``."""
     host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
     if not port.isdigit() or int(port) > 65535:
         raise StartupError(f"cannot listen on {listen}: invalid port")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def check_listen(listen: str) -> None:
+    """Raise ``StartupError`` unless HOST:PORT can be bound now (before gRPC logs its own error)."""
+    host, port = split_listen(listen)
     try:
-        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as error:
         raise StartupError(f"cannot listen on {listen}: invalid address ({error})") from None
     family, kind, proto, _, sockaddr = infos[0]
@@ -134,7 +141,8 @@ class Firewall:
         self.server = grpc.aio.server(options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(REFLECTED_SERVICES, self.server, pool=pb.DESCRIPTOR.pool)
+        if settings.reflection:
+            reflection.enable_server_reflection(REFLECTED_SERVICES, self.server, pool=pb.DESCRIPTOR.pool)
         check_listen(settings.listen)
         try:
             if settings.tls is None:
@@ -145,6 +153,13 @@ class Firewall:
             self.port = 0
         if self.port == 0:
             raise StartupError(f"cannot listen on {settings.listen} (address in use or invalid)")
+        if settings.http_listen is not None:
+            check_listen(settings.http_listen)
+        self.http = web.AppRunner(
+            http.application(self.service, settings.max_message_bytes, settings.max_concurrent_requests),
+            access_log=None,
+            shutdown_timeout=settings.shutdown_grace_s,
+        )
         self.admin: grpc.aio.Server | None = None
         self.admin_port: int | None = None  # 0 for a unix socket
         if settings.admin.listen is not None:
@@ -157,6 +172,7 @@ class Firewall:
                 raise StartupError(f"admin endpoint (admin.listen): {error}") from None
         self._ready: bool | None = None
         self.metrics_port: int | None = None  # set by start()
+        self.http_port: int | None = None  # set by start() when http_listen is set
         self._readiness: asyncio.Task | None = None
         self._alert_flusher: asyncio.Task | None = None
 
@@ -167,6 +183,8 @@ class Firewall:
             raise StartupError(f"cannot serve metrics on {self.settings.metrics_listen}: {error.strerror or error if isinstance(error, OSError) else error}") from None
         self._alert_flusher = asyncio.create_task(self.alerts.run())
         await self.server.start()
+        if self.settings.http_listen is not None:
+            await self._start_http(self.settings.http_listen)
         if self.admin is not None:
             await self.admin.start()
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -176,6 +194,7 @@ class Firewall:
             "server.started",
             listen=self.settings.listen,
             port=self.port,
+            http_port=self.http_port,
             metrics_port=self.metrics_port,
             admin_listen=self.settings.admin.listen,
             models=sorted(self.service.pipelines),
@@ -188,7 +207,7 @@ class Firewall:
         await self.health.enter_graceful_shutdown()
         if self.admin is not None:
             await self.admin.stop(None)
-        await self.server.stop(self.settings.shutdown_grace_s)
+        await asyncio.gather(self.server.stop(self.settings.shutdown_grace_s), self.http.cleanup())
         await asyncio.get_running_loop().run_in_executor(None, self.service.close)
         if self.snapshot_path is not None:
             try:
@@ -200,6 +219,17 @@ class Firewall:
         self.alerts.close()
         self.metrics.close()
         log.info("server.stopped")
+
+    async def _start_http(self, listen: str) -> None:
+        host, port = split_listen(listen)
+        tls = http.ssl_context(self.settings.tls) if self.settings.tls is not None else None
+        await self.http.setup()
+        site = web.TCPSite(self.http, host, port, ssl_context=tls, reuse_port=False)
+        try:
+            await site.start()
+        except OSError as error:
+            raise StartupError(f"cannot listen on {listen}: {error.strerror}") from None
+        self.http_port = site.port
 
     async def _watch_readiness(self) -> None:
         while True:
@@ -248,6 +278,7 @@ async def serve(settings: Settings, source: Callable[[], Settings] | None = None
         await firewall.start()
     except StartupError:
         await firewall.server.stop(None)
+        await firewall.http.cleanup()
         if firewall.admin is not None:
             await firewall.admin.stop(None)
         firewall.metrics.close()
@@ -271,9 +302,9 @@ def reload_quietly(firewall: Firewall) -> None:
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-EPILOG = """The gRPC listener is `listen` (default 0.0.0.0:8001), Prometheus metrics are served on
-`metrics_listen` (default 0.0.0.0:9108) and the admin endpoint on `admin.listen` (default
-127.0.0.1:8002). Every configuration field can be overridden from the environment as
+EPILOG = """The gRPC listener is `listen` (default 0.0.0.0:8001), the HTTP/JSON one `http_listen` (default
+0.0.0.0:8000), Prometheus metrics are served on `metrics_listen` (default 0.0.0.0:9108) and the
+admin endpoint on `admin.listen` (default 127.0.0.1:8002). Every configuration field can be overridden from the environment as
 FIREWALL_<FIELD>, with __ between nested names (FIREWALL_THROTTLE__RATE=50); an unknown FIREWALL_*
 variable is an error. `firewall config --reference` lists every field. SIGHUP reloads the file.
 """
@@ -285,6 +316,9 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML configuration file (default: the bundled MNIST configuration)")
     parser.add_argument("--listen", metavar="HOST:PORT", help="gRPC listener (overrides `listen` of the configuration)")
     parser.add_argument(
+        "--http-listen", metavar="HOST:PORT", help="HTTP/JSON listener (overrides `http_listen` of the configuration)"
+    )
+    parser.add_argument(
         "--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, help="lowest level logged (default: %(default)s)"
     )
 
@@ -293,8 +327,8 @@ def run_cli(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
 
     def source() -> Settings:
-        settings = load_settings(args.config)
-        return settings.model_copy(update={"listen": args.listen}) if args.listen else settings
+        overrides = {"listen": args.listen, "http_listen": args.http_listen}
+        return load_settings(args.config).model_copy(update={key: value for key, value in overrides.items() if value})
 
     try:
         settings = source()
