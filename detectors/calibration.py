@@ -43,7 +43,7 @@ MAX_RADIUS = 0.2  # beyond it an attack's blends are covered anyway, and chance 
 # (windows, caps, snapshot path) stay with the service configuration.
 CALIBRATED_FIELDS = {
     "probing": {"kind", "embedding", "radius", "neighbours", "spread"},
-    "uncertainty": {"kind", "passes", "score", "threshold"},
+    "uncertainty": {"kind", "dropout", "passes", "score", "threshold"},
     "squeeze": {"kind", "bit_depth", "median_size", "threshold"},
 }
 

@@ -2,6 +2,12 @@
 
 The stages come from configuration (the sanitizer first, then each configured detector in
 order), so adding a detector means one module in ``detectors/`` and one config entry.
+
+Cost: the network runs once per request (``detectors.forward``): the embedded answer, the probing
+label, feature squeezing's reference output and MC dropout's features all come from that run.
+Stages whose every rule the policy only monitors (by default uncertainty and squeeze; a stage names
+its rules in ``rules``) run after the answer, on the bounded ``firewall.deferred`` queue; their
+findings reach the alerts and metrics through ``report``.
 """
 
 from __future__ import annotations
@@ -10,11 +16,15 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from firewall.backends import Predictor, build_predictor
+from detectors.forward import shared_forward
+from firewall.backends import EmbeddedPredictor, Predictor, build_predictor
 from firewall.codec import Limits
-from firewall.config import ProtectedModel, Settings
-from firewall.stage import RequestContext, Stage
+from firewall.config import PolicyConfig, ProtectedModel, Settings
+from firewall.deferred import DeferredQueue
+from firewall.stage import Finding, RequestContext, Stage
 from models.runtime import OnnxClassifier
+
+DEFERRED_CAPACITY = 256  # requests whose monitoring waits; beyond it monitoring is dropped and counted
 
 
 @dataclass
@@ -23,23 +33,44 @@ class ModelPipeline:
     classifier: OnnxClassifier  # the local copy: input spec, and the model the detectors query
     predictor: Predictor
     limits: Limits
-    stages: list[Stage]
+    stages: list[Stage]  # before the answer, in order
+    monitors: list[Stage]  # after the answer: every rule they raise is only monitored
+    deferred: DeferredQueue | None = None
     observe: Callable[[str, float], None] = lambda stage, seconds: None  # stage latency sink (metrics)
+    report: Callable[[RequestContext, list[Finding]], None] = lambda ctx, findings: None  # deferred findings
 
     def inspect(self, ctx: RequestContext) -> None:
-        """Run every stage in order; findings accumulate on the context."""
+        """Run the stages in order (findings accumulate on the context); queue the monitors."""
         for stage in self.stages:
-            started = time.perf_counter()
-            ctx.findings.extend(stage(ctx))
-            self.observe(stage.name, time.perf_counter() - started)
+            self._timed(stage, ctx, ctx.findings)
+        if self.monitors and self.deferred is not None and ctx.tensor is not None and len(ctx.tensor):
+            shared_forward(ctx, self.classifier)  # before the hand-off: the answer and the monitors share it
+            self.deferred.submit(lambda: self._monitor(ctx))
 
     def predict(self, ctx: RequestContext) -> None:
         started = time.perf_counter()
-        ctx.labels = self.predictor.predict(ctx.tensor)
+        if isinstance(self.predictor, EmbeddedPredictor):
+            ctx.labels = shared_forward(ctx, self.classifier).labels
+        else:
+            ctx.labels = self.predictor.predict(ctx.tensor)
         self.observe("predict", time.perf_counter() - started)
 
+    def _timed(self, stage: Stage, ctx: RequestContext, findings: list[Finding]) -> None:
+        started = time.perf_counter()
+        findings.extend(stage(ctx))
+        self.observe(stage.name, time.perf_counter() - started)
+
+    def _monitor(self, ctx: RequestContext) -> None:
+        findings: list[Finding] = []
+        for stage in self.monitors:
+            self._timed(stage, ctx, findings)
+        if findings:
+            self.report(ctx, findings)
+
     def close(self) -> None:
-        for stage in self.stages:
+        if self.deferred is not None:
+            self.deferred.close()  # finish queued monitoring before the stages persist their state
+        for stage in [*self.stages, *self.monitors]:
             close = getattr(stage, "close", None)
             if close is not None:
                 close()
@@ -54,6 +85,7 @@ def build_pipeline(name: str, model: ProtectedModel, settings: Settings) -> Mode
             path = settings.snapshot_dir / f"{name}.{detector.kind}.snapshot"
             detector = detector.model_copy(update={"snapshot_path": path})
         stages.append(detector.build(classifier))
+    monitors = [stage for stage in stages if only_monitored(stage, model.policy)]
     return ModelPipeline(
         name=name,
         classifier=classifier,
@@ -65,8 +97,16 @@ def build_pipeline(name: str, model: ProtectedModel, settings: Settings) -> Mode
             max_request_bytes=model.limits.max_request_bytes,
             target_side=max(classifier.input.height, classifier.input.width),
         ),
-        stages=stages,
+        stages=[stage for stage in stages if stage not in monitors],
+        monitors=monitors,
+        deferred=DeferredQueue(name, DEFERRED_CAPACITY) if monitors else None,
     )
+
+
+def only_monitored(stage: Stage, policy: PolicyConfig) -> bool:
+    """Whether every rule the stage can raise is only monitored, so the answer need not wait for it."""
+    rules = getattr(stage, "rules", ())
+    return bool(rules) and all(policy.rules.get(rule, policy.action) == "monitor" for rule in rules)
 
 
 def build_pipelines(settings: Settings) -> dict[str, ModelPipeline]:

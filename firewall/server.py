@@ -23,6 +23,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import grpc
@@ -39,6 +40,7 @@ from firewall.pipeline import build_pipelines
 from firewall.policy import ResponsePolicy
 from firewall.protocol import pb, pb_grpc
 from firewall.service import InferenceService, log
+from firewall.stage import Finding, RequestContext
 from firewall.state import MemoryClientState
 from firewall.throttle import Admission
 from firewall.tls import server_credentials
@@ -108,9 +110,10 @@ class Firewall:
                 log.warning("state.restore_failed", path=str(self.snapshot_path), error=str(error))
         self.alerts = AlertAggregator(settings.alerts)
         self.metrics = Metrics(pipelines, state)
+        policy = ResponsePolicy(settings, state, self.alerts)
         for name, pipeline in pipelines.items():
             pipeline.observe = self.metrics.observer(name)
-        policy = ResponsePolicy(settings, state, self.alerts)
+            pipeline.report = self._report_deferred(policy)
         self.service = InferenceService(settings, pipelines, policy, Admission(state, settings.throttle), self.metrics)
         self.health = HealthServicer()
         options = [
@@ -171,6 +174,16 @@ class Firewall:
         self.alerts.close()
         self.metrics.close()
         log.info("server.stopped")
+
+    def _report_deferred(self, policy: ResponsePolicy) -> Callable[[RequestContext, list[Finding]], None]:
+        """Findings of the stages run after the answer: counted and alerted like the others, action monitor."""
+
+        def report(ctx: RequestContext, findings: list[Finding]) -> None:
+            for finding in findings:
+                self.metrics.findings.labels(ctx.model, finding.rule).inc()
+            policy.alert(ctx, findings, "monitor")
+
+        return report
 
     async def _watch_readiness(self) -> None:
         while True:
