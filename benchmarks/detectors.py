@@ -20,7 +20,8 @@ here is timed inside a test. Sections:
 - benign: distinct images from many clients, clients sending one class, byte-identical retries,
   camera bursts (an image and 5 one-pixel shifts); false positives per query and per client.
 - uncertainty: ROC-AUC of MC-dropout variance (and of squeeze) against FGSM, PGD and
-  Carlini-Wagner L2.
+  Carlini-Wagner L2; MC dropout as configured (``dropout: last``, the head only) beside full MC
+  dropout (``dropout: all``, every Dropout on, the network run 16 times) on the same images.
 """
 
 from __future__ import annotations
@@ -344,18 +345,20 @@ def uncertainty(name: str, data: Path, count: int) -> dict:
     model, sanitizer, detectors = load_setup(name)
     stage = detectors["uncertainty"].build(model)
     assert isinstance(stage, UncertaintyStage)
+    full = detectors["uncertainty"].model_copy(update={"dropout": "all"}).build(model)
     squeeze = detectors["squeeze"]
     assert isinstance(squeeze, SqueezeConfig)
     images, labels = heldout(name, data)
     x = (images[:count].astype(np.float32) / 255.0).transpose(0, 3, 1, 2)
     classifier = art_classifier(model.path, model.input_shape, 10)
 
-    def scores(batch: np.ndarray, sanitize: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def scores(batch: np.ndarray, sanitize: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         tensor = sanitizer(list(batch.transpose(0, 2, 3, 1))) if sanitize else batch
         return (
             stage.scores(tensor)["variance"],
             squeeze_scores(model, tensor, squeeze.bit_depth, squeeze.median_size),
             model.predict(tensor),
+            full.scores(tensor)["variance"],
         )
 
     def auc(benign_scores: np.ndarray, attack_scores: np.ndarray) -> float | None:
@@ -364,8 +367,8 @@ def uncertainty(name: str, data: Path, count: int) -> dict:
         target = np.r_[np.zeros(len(benign_scores)), np.ones(len(attack_scores))]
         return round(float(roc_auc_score(target, np.r_[benign_scores, attack_scores])), 3)
 
-    benign_u, benign_s, _ = scores(x)
-    raw_benign_u, _, _ = scores(x, sanitize=False)
+    benign_u, benign_s, _, benign_full = scores(x)
+    raw_benign_u, _, _, _ = scores(x, sanitize=False)
     crafted = {
         "FGSM eps 0.1": lambda: FastGradientMethod(classifier, eps=0.1).generate(x),
         "FGSM eps 0.2": lambda: FastGradientMethod(classifier, eps=0.2).generate(x),
@@ -383,14 +386,15 @@ def uncertainty(name: str, data: Path, count: int) -> dict:
     for attack, generate in crafted.items():
         start = time.time()
         adversarial = generate()
-        u, s, predicted = scores(adversarial)
-        raw_u, _, raw_predicted = scores(adversarial, sanitize=False)
+        u, s, predicted, u_full = scores(adversarial)
+        raw_u, _, raw_predicted, _ = scores(adversarial, sanitize=False)
         success = predicted != labels[: len(adversarial)]
         results[attack] = {
             "images": len(adversarial),
             "success_without_sanitizer": float(np.mean(raw_predicted != labels[: len(adversarial)])),
             "success_after_sanitizer": float(success.mean()),
             "mc_dropout_roc_auc": auc(benign_u, u),
+            "mc_dropout_all_layers_roc_auc": auc(benign_full, u_full),
             "mc_dropout_roc_auc_successful_only": auc(benign_u, u[success]),
             "mc_dropout_roc_auc_without_sanitizer": auc(raw_benign_u, raw_u),
             "mc_dropout_flagged": float(np.mean(u > stage.config.threshold)),

@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from detectors.evidence import ClientRateConfig, client_rate_findings
-from detectors.forward import shared_forward
+from detectors.forward import novel_items, shared_forward
 from firewall.stage import Finding, RequestContext
 from models.mc_dropout import McDropoutClassifier, McDropoutHead
 from models.runtime import Forward, OnnxClassifier
@@ -92,8 +92,14 @@ class UncertaintyStage:
     def __call__(self, ctx: RequestContext) -> Sequence[Finding]:
         if ctx.tensor is None or not len(ctx.tensor):
             return []
-        shared = None if isinstance(self.sampler, McDropoutClassifier) else shared_forward(ctx, self.model)
-        scores = self.scores(ctx.tensor, shared)
-        chosen = scores[self.config.score]
+        novel = novel_items(ctx)
+        chosen = np.zeros(len(ctx.tensor))  # re-sent content is no new observation: not scored, not flagged
+        if len(novel):
+            shared = None
+            if not isinstance(self.sampler, McDropoutClassifier):
+                whole = shared_forward(ctx, self.model)
+                assert whole.features is not None
+                shared = Forward(whole.logits[novel], whole.features[novel])
+            chosen[novel] = self.scores(ctx.tensor[novel], shared)[self.config.score]
         details = {"score": self.config.score, "passes": self.config.passes}
         return client_rate_findings("uncertainty", self.clients, ctx, chosen, self.config.threshold, details)

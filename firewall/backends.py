@@ -13,6 +13,10 @@ own deadline (``timeout_s``, shorter than clients' deadlines), and a ``CircuitBr
 through as a probe (half-open), and the readiness probe, every half second, closes the breaker as
 soon as the upstream answers again. The channel reconnects with a short backoff (0.1-1 s) so a
 restarted upstream is found quickly.
+
+``submit`` sends the call and returns at once (a gRPC future); the pipeline sends it as soon as the
+sanitizer has made the tensor, so the upstream works while the firewall's own stages run, and the
+answer costs the longer of the two rather than their sum.
 """
 
 from __future__ import annotations
@@ -34,8 +38,13 @@ class BackendUnavailable(Unavailable):
     """The model server could not answer (down, timed out or answered nonsense)."""
 
 
+Answer = Callable[[], np.ndarray]  # the labels of a submitted batch, waited for when called
+
+
 class Predictor(Protocol):
     def predict(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def submit(self, batch: np.ndarray) -> Answer: ...
 
     def ready(self) -> bool: ...
 
@@ -48,6 +57,10 @@ class EmbeddedPredictor:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return self.classifier.predict(batch)
+
+    def submit(self, batch: np.ndarray) -> Answer:
+        labels = self.predict(batch)
+        return lambda: labels
 
     def ready(self) -> bool:
         return True
@@ -124,6 +137,10 @@ class UpstreamPredictor:
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self.submit(batch)()
+
+    def submit(self, batch: np.ndarray) -> Answer:
+        """Send the call now; the returned function waits for its labels (or raises BackendUnavailable)."""
         batch = np.ascontiguousarray(batch, dtype="<f4")
         request = pb.ModelInferRequest(
             model_name=self.config.model_name,
@@ -133,14 +150,22 @@ class UpstreamPredictor:
             raw_input_contents=[batch.tobytes()],
         )
         if not self.breaker.allow():
-            raise BackendUnavailable("upstream circuit open")
-        try:
-            response = self.stub.ModelInfer(request, timeout=self.config.timeout_s)
-        except grpc.RpcError as error:
-            self.breaker.failure()
-            raise BackendUnavailable(f"upstream ModelInfer failed: {error.code().name}") from None
-        self.breaker.success()
-        return self._labels(response, batch.shape[0])
+
+            def circuit_open() -> np.ndarray:
+                raise BackendUnavailable("upstream circuit open")
+
+            return circuit_open
+        call = self.stub.ModelInfer.future(request, timeout=self.config.timeout_s)
+        call.add_done_callback(lambda done: self.breaker.failure() if done.exception() else self.breaker.success())
+
+        def labels() -> np.ndarray:
+            try:
+                response = call.result()
+            except grpc.RpcError as error:
+                raise BackendUnavailable(f"upstream ModelInfer failed: {error.code().name}") from None
+            return self._labels(response, batch.shape[0])
+
+        return labels
 
     def ready(self) -> bool:
         """Probe the upstream (the readiness watcher calls this every half second); it also drives the breaker."""

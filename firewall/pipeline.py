@@ -40,9 +40,13 @@ class ModelPipeline:
     report: Callable[[RequestContext, list[Finding]], None] = lambda ctx, findings: None  # deferred findings
 
     def inspect(self, ctx: RequestContext) -> None:
-        """Run the stages in order (findings accumulate on the context); queue the monitors."""
+        """Run the stages in order (findings accumulate on the context); queue the monitors.
+
+        An upstream is called as soon as the tensor exists, and answers while the stages run."""
         for stage in self.stages:
             self._timed(stage, ctx, ctx.findings)
+            if ctx.tensor is not None and "answer" not in ctx.scratch and not isinstance(self.predictor, EmbeddedPredictor):
+                ctx.scratch["answer"] = self.predictor.submit(ctx.tensor)
         if self.monitors and self.deferred is not None and ctx.tensor is not None and len(ctx.tensor):
             shared_forward(ctx, self.classifier)  # before the hand-off: the answer and the monitors share it
             self.deferred.submit(lambda: self._monitor(ctx))
@@ -51,6 +55,8 @@ class ModelPipeline:
         started = time.perf_counter()
         if isinstance(self.predictor, EmbeddedPredictor):
             ctx.labels = shared_forward(ctx, self.classifier).labels
+        elif "answer" in ctx.scratch:
+            ctx.labels = ctx.scratch["answer"]()
         else:
             ctx.labels = self.predictor.predict(ctx.tensor)
         self.observe("predict", time.perf_counter() - started)

@@ -249,7 +249,10 @@ def _head_nodes(graph: onnx.GraphProto, features: str, output: str) -> list[onnx
 
 
 def head_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The subgraph from the last Dropout's input to the logits, that Dropout rewritten always-on."""
+    """The subgraph from the last Dropout's input to the logits, that Dropout rewritten always-on.
+
+    Inputs: the features [B, ...] and ``repeats`` (int64, [passes, 1, ...]): the head tiles the
+    features itself, so on a GPU they never leave the device between the network and the head."""
     features = last_dropout_input(model)
     if features is None:
         raise NoDropoutError("the model has no Dropout node; Monte-Carlo dropout needs a model trained with dropout")
@@ -262,10 +265,17 @@ def head_model(model: onnx.ModelProto) -> onnx.ModelProto:
     feature_type.tensor_type.shape.dim[0].dim_param = "batch"  # passes x batch rows
     nodes = _head_nodes(graph, features, graph.output[0].name)
     used = {name for node in nodes for name in node.input}
+    names = _Names(graph)
+    source, repeats = names("features"), names("repeats")
+    tile = helper.make_node("Tile", [source, repeats], [features], name=names("tile_passes"))
+    rank = len(feature_type.tensor_type.shape.dim)
     head = helper.make_graph(
-        nodes,
+        [tile, *nodes],
         "mc_dropout_head",
-        [helper.make_value_info(features, feature_type)],
+        [
+            helper.make_value_info(source, feature_type),
+            helper.make_tensor_value_info(repeats, onnx.TensorProto.INT64, [rank]),
+        ],
         [graph.output[0]],
         [init for init in graph.initializer if init.name in used],
     )
@@ -277,7 +287,7 @@ class McDropoutHead:
 
     def __init__(self, model: str | Path | onnx.ModelProto, *, providers: list[str] | None = None):
         proto = head_model(model if isinstance(model, onnx.ModelProto) else onnx.load(str(model)))
-        self.features_name = proto.graph.input[0].name
+        self.features_name, self.repeats_name = (value.name for value in proto.graph.input)
         self.output_name = proto.graph.output[0].name
         self.session = ort.InferenceSession(
             proto.SerializeToString(), session_options(1), providers=providers or default_providers()
@@ -287,9 +297,16 @@ class McDropoutHead:
         """float32 [passes, B, K]: the head under ``passes`` independent dropout masks."""
         if passes < 1:
             raise ValueError(f"passes must be at least 1, got {passes}")
-        tiled = np.concatenate([features] * passes)
-        logits = self.session.run([self.output_name], {self.features_name: tiled})[0]
+        logits = self.session.run([self.output_name], self.inputs(features, passes))[0]
         return logits.reshape(passes, features.shape[0], -1)
+
+    def inputs(self, features: np.ndarray, passes: int) -> dict[str, np.ndarray]:
+        return {self.features_name: features, self.repeats_name: repeats(features.ndim, passes)}
+
+
+def repeats(rank: int, passes: int) -> np.ndarray:
+    """Tile's repeats: ``passes`` copies of the batch along its first axis."""
+    return np.array([passes] + [1] * (rank - 1), np.int64)
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
