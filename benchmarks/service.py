@@ -1,6 +1,6 @@
 """What protection costs: the firewall side by side with the bare model servers, same run, same machine.
 
-    python benchmarks/service.py [--seconds 5] [--rounds 3] [--callers 1,64] [--servers all]
+    python benchmarks/service.py [--seconds 5] [--rounds 3] [--callers 1,64] [--servers all] [--mnist DIR]
 
 Servers, each in its own process:
 
@@ -16,9 +16,10 @@ Servers, each in its own process:
 Throttling stays on but with rates far above the offered load, and the per-address in-flight share
 is raised to the caller count (every caller here comes from 127.0.0.1). This process is the load
 generator: N callers on one grpc.aio channel, each with its own ``x-client-id``, back to back.
-Every request carries a held-out MNIST digit with one or two low bits flipped (request n: digit n
-mod 1,000), so no two requests are byte-identical (probing searches every query) while the content
-repeats as real traffic does. The MLServer rows send the model-ready FP32 [1, 1, 28, 28] tensor
+Every request carries an MNIST digit with one or two low bits flipped (request n: digit n mod the
+number of digits: the 1,000 of ``tests/fixtures``, or the 10,000 of ``--mnist DIR``), so no two
+requests are byte-identical (probing searches every query); once the digits run out the content
+repeats, and the per-image detectors score only new content (``detectors.forward.novel_items``). The MLServer rows send the model-ready FP32 [1, 1, 28, 28] tensor
 (MLServer does not take the firewall's ``image``). The servers take turns for every caller count
 and round (the order alternates), so background load on a shared machine falls on all alike.
 Prints a Markdown table (requests/s, p50, p99, server CPU per request) and the ratios.
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from firewall.protocol import pb, pb_grpc  # noqa: E402
+from models.data import load_mnist  # noqa: E402
 from models.runtime import OnnxClassifier, bundled_model_path, default_providers, session_options  # noqa: E402
 
 MODEL = "mnist"
@@ -116,13 +119,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def firewall_config(port: int, callers: int, detectors: bool, upstream: str | None) -> dict:
+def firewall_config(port: int, metrics_port: int, callers: int, detectors: bool, upstream: str | None) -> dict:
     model: dict = {} if detectors else {"detectors": []}  # {}: the bundled model's calibrated detectors
     if upstream is not None:
         model["backend"] = {"kind": "upstream", "address": upstream, "model_name": MODEL}
     return {
         "listen": f"127.0.0.1:{port}",
-        "metrics_listen": "127.0.0.1:0",
+        "metrics_listen": f"127.0.0.1:{metrics_port}",
         "models": {MODEL: model},
         "throttle": {"rate": 1e9, "burst": 10**9},  # token buckets on, but never the bottleneck
         "max_concurrent_requests": max(64, callers),
@@ -135,15 +138,24 @@ class Server:
     address: str
     pid: int
     process: subprocess.Popen | None = None
+    metrics_port: int | None = None
+
+    def deferred_dropped(self) -> float | None:
+        """The firewall's count of monitoring dropped because its queue was full (None: not a firewall)."""
+        if self.metrics_port is None:
+            return None
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            lines = response.read().decode().splitlines()
+        return sum(float(line.split()[-1]) for line in lines if line.startswith("firewall_deferred_dropped_total"))
 
 
 def start_firewall(workdir: Path, name: str, callers: int, detectors: bool, upstream: str | None) -> Server:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     config = workdir / f"{name}.yaml"
-    config.write_text(yaml.safe_dump(firewall_config(port, callers, detectors, upstream)))
+    config.write_text(yaml.safe_dump(firewall_config(port, metrics_port, callers, detectors, upstream)))
     command = [sys.executable, "-m", "firewall", "serve", "--config", str(config), "--log-level", "WARNING"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return Server(f"127.0.0.1:{port}", process.pid, process)
+    return Server(f"127.0.0.1:{port}", process.pid, process, metrics_port)
 
 
 def start_plain(kind: str) -> Server:
@@ -165,10 +177,10 @@ def wait_ready(address: str, timeout_s: float = 120.0) -> None:
 
 
 class Requests:
-    """Request n: held-out digit n mod 1,000 with low bits of two pixels flipped (never byte-identical)."""
+    """Request n: digit n mod N with low bits of two pixels flipped (never byte-identical)."""
 
-    def __init__(self, model_ready: bool):
-        self.images = np.load(FIXTURE)["images"]  # uint8 [1000, 28, 28]
+    def __init__(self, model_ready: bool, mnist: Path | None):
+        self.images = load_mnist(mnist)[0] if mnist else np.load(FIXTURE)["images"]  # uint8 [N, 28, 28]
         self.model_ready = model_ready
         self.count = 0
 
@@ -238,9 +250,11 @@ async def load(server: Server, requests: Requests, callers: int, seconds: float)
     return sample
 
 
-def measure(servers: dict[str, Server], callers_levels: list[int], seconds: float, rounds: int) -> dict:
+def measure(
+    servers: dict[str, Server], callers_levels: list[int], seconds: float, rounds: int, mnist: Path | None
+) -> dict:
     """Returns (name, callers) -> Sample."""
-    requests = {name: Requests(model_ready=name == "mlserver") for name in servers}
+    requests = {name: Requests(name == "mlserver", mnist) for name in servers}
     results = {(name, callers): Sample() for name in servers for callers in callers_levels}
     for round_index in range(rounds):
         for callers in callers_levels:
@@ -284,6 +298,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--callers", default="1,64", help="comma-separated concurrent callers")
     parser.add_argument("--servers", default="all", help=f"comma-separated subset of {','.join(SERVERS)}")
+    parser.add_argument("--mnist", type=Path, help="MNIST folder (t10k files): 10,000 digits instead of 1,000")
     parser.add_argument("--serve", nargs=2, metavar=("KIND", "PORT"), help=argparse.SUPPRESS)  # a server process
     args = parser.parse_args()
     if args.serve:
@@ -309,7 +324,9 @@ def main() -> int:
         try:
             for server in servers.values():
                 wait_ready(server.address)
-            results = measure({name: servers[name] for name in names}, callers_levels, args.seconds, args.rounds)
+            chosen = {name: servers[name] for name in names}
+            results = measure(chosen, callers_levels, args.seconds, args.rounds, args.mnist)
+            dropped = {name: server.deferred_dropped() for name, server in chosen.items()}
         finally:
             for server in servers.values():
                 if server.process is not None:
@@ -318,8 +335,13 @@ def main() -> int:
                 if server.process is not None:
                     server.process.wait(timeout=60)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end"
-    print(f"\n{machine}; {args.rounds} interleaved rounds of {args.seconds:g} s per server and caller count\n")
+    digits = "10,000 MNIST digits" if args.mnist else "1,000 held-out digits"
+    print(f"\n{machine}; {args.rounds} interleaved rounds of {args.seconds:g} s per server and caller count; {digits}\n")
     print(table(results, names, callers_levels))
+    answered = {name: sum(len(results[(name, c)].latencies_s) for c in callers_levels) for name in names}
+    for name, count in dropped.items():
+        if count is not None:
+            print(f"{name}: after-answer monitoring dropped (queue full) for {count:.0f} requests ({answered[name]:,} measured, warm-ups besides)")
     return 0
 
 
