@@ -146,7 +146,8 @@ class Server:
             return None
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
             lines = response.read().decode().splitlines()
-        return sum(float(line.split()[-1]) for line in lines if line.startswith("firewall_deferred_dropped_total"))
+        counts = [float(line.split()[-1]) for line in lines if line.startswith("firewall_deferred_dropped_total")]
+        return sum(counts) if counts else None  # no monitors, no queue
 
 
 def start_firewall(workdir: Path, name: str, callers: int, detectors: bool, upstream: str | None) -> Server:

@@ -3,12 +3,16 @@
 Stages whose every rule the policy only monitors (by default uncertainty and squeeze) cannot change
 what a client gets, so the answer does not wait for them: the request hands them its context and
 goes on. The queue is bounded (``capacity`` requests); when it is full the work is dropped and
-counted (``firewall_deferred_dropped_total``), never queued without bound. ``close`` finishes what
-is queued, so findings are not lost at shutdown.
+counted (``firewall_deferred_dropped_total``), never queued without bound. The worker thread runs at
+a lower scheduling priority (nice + ``NICENESS``, Linux), so when the cores are short the answers
+get them first and the monitoring queue fills and sheds. ``close`` finishes what is queued, so
+findings are not lost at shutdown.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -18,6 +22,7 @@ import structlog
 log = structlog.get_logger("firewall.deferred")
 
 _STOP = object()
+NICENESS = 10
 
 
 class DeferredQueue:
@@ -43,6 +48,8 @@ class DeferredQueue:
         return self._jobs.qsize()
 
     def _work(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # Linux sets a thread's own niceness by its id
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + NICENESS)
         while (job := self._jobs.get()) is not _STOP:
             try:
                 job()
