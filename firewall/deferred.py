@@ -47,6 +47,10 @@ class DeferredQueue:
     def __len__(self) -> int:
         return self._jobs.qsize()
 
+    def join(self) -> None:
+        """Wait until every job queued so far has run."""
+        self._jobs.join()
+
     def _work(self) -> None:
         with contextlib.suppress(OSError, AttributeError):  # Linux sets a thread's own niceness by its id
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + NICENESS)
@@ -55,6 +59,8 @@ class DeferredQueue:
                 job()
             except Exception:  # one bad request's monitoring must not end everyone's
                 log.exception("deferred.failed")
+            finally:
+                self._jobs.task_done()
 
     def close(self) -> None:
         self._jobs.put(_STOP)  # blocks while full: the worker is draining it

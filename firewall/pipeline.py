@@ -61,6 +61,11 @@ class ModelPipeline:
             ctx.labels = self.predictor.predict(ctx.tensor)
         self.observe("predict", time.perf_counter() - started)
 
+    def settle(self) -> None:
+        """Wait until the monitoring queued so far has run (its findings are counted asynchronously)."""
+        if self.deferred is not None:
+            self.deferred.join()
+
     def _timed(self, stage: Stage, ctx: RequestContext, findings: list[Finding]) -> None:
         started = time.perf_counter()
         findings.extend(stage(ctx))

@@ -128,6 +128,7 @@ def test_monitor_only_stages_run_after_the_answer_and_their_findings_are_counted
         with grpc.insecure_channel(address(firewall)) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             assert call(stub, marked(images[:1]), "watched") == grpc.StatusCode.OK  # reject would refuse it inline
-            wait_until(lambda: scrape(firewall.metrics_port).get(("firewall_findings_total", (("model", "mnist"), ("rule", "test.flagger")))) == 1)
+            pipeline.settle()
+            assert scrape(firewall.metrics_port)[("firewall_findings_total", (("model", "mnist"), ("rule", "test.flagger")))] == 1
             assert scrape(firewall.metrics_port)[("firewall_deferred_dropped_total", (("model", "mnist"),))] == 0
     assert flagger.flagged == 1
