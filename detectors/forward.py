@@ -30,4 +30,5 @@ def shared_forward(ctx: RequestContext, model: OnnxClassifier) -> Forward:
 
 def novel_items(ctx: RequestContext) -> np.ndarray:
     """Indices of the images that are new content."""
-    return np.flatnonzero(ctx.scratch.get("novel", [True] * ctx.batch_size))
+    count = 0 if ctx.tensor is None else len(ctx.tensor)
+    return np.flatnonzero(ctx.scratch.get("novel", [True] * count))

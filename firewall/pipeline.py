@@ -13,7 +13,7 @@ findings reach the alerts and metrics through ``report``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from detectors.forward import shared_forward
@@ -24,7 +24,9 @@ from firewall.deferred import DeferredQueue
 from firewall.stage import Finding, RequestContext, Stage
 from models.runtime import OnnxClassifier
 
-DEFERRED_CAPACITY = 256  # requests whose monitoring waits; beyond it monitoring is dropped and counted
+# Requests whose monitoring waits; beyond it monitoring is dropped and counted. Each holds its
+# sanitized tensor only (not the decoded images): at most 64 model inputs, 200 KB for MNIST.
+DEFERRED_CAPACITY = 128
 
 
 @dataclass
@@ -49,7 +51,8 @@ class ModelPipeline:
                 ctx.scratch["answer"] = self.predictor.submit(ctx.tensor)
         if self.monitors and self.deferred is not None and ctx.tensor is not None and len(ctx.tensor):
             shared_forward(ctx, self.classifier)  # before the hand-off: the answer and the monitors share it
-            self.deferred.submit(lambda: self._monitor(ctx))
+            light = replace(ctx, images=[], digests=[], findings=[], scratch=dict(ctx.scratch))  # decoded images freed now
+            self.deferred.submit(lambda: self._monitor(light))
 
     def predict(self, ctx: RequestContext) -> None:
         started = time.perf_counter()

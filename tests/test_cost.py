@@ -13,11 +13,11 @@ from onnx import TensorProto, helper
 
 from firewall.deferred import DeferredQueue
 from firewall.protocol import pb_grpc
+from firewall.stage import Finding, RequestContext
 from models.batching import MicroBatcher
 from models.mc_dropout import McDropoutHead, NoSplitError
 from models.runtime import OnnxClassifier, bundled_calibration, bundled_model_path
 from tests.conftest import address, make_settings, running_firewall
-from tests.stages import Flagger, marked
 from tests.test_metrics import call, scrape
 
 
@@ -110,25 +110,35 @@ def test_a_dropout_bypassed_by_a_skip_connection_cannot_be_split() -> None:
         McDropoutHead(model)
 
 
-class MonitoredFlagger(Flagger):
-    rules = ("test.flagger",)
+class Watcher:
+    """A monitor-only stage: one finding per request; records what it was handed."""
+
+    name = "watcher"
+    rules = ("test.watch",)
+
+    def __init__(self):
+        self.seen: list[tuple[int, int]] = []  # (decoded images held, tensor rows)
+
+    def __call__(self, ctx: RequestContext) -> list[Finding]:
+        self.seen.append((len(ctx.images), len(ctx.tensor)))
+        return [Finding("test.watch", 1.0, 0.5)]
 
 
 def test_monitor_only_stages_run_after_the_answer_and_their_findings_are_counted(mnist_heldout) -> None:
-    images, labels = mnist_heldout
+    images, _ = mnist_heldout
     detectors = bundled_calibration("mnist")["detectors"]
-    policy = {"action": "reject", "rules": {"test.flagger": "monitor", "uncertainty": "monitor", "squeeze": "monitor"}}
+    policy = {"action": "reject", "rules": {"test.watch": "monitor", "uncertainty": "monitor", "squeeze": "monitor"}}
     settings = make_settings(models={"mnist": {"detectors": detectors, "policy": policy}})
-    flagger = MonitoredFlagger()
+    watcher = Watcher()
     with running_firewall(settings) as firewall:
         pipeline = firewall.service.pipelines["mnist"]
         assert [stage.name for stage in pipeline.stages] == ["sanitize", "probing"]
         assert [stage.name for stage in pipeline.monitors] == ["uncertainty", "squeeze"]
-        pipeline.monitors.append(flagger)
+        pipeline.monitors.append(watcher)
         with grpc.insecure_channel(address(firewall)) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            assert call(stub, marked(images[:1]), "watched") == grpc.StatusCode.OK  # reject would refuse it inline
+            assert call(stub, images[:2], "watched") == grpc.StatusCode.OK  # reject would refuse it inline
             pipeline.settle()
-            assert scrape(firewall.metrics_port)[("firewall_findings_total", (("model", "mnist"), ("rule", "test.flagger")))] == 1
+            assert scrape(firewall.metrics_port)[("firewall_findings_total", (("model", "mnist"), ("rule", "test.watch")))] == 1
             assert scrape(firewall.metrics_port)[("firewall_deferred_dropped_total", (("model", "mnist"),))] == 0
-    assert flagger.flagged == 1
+    assert watcher.seen == [(0, 2)]  # the queue holds the model-ready tensor, not the decoded images
