@@ -12,6 +12,9 @@ Servers, each in its own process:
 - ``passthrough``: ``firewall serve`` with the sanitizer only (no detectors).
 - ``mlserver``: bare MLServer (``tests/upstream.py``) running the same model with ONNX Runtime.
 - ``firewall+mlserver``: ``firewall serve`` with its defaults in front of that MLServer (upstream).
+- ``firewall-inline`` (only when named in ``--servers``): the defaults, but uncertainty and squeeze
+  set to ``decoy`` instead of ``monitor``, so they run before the answer as they used to (the
+  answers differ only for a client over their CUSUM, which this traffic never is).
 
 Throttling stays on but with rates far above the offered load, and the per-address in-flight share
 is raised to the caller count (every caller here comes from 127.0.0.1). This process is the load
@@ -56,11 +59,14 @@ from models.runtime import OnnxClassifier, bundled_model_path, default_providers
 MODEL = "mnist"
 FIXTURE = ROOT / "tests" / "fixtures" / "mnist_heldout.npz"
 SERVERS = ("echo", "model", "firewall", "passthrough", "mlserver", "firewall+mlserver")
+EXTRA = ("firewall-inline",)  # on request (--servers): what running the monitors after the answer saves
+FIREWALLS = ("firewall", "passthrough", "firewall+mlserver", "firewall-inline")
 RATIOS = (  # (protected, bare): the goal is at least 0.8x
     ("firewall", "model"),
     ("passthrough", "model"),
     ("model", "echo"),
     ("firewall+mlserver", "mlserver"),
+    ("firewall-inline", "model"),
 )
 
 
@@ -119,8 +125,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def firewall_config(port: int, metrics_port: int, callers: int, detectors: bool, upstream: str | None) -> dict:
-    model: dict = {} if detectors else {"detectors": []}  # {}: the bundled model's calibrated detectors
+def firewall_config(port: int, metrics_port: int, callers: int, name: str, upstream: str | None) -> dict:
+    model: dict = {"detectors": []} if name == "passthrough" else {}  # {}: the bundled model's calibrated detectors
+    if name == "firewall-inline":
+        model["policy"] = {"rules": {"uncertainty": "decoy", "squeeze": "decoy", "probing.address": "monitor"}}
     if upstream is not None:
         model["backend"] = {"kind": "upstream", "address": upstream, "model_name": MODEL}
     return {
@@ -150,10 +158,10 @@ class Server:
         return sum(counts) if counts else None  # no monitors, no queue
 
 
-def start_firewall(workdir: Path, name: str, callers: int, detectors: bool, upstream: str | None) -> Server:
+def start_firewall(workdir: Path, name: str, callers: int, upstream: str | None) -> Server:
     port, metrics_port = free_port(), free_port()
     config = workdir / f"{name}.yaml"
-    config.write_text(yaml.safe_dump(firewall_config(port, metrics_port, callers, detectors, upstream)))
+    config.write_text(yaml.safe_dump(firewall_config(port, metrics_port, callers, name, upstream)))
     command = [sys.executable, "-m", "firewall", "serve", "--config", str(config), "--log-level", "WARNING"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
     return Server(f"127.0.0.1:{port}", process.pid, process, metrics_port)
@@ -286,8 +294,8 @@ def table(results: dict[tuple[str, int], Sample], names: list[str], callers_leve
         if protected in names and bare in names:
             ratios = [results[(protected, c)].rate / results[(bare, c)].rate for c in callers_levels]
             lines.append(f"| {protected} / {bare} throughput | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
-    for protected, bare in RATIOS[:2]:
-        if protected in names and bare in names and 1 in callers_levels:
+    for protected, bare in RATIOS:
+        if bare == "model" and protected in names and bare in names and 1 in callers_levels:
             added = results[(protected, 1)].percentile_ms(99) - results[(bare, 1)].percentile_ms(99)
             lines.append(f"\n{protected}: p99 at 1 caller {added:+.2f} ms against {bare}")
     return "\n".join(lines)
@@ -298,7 +306,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="per server, caller count and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--callers", default="1,64", help="comma-separated concurrent callers")
-    parser.add_argument("--servers", default="all", help=f"comma-separated subset of {','.join(SERVERS)}")
+    parser.add_argument("--servers", default="all", help=f"comma-separated, of {','.join(SERVERS + EXTRA)}")
     parser.add_argument("--mnist", type=Path, help="MNIST folder (t10k files): 10,000 digits instead of 1,000")
     parser.add_argument("--serve", nargs=2, metavar=("KIND", "PORT"), help=argparse.SUPPRESS)  # a server process
     args = parser.parse_args()
@@ -319,9 +327,9 @@ def main() -> int:
         for name in names:
             if name in ("echo", "model"):
                 servers[name] = start_plain(name)
-            elif name in ("firewall", "passthrough", "firewall+mlserver"):
+            elif name in FIREWALLS:
                 remote = upstream if name == "firewall+mlserver" else None
-                servers[name] = start_firewall(Path(workdir), name, most, name != "passthrough", remote)
+                servers[name] = start_firewall(Path(workdir), name, most, remote)
         try:
             for server in servers.values():
                 wait_ready(server.address)
