@@ -1,7 +1,8 @@
 """Prediction backends: where the sanitized, model-ready tensor is finally classified.
 
 Both reduce the model's output to the top label, so nothing else ever leaves the firewall.
-- ``EmbeddedPredictor`` runs the local ONNX model in-process.
+- ``EmbeddedPredictor`` answers with the local ONNX model's forward pass on the request, the one
+  the detectors share (``detectors.forward``).
 - ``UpstreamPredictor`` forwards the tensor as a unary ModelInfer to a KServe-v2 gRPC server
   (Triton, KServe, MLServer). Clients may stream to the firewall even though such servers
   often offer unary calls only.
@@ -14,9 +15,10 @@ through as a probe (half-open), and the readiness probe, every half second, clos
 soon as the upstream answers again. The channel reconnects with a short backoff (0.1-1 s) so a
 restarted upstream is found quickly.
 
-``submit`` sends the call and returns at once (a gRPC future); the pipeline sends it as soon as the
-sanitizer has made the tensor, so the upstream works while the firewall's own stages run, and the
-answer costs the longer of the two rather than their sum.
+``submit`` returns at once with a function that gives the labels when called. The pipeline submits
+as soon as the sanitizer has made the tensor: upstream, the call is sent then (a gRPC future) and
+the upstream works while the firewall's own stages run, so the answer costs the longer of the two
+rather than their sum.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from typing import Callable, Protocol
 import grpc
 import numpy as np
 
+from detectors.forward import shared_forward
 from firewall.config import EmbeddedBackend, UpstreamBackend
 from firewall.errors import Unavailable
 from firewall.protocol import pb, pb_grpc
+from firewall.stage import RequestContext
 from models.runtime import OnnxClassifier
 
 
@@ -42,9 +46,7 @@ Answer = Callable[[], np.ndarray]  # the labels of a submitted batch, waited for
 
 
 class Predictor(Protocol):
-    def predict(self, batch: np.ndarray) -> np.ndarray: ...
-
-    def submit(self, batch: np.ndarray) -> Answer: ...
+    def submit(self, ctx: RequestContext) -> Answer: ...
 
     def ready(self) -> bool: ...
 
@@ -55,12 +57,8 @@ class EmbeddedPredictor:
     def __init__(self, classifier: OnnxClassifier):
         self.classifier = classifier
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        return self.classifier.predict(batch)
-
-    def submit(self, batch: np.ndarray) -> Answer:
-        labels = self.predict(batch)
-        return lambda: labels
+    def submit(self, ctx: RequestContext) -> Answer:
+        return lambda: shared_forward(ctx, self.classifier).labels  # run when asked, once for all stages
 
     def ready(self) -> bool:
         return True
@@ -136,12 +134,9 @@ class UpstreamPredictor:
             self.channel = grpc.secure_channel(config.address, credentials, options=options)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        return self.submit(batch)()
-
-    def submit(self, batch: np.ndarray) -> Answer:
+    def submit(self, ctx: RequestContext) -> Answer:
         """Send the call now; the returned function waits for its labels (or raises BackendUnavailable)."""
-        batch = np.ascontiguousarray(batch, dtype="<f4")
+        batch = np.ascontiguousarray(ctx.tensor, dtype="<f4")
         request = pb.ModelInferRequest(
             model_name=self.config.model_name,
             model_version=self.config.model_version,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from detectors.forward import shared_forward
-from firewall.backends import EmbeddedPredictor, Predictor, build_predictor
+from firewall.backends import Predictor, build_predictor
 from firewall.codec import Limits
 from firewall.config import PolicyConfig, ProtectedModel, Settings
 from firewall.deferred import DeferredQueue
@@ -44,11 +44,11 @@ class ModelPipeline:
     def inspect(self, ctx: RequestContext) -> None:
         """Run the stages in order (findings accumulate on the context); queue the monitors.
 
-        An upstream is called as soon as the tensor exists, and answers while the stages run."""
+        The answer is submitted as soon as the tensor exists: an upstream answers while the stages run."""
         for stage in self.stages:
             self._timed(stage, ctx, ctx.findings)
-            if ctx.tensor is not None and "answer" not in ctx.scratch and not isinstance(self.predictor, EmbeddedPredictor):
-                ctx.scratch["answer"] = self.predictor.submit(ctx.tensor)
+            if ctx.tensor is not None and "answer" not in ctx.scratch:
+                ctx.scratch["answer"] = self.predictor.submit(ctx)
         if self.monitors and self.deferred is not None and ctx.tensor is not None and len(ctx.tensor):
             shared_forward(ctx, self.classifier)  # before the hand-off: the answer and the monitors share it
             light = replace(ctx, images=[], digests=[], findings=[], scratch=dict(ctx.scratch))  # decoded images freed now
@@ -56,12 +56,8 @@ class ModelPipeline:
 
     def predict(self, ctx: RequestContext) -> None:
         started = time.perf_counter()
-        if isinstance(self.predictor, EmbeddedPredictor):
-            ctx.labels = shared_forward(ctx, self.classifier).labels
-        elif "answer" in ctx.scratch:
-            ctx.labels = ctx.scratch["answer"]()
-        else:
-            ctx.labels = self.predictor.predict(ctx.tensor)
+        answer = ctx.scratch.get("answer") or self.predictor.submit(ctx)
+        ctx.labels = answer()
         self.observe("predict", time.perf_counter() - started)
 
     def settle(self) -> None:
