@@ -134,6 +134,7 @@ def firewall_config(port: int, metrics_port: int, callers: int, name: str, upstr
     return {
         "listen": f"127.0.0.1:{port}",
         "metrics_listen": f"127.0.0.1:{metrics_port}",
+        "http_listen": "127.0.0.1:0",
         "models": {MODEL: model},
         "throttle": {"rate": 1e9, "burst": 10**9},  # token buckets on, but never the bottleneck
         "max_concurrent_requests": max(64, callers),

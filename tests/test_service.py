@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from firewall.protocol import pb, pb_grpc
-from tests.conftest import address, uint8_input
+from tests.conftest import address, make_settings, running_firewall, uint8_input
 
 
 def infer_labels(client, images: np.ndarray, client_id: str = "tester") -> np.ndarray:
@@ -26,17 +26,39 @@ def infer_labels(client, images: np.ndarray, client_id: str = "tester") -> np.nd
 def test_metadata_health_and_reflection(firewall, client):
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("mnist")
     metadata = client.get_model_metadata("mnist")
-    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("image", "UINT8", [-1, 28, 28, 1])]
-    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [("label", "INT64", [-1])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [
+        ("image", "UINT8", [-1, 28, 28, 1]),
+        ("input", "FP32", [-1, 1, 28, 28]),
+    ]
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [("label", "INT64", [-1]), ("logits", "FP32", [-1, 10])]
     with grpc.insecure_channel(address(firewall)) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "inference.GRPCInferenceService", "liveness"):
             status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
             assert status == health_pb2.HealthCheckResponse.SERVING
-        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-        answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
-        services = {s.name for s in answer.list_services_response.service}
-        assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
+        with pytest.raises(grpc.RpcError) as raised:  # off by default: the chain stays unnamed
+            list_services(channel)
+        assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def list_services(channel) -> set[str]:
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    return {s.name for s in answer.list_services_response.service}
+
+
+def test_reflection_when_enabled():
+    with running_firewall(make_settings(reflection=True)) as firewall, grpc.insecure_channel(address(firewall)) as channel:
+        assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= list_services(channel)
+
+
+def test_metadata_names_nothing_of_the_firewall(client):
+    server = client.get_server_metadata()
+    model = client.get_model_metadata("mnist")
+    config = client.get_model_config("mnist").config
+    assert server.name == "inference-server" and model.platform == config.platform == "onnxruntime_onnx"
+    said = f"{server} {model} {config}".lower()
+    assert "firewall" not in said and "sidecar" not in said
 
 
 def test_unary_labels_are_correct(client, mnist_heldout):
@@ -122,7 +144,19 @@ BAD_REQUESTS = {
     "too many pixels": (_raw_request("UINT8", [1, 5000, 5000], b""), grpc.StatusCode.INVALID_ARGUMENT),
     "batch too large": (_raw_request("UINT8", [65, 1, 1], bytes(65)), grpc.StatusCode.INVALID_ARGUMENT),
     "five channels": (_raw_request("UINT8", [1, 2, 2, 5], bytes(20)), grpc.StatusCode.INVALID_ARGUMENT),
-    "wrong input name": (_raw_request("UINT8", [1, 28, 28], bytes(784), name="input"), grpc.StatusCode.INVALID_ARGUMENT),
+    "wrong input name": (_raw_request("UINT8", [1, 28, 28], bytes(784), name="pixels"), grpc.StatusCode.INVALID_ARGUMENT),
+    "own input, wrong layout": (_raw_request("FP32", [1, 28, 28, 1], bytes(4 * 784), name="input"), grpc.StatusCode.INVALID_ARGUMENT),
+    "own input, wrong datatype": (_raw_request("UINT8", [1, 1, 28, 28], bytes(784), name="input"), grpc.StatusCode.INVALID_ARGUMENT),
+    "own input out of range": (_raw_request("FP32", [1, 1, 28, 28], np.full(784, 255, "<f4").tobytes(), name="input"), grpc.StatusCode.INVALID_ARGUMENT),
+    "unknown output": (
+        pb.ModelInferRequest(
+            model_name="mnist",
+            inputs=[pb.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=[1, 28, 28])],
+            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")],
+            raw_input_contents=[bytes(784)],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
     "unknown model": (_raw_request("UINT8", [1, 28, 28], bytes(784), model="secret"), grpc.StatusCode.NOT_FOUND),
 }
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -92,9 +94,7 @@ def connect(firewall, pki, who: str | None = None) -> triton.InferenceServerClie
     if who is not None:
         cert, key = pki[who]
         credentials = {"certificate_chain": str(cert), "private_key": str(key)}
-    return triton.InferenceServerClient(
-        f"127.0.0.1:{firewall.port}", ssl=True, root_certificates=str(pki["ca"]), **credentials
-    )
+    return triton.InferenceServerClient(f"127.0.0.1:{firewall.port}", ssl=True, root_certificates=str(pki["ca"]), **credentials)
 
 
 def identity_seen(firewall, pki, who: str | None, claimed: str | None = None) -> str:
@@ -140,3 +140,49 @@ def test_trusted_proxies_match_addresses_networks_and_identities():
 def test_trusted_proxies_require_mutual_tls(tmp_path):
     with pytest.raises(ValidationError, match="client_ca"):
         ListenerTLS(cert=tmp_path / "c", key=tmp_path / "k", trusted_proxies=["10.0.0.1"])
+
+
+def test_http_binding_speaks_the_same_tls_and_reads_the_same_identity(pki):
+    body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 784}]}
+
+    def client(who: str | None) -> httpx.Client:
+        context = ssl.create_default_context(cafile=pki["ca"])
+        if who is not None:
+            context.load_cert_chain(*pki[who])
+        return httpx.Client(base_url=f"https://127.0.0.1:{firewall.http_port}", verify=context, timeout=30)
+
+    def seen(who: str, claimed: str | None = None) -> str:
+        with with_stage(firewall, Recorder()) as recorder, client(who) as rest:
+            reply = rest.post("/v2/models/mnist/infer", json=body, headers={"x-client-id": claimed} if claimed else {})
+        assert reply.status_code == 200
+        return recorder.client_ids[-1]
+
+    with served(pki, client_ca=True, trusted_proxies=["proxy"]) as firewall:
+        assert seen("alice") == "alice" and seen("alice", "mallory") == "alice"
+        assert seen("bob") == "bob.example" and seen("proxy", "carol") == "carol"
+        for who in (None, "stranger"):  # no certificate, or one from another CA
+            with pytest.raises(httpx.HTTPError), client(who) as rest:
+                rest.get("/v2/health/live")
+        with pytest.raises(httpx.HTTPError), httpx.Client() as plaintext:
+            plaintext.get(f"http://127.0.0.1:{firewall.http_port}/v2/health/live", timeout=10)
+
+
+def test_rest_upstream_over_mutual_tls_checks_the_server_name(pki, mnist_heldout):
+    """A firewall forwarding over REST to another firewall's HTTPS binding (an OIP REST server that
+    takes the model's own tensors), presenting a client certificate and checking ``server_name``."""
+    images, _ = mnist_heldout
+    with served(pki, client_ca=True) as upstream:
+        cert, key = pki["alice"]
+        tls = {"ca": str(pki["ca"]), "cert": str(cert), "key": str(key)}
+        backend = {"kind": "upstream", "protocol": "rest", "address": f"127.0.0.1:{upstream.http_port}", "model_name": "mnist"}
+        with running_firewall(make_settings(models={"mnist": {"backend": backend | {"tls": tls | {"server_name": "localhost"}}}})) as front:
+            with triton.InferenceServerClient(f"127.0.0.1:{front.port}") as client:
+                assert client.is_model_ready("mnist")
+                forwarded = client.infer("mnist", [uint8_input(images[:8])]).as_numpy("label")
+            with triton.InferenceServerClient(
+                f"127.0.0.1:{upstream.port}", ssl=True, root_certificates=str(pki["ca"]), private_key=str(key), certificate_chain=str(cert)
+            ) as direct:
+                assert forwarded.tolist() == direct.infer("mnist", [uint8_input(images[:8])]).as_numpy("label").tolist()
+        with running_firewall(make_settings(models={"mnist": {"backend": backend | {"tls": tls | {"server_name": "elsewhere"}}}})) as wrong:
+            with triton.InferenceServerClient(f"127.0.0.1:{wrong.port}") as client:
+                assert not client.is_model_ready("mnist")  # the certificate does not name "elsewhere"

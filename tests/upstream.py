@@ -1,4 +1,4 @@
-"""Start a real MLServer (KServe-v2 gRPC) on loopback serving an ONNX model: the upstream under test.
+"""Start a real MLServer (KServe-v2 gRPC and REST) on loopback serving an ONNX model: the upstream under test.
 
     python -m tests.upstream --listen 127.0.0.1:9001 --model mnist [--onnx PATH]
 
@@ -51,8 +51,10 @@ def wait_model_ready(address: str, model: str, timeout_s: float = 60.0) -> None:
 
 
 @contextmanager
-def mlserver(model: str, onnx: Path, host: str = "127.0.0.1", grpc_port: int | None = None) -> Iterator[str]:
-    """Run MLServer with ``onnx`` under the name ``model``; yields its gRPC address."""
+def mlserver(
+    model: str, onnx: Path, host: str = "127.0.0.1", grpc_port: int | None = None, http_port: int | None = None
+) -> Iterator[str]:
+    """Run MLServer with ``onnx`` under the name ``model``; yields its gRPC address (REST: on ``http_port``)."""
     grpc_port = grpc_port or free_port()
     workdir = Path(tempfile.mkdtemp(prefix="mlserver-"))
     try:
@@ -61,7 +63,7 @@ def mlserver(model: str, onnx: Path, host: str = "127.0.0.1", grpc_port: int | N
         shutil.copy(RUNTIME, model_dir / RUNTIME.name)
         settings = {
             "host": host,
-            "http_port": free_port(),
+            "http_port": http_port or free_port(),
             "grpc_port": grpc_port,
             "metrics_endpoint": None,
             "parallel_workers": 0,
