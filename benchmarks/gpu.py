@@ -62,13 +62,13 @@ class BoundPath:
         return logits.numpy(), passes.copy_outputs_to_cpu()[0]
 
 
-def timed_ms(function, repeat: int = 50) -> float:
+def timed_ms(function, *args, repeat: int = 50) -> float:
     for _ in range(5):
-        function()
+        function(*args)
     samples = []
     for _ in range(repeat):
         started = time.perf_counter()
-        function()
+        function(*args)
         samples.append(time.perf_counter() - started)
     return 1000.0 * float(np.median(samples))
 
@@ -90,13 +90,13 @@ def model_path_table(batches: list[int]) -> str:
         batch = rng.random((size, 1, 28, 28), dtype=np.float32)
         squeezed = np.concatenate([squeeze(batch, 1, None), squeeze(batch, None, 2)])
         for device, (model, head, full) in paths.items():
-            once = timed_ms(lambda: model.forward(batch))
+            once = timed_ms(model.forward, batch)
             if device == "CUDA":
-                with_head = timed_ms(lambda: bound(batch))
+                with_head = timed_ms(bound, batch)
             else:
-                with_head = timed_ms(lambda: head.sample_logits(model.forward(batch).features, PASSES))
-            with_squeeze = with_head + timed_ms(lambda: model.logits(squeezed))
-            all_layers = timed_ms(lambda: full.sample_logits(batch, PASSES), repeat=20)
+                with_head = timed_ms(lambda x, m=model, h=head: h.sample_logits(m.forward(x).features, PASSES), batch)
+            with_squeeze = with_head + timed_ms(model.logits, squeezed)
+            all_layers = timed_ms(full.sample_logits, batch, PASSES, repeat=20)
             lines.append(
                 f"| {size} | {device}{' (IO binding)' if device == 'CUDA' else ''} | {once:.3f} | {with_head:.3f} "
                 f"| {with_squeeze:.3f} | {all_layers:.3f} |"

@@ -25,13 +25,13 @@ from detectors.history import QueryHistory  # noqa: E402
 from models.runtime import OnnxClassifier, bundled_model_path  # noqa: E402
 
 
-def median_ms(function, repeat: int) -> float:
+def median_ms(function, *args, repeat: int) -> float:
     for _ in range(10):
-        function()
+        function(*args)
     samples = []
     for _ in range(repeat):
         started = time.perf_counter()
-        function()
+        function(*args)
         samples.append(time.perf_counter() - started)
     return 1000.0 * float(np.median(samples))
 
@@ -47,7 +47,7 @@ def main() -> int:
         model = OnnxClassifier(bundled_model_path("mnist"), threads=threads)
         for batch in (1, 2, 4, 8, 16, 64):
             x = rng.random((batch, 1, 28, 28), dtype=np.float32)
-            ms = median_ms(lambda: model.forward(x), max(10, args.repeat // batch))
+            ms = median_ms(model.forward, x, repeat=max(10, args.repeat // batch))
             print(f"| {threads} | {batch} | {ms:.3f} | {ms / batch:.3f} |")
     history = QueryHistory(64, 100_000, 1024, 8)
     vectors = rng.standard_normal((100_000, 64)).astype(np.float32)
@@ -57,7 +57,7 @@ def main() -> int:
     print("\n| FAISS threads | one probing search, ms |\n| ---: | ---: |")
     for threads in (1, 2):
         faiss.omp_set_num_threads(threads)
-        ms = median_ms(lambda: history.near(vectors[rng.integers(len(vectors))], 0.2, 16), args.repeat)
+        ms = median_ms(lambda: history.near(vectors[rng.integers(len(vectors))], 0.2, 16), repeat=args.repeat)
         print(f"| {threads} | {ms:.3f} |")
     return 0
 
