@@ -45,7 +45,7 @@ MAX_RADIUS = 0.2  # beyond it an attack's blends are covered anyway, and chance 
 # (windows, caps, snapshot path) stay with the service configuration.
 CALIBRATED_FIELDS = {
     "probing": {"kind", "embedding", "radius", "neighbours", "spread"},
-    "uncertainty": {"kind", "passes", "score", "threshold"},
+    "uncertainty": {"kind", "dropout", "passes", "score", "threshold"},
     "squeeze": {"kind", "bit_depth", "median_size", "threshold"},
 }
 
@@ -170,10 +170,10 @@ def calibrate_scores(
     return config.model_copy(update={"threshold": threshold}), report
 
 
-def default_detectors(model: OnnxClassifier) -> list[DetectorConfig]:
+def default_detectors(model: OnnxClassifier, dropout: str = "last") -> list[DetectorConfig]:
     """The detectors a bundled model ships with; squeezers as in Feature Squeezing for grey or colour."""
     squeezers = {"bit_depth": 1, "median_size": 2} if model.input.channels == 1 else {"bit_depth": 5, "median_size": 2}
-    return [ProbingConfig(), UncertaintyConfig(), SqueezeConfig(**squeezers)]
+    return [ProbingConfig(), UncertaintyConfig(dropout=dropout), SqueezeConfig(**squeezers)]
 
 
 def calibrate(
@@ -201,6 +201,10 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--limit", type=int, default=10_000, help="most benign images used (default: %(default)s)")
     parser.add_argument("--blur-sigma", type=float, default=None, help="sanitizer Gaussian sigma (default 0.7)")
+    parser.add_argument(
+        "--dropout", choices=("last", "all"), default="last",
+        help="MC dropout on the last Dropout only (the network once) or on all (the network 16 times)",
+    )  # fmt: skip
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -215,7 +219,11 @@ def run_cli(args: argparse.Namespace) -> int:
         print("firewall calibrate: no benign images found", file=sys.stderr)
         return 2
     sanitizer = SanitizerConfig() if args.blur_sigma is None else SanitizerConfig(blur_sigma=args.blur_sigma)
-    detectors, report = calibrate(model, sanitizer, default_detectors(model), images)
+    try:
+        detectors, report = calibrate(model, sanitizer, default_detectors(model, args.dropout), images)
+    except ValueError as error:  # no Dropout, or none that cuts the graph (try --dropout all)
+        print(f"firewall calibrate: {error}", file=sys.stderr)
+        return 2
     document = {
         "sanitizer": sanitizer.model_dump(mode="json"),
         "detectors": [d.model_dump(mode="json", include=CALIBRATED_FIELDS[d.kind]) for d in detectors],

@@ -63,6 +63,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from detectors.embedders import Embedder, EmbeddingConfig, PixelEmbeddingConfig
 from detectors.evidence import DecayingCount
+from detectors.forward import shared_forward
 from detectors.history import EvidenceHistory, QueryHistory, digest_key, load_snapshot, save_snapshot
 from firewall.stage import Finding, RequestContext
 from models.runtime import OnnxClassifier
@@ -107,6 +108,7 @@ class ProbingStage:
     """Pipeline stage: embeds and labels ``ctx.tensor``, compares each image with all recent queries."""
 
     name = "probing"
+    rules = ("probing.region", "probing.client", "probing.address")
 
     def __init__(self, config: ProbingConfig, embedder: Embedder, model: OnnxClassifier):
         self.config = config
@@ -139,7 +141,7 @@ class ProbingStage:
         if ctx.tensor is None or not len(ctx.tensor):
             return []
         vectors = self.embedder(ctx.tensor)
-        labels = self.model.predict(ctx.tensor)
+        labels = shared_forward(ctx, self.model).labels  # the answer's own forward pass
         ctx.scratch["embeddings"] = vectors
         received = ctx.digests if len(ctx.digests) == len(vectors) else [row.tobytes() for row in ctx.tensor]
         keys = [digest_key(digest) for digest in received]

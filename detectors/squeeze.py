@@ -8,7 +8,8 @@ detector); a score above the threshold flags the image, and the flags feed the c
 test (``detectors.evidence``): a finding while the client's flagged share is significantly above
 the benign rate. The paper's squeezers are bit-depth
 reduction and a median filter: MNIST 1 bit and 2x2, CIFAR-10 5 bits and 2x2 (its threshold sits at
-5 % benign false positives). All copies run through the model in one batched call.
+5 % benign false positives). The squeezed copies run through the model in one batched call; the
+sanitized input's own output is the request's shared forward pass (``detectors.forward``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from detectors.evidence import ClientRateConfig, ClientRateStage, client_rate_findings
+from detectors.forward import novel_items, shared_forward
 from detectors.sanitizer import squeeze
 from firewall.stage import Finding, RequestContext
-from models.runtime import OnnxClassifier
+from models.runtime import OnnxClassifier, softmax
 
 
 class SqueezeConfig(BaseModel):
@@ -47,14 +49,20 @@ class SqueezeConfig(BaseModel):
 
 
 def squeeze_scores(
-    model: OnnxClassifier, batch: np.ndarray, bit_depth: int | None, median_size: int | None
+    model: OnnxClassifier,
+    batch: np.ndarray,
+    bit_depth: int | None,
+    median_size: int | None,
+    logits: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Max over squeezers of the L1 distance between softmax outputs, one score per image."""
+    """Max over squeezers of the L1 distance between softmax outputs, one score per image.
+
+    ``logits``: the model's output on ``batch`` when already computed."""
     squeezed = [
         squeeze(batch, depth, size) for depth, size in ((bit_depth, None), (None, median_size)) if depth or size
     ]
-    probabilities = model.probabilities(np.concatenate([batch, *squeezed]))
-    original, *others = np.split(probabilities, 1 + len(squeezed))
+    original = softmax(model.logits(batch) if logits is None else logits)
+    others = np.split(model.probabilities(np.concatenate(squeezed)), len(squeezed))
     return np.max([np.abs(original - other).sum(axis=1) for other in others], axis=0)
 
 
@@ -62,6 +70,7 @@ class SqueezeStage(ClientRateStage):
     """Pipeline stage: flags squeeze-sensitive images; a finding while the client's flagged share is too high."""
 
     name = "squeeze"
+    rules = ("squeeze",)
 
     def __init__(self, config: SqueezeConfig, model: OnnxClassifier):
         self.config = config
@@ -71,5 +80,10 @@ class SqueezeStage(ClientRateStage):
     def __call__(self, ctx: RequestContext) -> Sequence[Finding]:
         if ctx.tensor is None or not len(ctx.tensor):
             return []
-        scores = squeeze_scores(self.model, ctx.tensor, self.config.bit_depth, self.config.median_size)
+        novel = novel_items(ctx)
+        scores = np.zeros(len(ctx.tensor))  # re-sent content is no new observation: not scored, not flagged
+        if len(novel):
+            logits = shared_forward(ctx, self.model).logits[novel]
+            config = self.config
+            scores[novel] = squeeze_scores(self.model, ctx.tensor[novel], config.bit_depth, config.median_size, logits)
         return client_rate_findings("squeeze", self.clients, ctx, scores, self.config.threshold, {})

@@ -112,7 +112,7 @@ class AdminService:
         key = state_key(request)
         record = self.state.get(key)
         evidence = {
-            name: {stage.name: stage.client_evidence(key) for stage in pipeline.stages if hasattr(stage, "client_evidence")}
+            name: {stage.name: stage.client_evidence(key) for stage in pipeline.chain if hasattr(stage, "client_evidence")}
             for name, pipeline in self.pipelines.items()
         }
         return {
@@ -137,7 +137,7 @@ class AdminService:
         record = self.state.get(key)
         removed = self.state.remove(key)
         for pipeline in self.pipelines.values():
-            for stage in pipeline.stages:
+            for stage in pipeline.chain:
                 if hasattr(stage, "forget_client"):
                     stage.forget_client(key)
         if record is not None and record.banned_until > self.clock():

@@ -7,6 +7,7 @@
     firewall_tracked_clients                       clients with state (buckets, bans)
     firewall_bans_active                           clients and addresses banned right now
     firewall_stage_stat{model, stage, stat}        what stages report from ``stats()`` (index sizes)
+    firewall_deferred_dropped_total{model}         requests whose after-answer monitoring was dropped (queue full)
 
 Gauges that describe state are computed when Prometheus scrapes, never on the request path.
 """
@@ -17,7 +18,7 @@ import time
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from firewall.errors import InvalidInput, Refused, Rejection, Throttled, Unavailable, UnknownModel
 from firewall.pipeline import ModelPipeline
@@ -98,9 +99,16 @@ class StateCollector:
         yield GaugeMetricFamily("firewall_bans_active", "Clients and addresses banned now", value=bans)
         stats = GaugeMetricFamily("firewall_stage_stat", "Stage statistics (index sizes)", labels=["model", "stage", "stat"])
         for model, pipeline in self.pipelines.items():
-            for stage in pipeline.stages:
+            for stage in pipeline.chain:
                 report = getattr(stage, "stats", None)
                 if report is not None:
                     for name, value in report().items():
                         stats.add_metric([model, stage.name, name], float(value))
         yield stats
+        dropped = CounterMetricFamily(
+            "firewall_deferred_dropped", "Requests whose after-answer monitoring was dropped (queue full)", labels=["model"]
+        )
+        for model, pipeline in self.pipelines.items():
+            if pipeline.deferred is not None:
+                dropped.add_metric([model], float(pipeline.deferred.dropped))
+        yield dropped

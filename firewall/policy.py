@@ -37,7 +37,7 @@ from firewall.bans import BanLog, peer_key
 from firewall.config import BanConfig, Settings
 from firewall.errors import Refused
 from firewall.pipeline import ModelPipeline
-from firewall.stage import RequestContext
+from firewall.stage import Finding, RequestContext
 from firewall.state import ClientRecord, ClientState
 from firewall.throttle import Banned
 
@@ -83,20 +83,7 @@ class ResponsePolicy:
             return "answered"
         policy = self.settings.models[ctx.model].policy
         action = max((policy.rules.get(f.rule, policy.action) for f in ctx.findings), key=SEVERITY.index)
-        for finding in ctx.findings:
-            self.alerts.record(
-                Alert(
-                    finding.rule,
-                    action,
-                    ctx.model,
-                    ctx.client_id,
-                    ctx.peer,
-                    ctx.request_id,
-                    finding.score,
-                    finding.threshold,
-                    finding.severity,
-                )
-            )
+        self.alert(ctx, ctx.findings, action)
         if action == "ban":
             self._ban(ctx, policy.ban, sorted({f.rule for f in ctx.findings}))
             raise Banned(f"{len(ctx.findings)} finding(s), ban")
@@ -123,6 +110,22 @@ class ResponsePolicy:
         self._remember(ctx, ctx.labels[~flagged])
         ctx.labels = np.where(flagged, decoys, ctx.labels).astype(np.int64)
         return "decoyed"
+
+    def alert(self, ctx: RequestContext, findings: list[Finding], action: str) -> None:
+        """Every finding becomes an alert; also for the findings of stages run after the answer (monitor)."""
+        for finding in findings:
+            alert = Alert(
+                finding.rule,
+                action,
+                ctx.model,
+                ctx.client_id,
+                ctx.peer,
+                ctx.request_id,
+                finding.score,
+                finding.threshold,
+                finding.severity,
+            )
+            self.alerts.record(alert)
 
     def _ban(self, ctx: RequestContext, config: BanConfig, rules: list[str]) -> None:
         now = self.clock()

@@ -83,8 +83,9 @@ def apply(
     admission.config = new.throttle
     alerts.config = new.alerts
     for name, pipeline in pipelines.items():
-        detector_stages = [stage for stage in pipeline.stages if hasattr(getattr(stage, "config", None), "kind")]
+        detector_stages = [stage for stage in pipeline.chain if hasattr(getattr(stage, "config", None), "kind")]
         for stage, detector in zip(detector_stages, new.models[name].detectors):  # both in configured order
             live = getattr(detector, "live_fields", frozenset())
             if live and type(stage.config) is type(detector):
                 stage.config = stage.config.model_copy(update={field: getattr(detector, field) for field in live})
+        pipeline.arrange(new.models[name].policy)  # a rule no longer only monitored runs before the answer again

@@ -46,6 +46,7 @@ from firewall.pipeline import build_pipelines
 from firewall.policy import ResponsePolicy
 from firewall.protocol import pb, pb_grpc
 from firewall.service import InferenceService, log
+from firewall.stage import Finding, RequestContext
 from firewall.state import MemoryClientState
 from firewall.throttle import Admission
 from firewall.tls import server_credentials
@@ -127,9 +128,10 @@ class Firewall:
         self.alerts = AlertAggregator(settings.alerts)
         self.bans = BanLog(state)
         self.metrics = Metrics(pipelines, state)
+        self.policy = ResponsePolicy(settings, state, self.alerts, self.bans)
         for name, pipeline in pipelines.items():
             pipeline.observe = self.metrics.observer(name)
-        self.policy = ResponsePolicy(settings, state, self.alerts, self.bans)
+            pipeline.report = self._report_deferred(self.policy)
         self.admission = Admission(state, settings.throttle, self.bans)
         self.service = InferenceService(settings, pipelines, self.policy, self.admission, self.metrics)
         self.health = HealthServicer()
@@ -219,6 +221,16 @@ class Firewall:
         self.alerts.close()
         self.metrics.close()
         log.info("server.stopped")
+
+    def _report_deferred(self, policy: ResponsePolicy) -> Callable[[RequestContext, list[Finding]], None]:
+        """Findings of the stages run after the answer: counted and alerted like the others, action monitor."""
+
+        def report(ctx: RequestContext, findings: list[Finding]) -> None:
+            for finding in findings:
+                self.metrics.findings.labels(ctx.model, finding.rule).inc()
+            policy.alert(ctx, findings, "monitor")
+
+        return report
 
     async def _start_http(self, listen: str) -> None:
         host, port = split_listen(listen)

@@ -140,7 +140,7 @@ def test_list_show_lift_reset_each_audited(firewall, capsys, log_lines, mnist_he
 
 def test_reload_swaps_policy_and_thresholds_and_refuses_what_needs_a_restart(firewall, config_file, capsys, log_lines, mnist_heldout):
     images, _ = mnist_heldout
-    stages = {stage.name: stage for stage in firewall.service.pipelines["mnist"].stages}
+    stages = {stage.name: stage for stage in firewall.service.pipelines["mnist"].chain}
     probing, squeeze = stages["probing"], stages["squeeze"]
     changed = json.loads(json.dumps(CONFIG))
     changed["models"]["mnist"]["policy"]["action"] = "monitor"

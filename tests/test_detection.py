@@ -22,6 +22,7 @@ def calibrated_settings() -> Settings:
 
 
 def findings(firewall, rule: str) -> float:
+    firewall.service.pipelines["mnist"].settle()  # uncertainty and squeeze run after the answer
     value = firewall.service.metrics.registry.get_sample_value("firewall_findings_total", {"model": "mnist", "rule": rule})
     return value or 0.0
 
