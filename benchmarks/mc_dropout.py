@@ -19,32 +19,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
-from pydantic import TypeAdapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detectors.registry import DetectorConfig  # noqa: E402
-from detectors.sanitizer import Sanitizer, SanitizerConfig  # noqa: E402
+from benchmarks.detectors import heldout, load_setup  # noqa: E402
 from detectors.squeeze import SqueezeConfig, squeeze_scores  # noqa: E402
 from detectors.uncertainty import UncertaintyStage  # noqa: E402
-from models.data import MNIST_HELDOUT, load_cifar10, load_mnist  # noqa: E402
-from models.runtime import OnnxClassifier, bundled_model_path  # noqa: E402
-
-
-def load_setup(name: str) -> tuple[OnnxClassifier, Sanitizer, dict[str, DetectorConfig]]:
-    model = OnnxClassifier(bundled_model_path(name))
-    document = yaml.safe_load(bundled_model_path(name).with_name("thresholds.yaml").read_text())
-    detectors = TypeAdapter(list[DetectorConfig]).validate_python(document["detectors"])
-    return model, Sanitizer(SanitizerConfig(**document["sanitizer"]), model.input), {d.kind: d for d in detectors}
-
-
-def heldout(name: str, data: Path) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 HxWxC held-out images and labels."""
-    if name == "mnist":
-        images, labels = load_mnist(data / "mnist", *MNIST_HELDOUT)
-        return images[..., None], labels
-    return load_cifar10(data / "cifar10" / "cifar10-jpg.zip", "test")
 
 
 def roc(name: str, data: Path, count: int, carlini_wagner: bool) -> dict:

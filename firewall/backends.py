@@ -100,6 +100,12 @@ class CircuitBreaker:
             self.open_until = now + self.open_for  # half-open: this call is the probe, the others wait for it
             return True
 
+    def observe(self, ok: bool) -> None:
+        if ok:
+            self.success()
+        else:
+            self.failure()
+
     def success(self) -> None:
         with self._lock:
             self.consecutive, self.open_until, self.open_for = 0, None, self.open_s
@@ -174,10 +180,7 @@ class UpstreamPredictor:
             ready = self.stub.ModelReady(request, timeout=self.config.ready_timeout_s).ready
         except grpc.RpcError:
             ready = False
-        if ready:
-            self.breaker.success()
-        else:
-            self.breaker.failure()
+        self.breaker.observe(ready)
         return ready
 
     def close(self) -> None:
@@ -249,10 +252,7 @@ class RestUpstreamPredictor:
             ready = reply.status_code == 200
         except httpx.HTTPError:
             ready = False
-        if ready:
-            self.breaker.success()
-        else:
-            self.breaker.failure()
+        self.breaker.observe(ready)
         return ready
 
     def close(self) -> None:
