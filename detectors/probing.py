@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal, NamedTuple, Sequence
+from typing import ClassVar, Literal, NamedTuple, Sequence
 
 import numpy as np
 import structlog
@@ -69,6 +69,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from detectors.embedders import Embedder, EmbeddingConfig, PixelEmbeddingConfig
 from detectors.evidence import DecayingCount
+from detectors.forward import shared_forward
 from detectors.history import EvidenceHistory, QueryHistory, digest_key, load_snapshot, save_snapshot
 from detectors.shared import QueryFeed, QueryRows, SharedState
 from firewall.stage import Finding, RequestContext
@@ -90,9 +91,10 @@ class ProbingConfig(BaseModel):
     """Probing detector settings. Distances are between normalized embeddings."""
 
     model_config = ConfigDict(extra="forbid")
+    live_fields: ClassVar[frozenset[str]] = frozenset({"radius", "neighbours", "spread", "client_threshold", "address_threshold"})  # read per call: a reload may change them
 
-    kind: Literal["probing"] = "probing"
-    embedding: EmbeddingConfig = Field(default_factory=PixelEmbeddingConfig)
+    kind: Literal["probing"] = Field("probing", description="selects this detector")
+    embedding: EmbeddingConfig = Field(default_factory=PixelEmbeddingConfig, description="how queries are embedded")
     radius: float = Field(0.15, ge=0.0, description="queries this close are near-duplicates (calibrated)")
     neighbours: int = Field(16, ge=1, le=256, description="nearest earlier queries compared with each query")
     spread: float = Field(2.0, ge=1.0, description="queries within spread x radius of evidence are probed")
@@ -114,6 +116,7 @@ class ProbingStage:
     """Pipeline stage: embeds and labels ``ctx.tensor``, compares each image with all recent queries."""
 
     name = "probing"
+    rules = ("probing.region", "probing.client", "probing.address")
 
     def __init__(self, config: ProbingConfig, embedder: Embedder, model: OnnxClassifier):
         self.config = config
@@ -167,7 +170,7 @@ class ProbingStage:
         if ctx.tensor is None or not len(ctx.tensor):
             return []
         vectors = self.embedder(ctx.tensor)
-        labels = self.model.predict(ctx.tensor)
+        labels = shared_forward(ctx, self.model).labels  # the answer's own forward pass
         ctx.scratch["embeddings"] = vectors
         received = ctx.digests if len(ctx.digests) == len(vectors) else [row.tobytes() for row in ctx.tensor]
         keys = [digest_key(digest) for digest in received]
@@ -231,6 +234,12 @@ class ProbingStage:
                 Finding("probing.address", address, self.config.address_threshold, item=first, details=details)
             )
         return findings
+
+    def client_evidence(self, client_id: str) -> dict[str, float]:
+        return {"client": self.clients.current(client_id, time.time()), "client_threshold": self.config.client_threshold}
+
+    def forget_client(self, client_id: str) -> None:
+        self.clients.forget(client_id)
 
     def stats(self) -> dict[str, float]:
         return {

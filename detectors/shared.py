@@ -20,6 +20,11 @@ class Counts(Protocol):
     def add(self, key: str, count: float, now: float) -> float:
         """Add ``count`` observations; return the key's decayed count (a shared store uses its own clock)."""
 
+    def current(self, key: str, now: float) -> float:
+        """The key's decayed count, without adding to it."""
+
+    def forget(self, key: str) -> None: ...
+
     def __len__(self) -> int: ...
 
 

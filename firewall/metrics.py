@@ -10,6 +10,7 @@
     firewall_shared_state_errors_total             calls to the shared store that failed or timed out
     firewall_shared_state_dropped_total            queries and label writes not shared (buffers full, store down)
     firewall_stage_stat{model, stage, stat}        what stages report from ``stats()`` (index sizes)
+    firewall_deferred_dropped_total{model}         requests whose after-answer monitoring was dropped (queue full)
 
 Gauges that describe state are computed when Prometheus scrapes, never on the request path.
 """
@@ -21,7 +22,7 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from firewall.errors import Banned, InvalidInput, Refused, Rejection, Throttled, UnknownModel
+from firewall.errors import Banned, InvalidInput, Refused, Rejection, Throttled, Unavailable, UnknownModel
 from firewall.pipeline import ModelPipeline
 from firewall.state import ClientState
 
@@ -33,9 +34,17 @@ OUTCOMES = (
     "banned",  # findings that started a ban, or a request refused by an active ban
     "throttled",  # refused by a token bucket or the concurrency cap
     "invalid",  # bad input or unknown model
-    "failed",  # upstream unavailable or an internal error
+    "unavailable",  # the model server could not answer (down, timed out, circuit open)
+    "failed",  # an internal error
 )
-REFUSAL_OUTCOMES = ((Banned, "banned"), (Refused, "rejected"), (Throttled, "throttled"), (InvalidInput, "invalid"), (UnknownModel, "invalid"))
+REFUSAL_OUTCOMES = (
+    (Banned, "banned"),
+    (Refused, "rejected"),
+    (Throttled, "throttled"),
+    (InvalidInput, "invalid"),
+    (UnknownModel, "invalid"),
+    (Unavailable, "unavailable"),
+)
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -92,9 +101,16 @@ class StateCollector:
             yield CounterMetricFamily("firewall_shared_state_dropped", "Queries and label writes not shared", value=state["shared_dropped"])
         stats = GaugeMetricFamily("firewall_stage_stat", "Stage statistics (index sizes)", labels=["model", "stage", "stat"])
         for model, pipeline in self.pipelines.items():
-            for stage in pipeline.stages:
+            for stage in pipeline.chain:
                 report = getattr(stage, "stats", None)
                 if report is not None:
                     for name, value in report().items():
                         stats.add_metric([model, stage.name, name], float(value))
         yield stats
+        dropped = CounterMetricFamily(
+            "firewall_deferred_dropped", "Requests whose after-answer monitoring was dropped (queue full)", labels=["model"]
+        )
+        for model, pipeline in self.pipelines.items():
+            if pipeline.deferred is not None:
+                dropped.add_metric([model], float(pipeline.deferred.dropped))
+        yield dropped

@@ -28,26 +28,24 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import structlog
 
 from firewall.alerts import Alert, AlertAggregator
+from firewall.bans import BanLog, peer_key
 from firewall.config import BanConfig, Settings
 from firewall.errors import Banned, Refused
 from firewall.pipeline import ModelPipeline
-from firewall.stage import RequestContext
+from firewall.stage import Finding, RequestContext
 from firewall.state import ClientState
-from firewall.throttle import peer_key
-
-log = structlog.get_logger("firewall.policy")
 
 SEVERITY = ("monitor", "decoy", "reject", "ban")
 
 
 class ResponsePolicy:
-    def __init__(self, settings: Settings, state: ClientState, alerts: AlertAggregator):
-        self.settings = settings
+    def __init__(self, settings: Settings, state: ClientState, alerts: AlertAggregator, bans: BanLog):
+        self.settings = settings  # replaced whole on reload
         self.state = state
         self.alerts = alerts
+        self.bans = bans
 
     def decide(self, ctx: RequestContext, pipeline: ModelPipeline) -> str:
         """Set ``ctx.labels`` to the answer and return the outcome, or raise the rejection the client gets."""
@@ -57,22 +55,9 @@ class ResponsePolicy:
             return "answered"
         policy = self.settings.models[ctx.model].policy
         action = max((policy.rules.get(f.rule, policy.action) for f in ctx.findings), key=SEVERITY.index)
-        for finding in ctx.findings:
-            self.alerts.record(
-                Alert(
-                    finding.rule,
-                    action,
-                    ctx.model,
-                    ctx.client_id,
-                    ctx.peer,
-                    ctx.request_id,
-                    finding.score,
-                    finding.threshold,
-                    finding.severity,
-                )
-            )
+        self.alert(ctx, ctx.findings, action)
         if action == "ban":
-            self._ban(ctx, policy.ban)
+            self._ban(ctx, policy.ban, sorted({f.rule for f in ctx.findings}))
             raise Banned(f"{len(ctx.findings)} finding(s), ban")
         if action == "reject":
             self.state.suspect(ctx.client_id, self.settings.throttle.suspect_s)
@@ -97,12 +82,28 @@ class ResponsePolicy:
         ctx.labels = np.where(flagged, decoys, ctx.labels).astype(np.int64)
         return "decoyed"
 
-    def _ban(self, ctx: RequestContext, config: BanConfig) -> None:
+    def alert(self, ctx: RequestContext, findings: list[Finding], action: str) -> None:
+        """Every finding becomes an alert; also for the findings of stages run after the answer (monitor)."""
+        for finding in findings:
+            alert = Alert(
+                finding.rule,
+                action,
+                ctx.model,
+                ctx.client_id,
+                ctx.peer,
+                ctx.request_id,
+                finding.score,
+                finding.threshold,
+                finding.severity,
+            )
+            self.alerts.record(alert)
+
+    def _ban(self, ctx: RequestContext, config: BanConfig, rules: list[str]) -> None:
         keys = [ctx.client_id, peer_key(ctx.peer)] if config.by_peer else [ctx.client_id]
         for key in keys:
             duration = self.state.ban(key, config, self.settings.throttle.suspect_s)
             if duration is not None:
-                log.warning("ban.started", banned=key, duration_s=duration)
+                self.bans.started(key, duration, ", ".join(rules))
 
     def _remember(self, ctx: RequestContext, genuine: np.ndarray) -> None:
         if len(genuine):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 import uuid
 from collections import deque
 from pathlib import Path
@@ -53,7 +54,7 @@ from detectors.evidence import DecayingCount
 from detectors.shared import Counts, QueryFeed, QueryRows
 from firewall.config import BanConfig, StateConfig
 from firewall.errors import Banned, StoreUnavailable, Throttled
-from firewall.state import Bucket, MemoryClientState
+from firewall.state import Bucket, ClientRecord, MemoryClientState
 
 log = structlog.get_logger("firewall.state")
 
@@ -413,6 +414,49 @@ class RedisClientState:
             return self.local.last_label(key, model)
         return self.local.last_label(key, model) if label is None else int(label)  # local: not written yet
 
+    # -- operators -------------------------------------------------------------------------------------
+
+    def get(self, key: str) -> ClientRecord | None:
+        """The record in Redis on this process's clock (this replica's copy while Redis is away)."""
+
+        def read() -> tuple:
+            pipe = self.blocking.pipeline(transaction=False)
+            pipe.time().hgetall(self._key(key)).hgetall(f"{self.config.key_prefix}l:{key}")
+            return tuple(pipe.execute())
+
+        try:
+            (seconds, micros), fields, labels = self._blocking(read)
+        except _Down:
+            return self.local.get(key)
+        if not fields and not labels:
+            return None
+        shift = time.monotonic() - (seconds + micros / 1e6)  # Redis's clock to this process's
+        moment = lambda name: float(fields.get(name, 0)) + shift if name in fields else 0.0  # noqa: E731
+        return ClientRecord(
+            suspect_until=moment(b"sus"),
+            banned_until=moment(b"ban"),
+            offences=int(fields.get(b"off", 0)),
+            last_offence_at=moment(b"offat"),
+            last_labels={model.decode(): int(label) for model, label in labels.items()},
+            refusals=int(fields.get(b"ref", 0)),
+            refusals_until=moment(b"refu"),
+        )
+
+    def items(self) -> list[tuple[str, ClientRecord]]:
+        return self.local.items()  # what this replica holds: listing every key in Redis would scan it all
+
+    def remove(self, key: str) -> bool:
+        tracked = self.local.remove(key)
+        try:
+            removed = self._blocking(lambda: self.blocking.delete(self._key(key), f"{self.config.key_prefix}l:{key}"))
+        except _Down:
+            return tracked
+        return tracked or removed > 0
+
+    def lift(self, key: str) -> None:
+        self.local.lift(key)
+        self._blocking(lambda: self.blocking.hset(self._key(key), mapping={"ban": 0, "sus": 0}))  # _Down: not lifted
+
     # -- stateful detectors --------------------------------------------------------------------------
 
     def counts(self, name: str, half_life_s: float, max_keys: int) -> Counts:
@@ -486,6 +530,16 @@ class RedisCounts:
             return self.local.add(key, count, now)
         self.local.set(key, value, now)
         return value
+
+    def current(self, key: str, now: float) -> float:
+        return self.add(key, 0.0, now)  # adding nothing reads without writing
+
+    def forget(self, key: str) -> None:
+        self.local.forget(key)
+        try:
+            self.state._blocking(lambda: self.state.blocking.delete(self.prefix + key))
+        except _Down:
+            pass  # it decays and expires on its own
 
     def __len__(self) -> int:
         return len(self.local)

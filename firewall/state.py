@@ -103,6 +103,12 @@ def start_ban(record: ClientRecord, config: BanConfig, suspect_s: float, now: fl
     return duration
 
 
+def lift_ban(record: ClientRecord) -> None:
+    """End the ban and the suspicion that follows it; the offence count stays (a repeat still escalates)."""
+    record.banned_until = 0.0
+    record.suspect_until = 0.0
+
+
 class ClientState(Protocol):
     """The one interface to state that outlives a request. Keys are client ids and ``peer_key``s."""
 
@@ -136,6 +142,20 @@ class ClientState(Protocol):
         """The last genuine label the client got from ``model`` (decoys repeat it)."""
 
     def last_label(self, key: str, model: str) -> int | None: ...
+
+    # -- operators (the admin endpoint, ban end events) ---------------------------------------------
+
+    def get(self, key: str) -> ClientRecord | None:
+        """A copy of the key's record on this process's clock, or None when not tracked. Never creates one."""
+
+    def items(self) -> list[tuple[str, ClientRecord]]:
+        """Every key this process holds with its record, to read only (metrics, the admin list)."""
+
+    def remove(self, key: str) -> bool:
+        """Forget everything about a key, bans included (an operator's reset); return whether it was tracked."""
+
+    def lift(self, key: str) -> None:
+        """End the key's ban and the suspicion that follows it (``lift_ban``)."""
 
     # -- stateful detectors (``detectors.shared.SharedState``) ---------------------------------------
 
@@ -261,8 +281,11 @@ class MemoryClientState:
         now = self.clock()
         return {
             "tracked_clients": float(len(self)),
-            "bans_active": float(sum(record.banned_until > now for record in self.records())),
+            "bans_active": float(sum(record.banned_until > now for _, record in self.items())),
         }
+
+    def lift(self, key: str) -> None:
+        self.update(key, lift_ban)
 
     def mirror_ban(self, key: str, remaining_s: float) -> None:
         """Hold a ban decided elsewhere (by a shared store) for ``remaining_s`` more seconds."""
@@ -335,9 +358,13 @@ class MemoryClientState:
             self._purged_at = float("-inf")
             self._purge(self.clock())
 
-    def records(self) -> list[ClientRecord]:
+    def remove(self, key: str) -> bool:
         with self._lock:
-            return [*self._protected.values(), *self._records.values()]
+            return (self._protected.pop(key, None) or self._records.pop(key, None)) is not None
+
+    def items(self) -> list[tuple[str, ClientRecord]]:
+        with self._lock:  # references, not copies: 100,000 copies would hold the lock for a second
+            return [*self._protected.items(), *self._records.items()]
 
     def protected_count(self) -> int:
         return len(self._protected)

@@ -31,50 +31,51 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import structlog
-
+from firewall.bans import BanLog, peer_key
 from firewall.config import ThrottleConfig
 from firewall.errors import Throttled
 from firewall.protocol import pb
 from firewall.state import Bucket, ClientState
 
-log = structlog.get_logger("firewall.throttle")
-
-
-def peer_key(peer: str) -> str:
-    """The state key of a peer address (a ban by address); client ids are keys as they are."""
-    return f"peer {peer}"
-
 
 class Admission:
     """Which buckets a request draws from, and with what parameters; the state decides atomically."""
 
-    def __init__(self, state: ClientState, config: ThrottleConfig):
+    def __init__(self, state: ClientState, config: ThrottleConfig, bans: BanLog):
         self.state = state
-        self.config = config
-        enabled = config.enabled
-        self.address_bucket = Bucket(config.address_rate, config.address_burst) if enabled else None
-        self.client_bucket = Bucket(config.rate, config.burst) if enabled else None
-        self.suspect_bucket = Bucket(config.suspect_rate, config.suspect_burst)
+        self.config = config  # replaced whole on reload
+        self.bans = bans
+
+    def buckets(self) -> tuple[Bucket | None, Bucket | None, Bucket]:
+        """The address's, the client's and the suspect bucket (None: throttling off)."""
+        config = self.config
+        if not config.enabled:
+            return None, None, Bucket(config.suspect_rate, config.suspect_burst)
+        return (
+            Bucket(config.address_rate, config.address_burst),
+            Bucket(config.rate, config.burst),
+            Bucket(config.suspect_rate, config.suspect_burst),
+        )
 
     async def admit_address(self, client_id: str, peer: str, cost: int) -> None:
         """``Banned`` for a banned client or address, else spend from the address's bucket (every
         request, valid or not): ``Throttled`` when empty. Creates no client record."""
-        await self.state.admit_address(client_id, peer_key(peer), cost, self.address_bucket)
+        await self.state.admit_address(client_id, peer_key(peer), cost, self.buckets()[0])
 
     async def charge_client(self, client_id: str, cost: int) -> bool:
         """Spend from the client's bucket (the suspect one while suspect); return whether the record is new.
 
         While the protected state is full, ids not tracked yet are refused rather than any ban forgotten.
         """
-        return await self.state.admit_client(client_id, cost, self.client_bucket, self.suspect_bucket)
+        _, bucket, suspect = self.buckets()
+        return await self.state.admit_client(client_id, cost, bucket, suspect)
 
     async def count_refusal(self, peer: str) -> None:
         """A policy refusal of one of the address's ids: past the budget the address is refused for a while."""
         config = self.config
         key = peer_key(peer)
         if await self.state.count_refusal(key, config.address_refusals, config.refusal_window_s, config.address_cooldown_s):
-            log.warning("address.refused", banned=key, duration_s=config.address_cooldown_s)
+            self.bans.started(key, config.address_cooldown_s, "address refusal budget spent")
 
 
 @dataclass(frozen=True)

@@ -81,9 +81,11 @@ def with_stage(firewall: Firewall, stage, models: list[str] | None = None) -> It
     """Append ``stage`` to the pipelines of ``models`` (default: all) for the duration of the block."""
     pipelines = [firewall.service.pipelines[name] for name in models or firewall.service.pipelines]
     for pipeline in pipelines:
-        pipeline.stages.append(stage)
+        pipeline.chain.append(stage)
+        pipeline.arrange(pipeline.policy)
     try:
         yield stage
     finally:
         for pipeline in pipelines:
-            pipeline.stages.remove(stage)
+            pipeline.chain.remove(stage)
+            pipeline.arrange(pipeline.policy)

@@ -104,6 +104,17 @@ def test_a_client_banned_on_one_replica_is_refused_by_the_other(redis_server, im
         assert scrape(second, "firewall_bans_active") == 1  # the replica mirrors the ban it saw
 
 
+def test_an_operator_on_one_replica_reads_and_lifts_a_ban_another_started(redis_server, images):
+    with replicas(redis_server, models={"mnist": {"policy": {"action": "ban"}}}) as (first, second):
+        with with_stage(first, Flagger()):
+            assert infer(first, marked(images[:1]), "attacker") == DENIED
+        record = second.state.get("attacker")  # what `firewall admin show` reads
+        assert record.offences == 1 and record.banned_until > time.monotonic()
+        second.state.lift("attacker")  # what `firewall admin lift` does
+        assert infer(first, images[:1], "attacker") == OK
+        assert second.state.get("attacker").offences == 1  # a repeat still escalates
+
+
 def test_a_bucket_is_shared_by_the_replicas(redis_server, images):
     # A slow refill, so that a loaded machine cannot refill the bucket between two calls.
     throttle = {"rate": 0.01, "burst": 4}
@@ -178,22 +189,30 @@ def test_an_attack_spread_over_two_replicas_is_seen_as_one(redis_server, images,
         assert infer(pair[1], images[101:102], "prober") == DENIED
 
 
+def listeners(metrics_port: int, http_port: int, admin_port: int) -> dict[str, str]:
+    return {
+        "FIREWALL_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
+        "FIREWALL_HTTP_LISTEN": f"127.0.0.1:{http_port}",
+        "FIREWALL_ADMIN__LISTEN": f"127.0.0.1:{admin_port}",
+    }
+
+
 def test_two_serve_processes_configured_from_the_environment_share_a_bucket_and_their_queries(redis_server, images):
     """``firewall serve`` twice, the bundled configuration, the state and ports from FIREWALL_* variables."""
-    ports = [(free_port(), free_port(), free_port()) for _ in range(2)]  # gRPC, metrics, HTTP
+    ports = [(free_port(), free_port(), free_port(), free_port()) for _ in range(2)]  # gRPC, metrics, HTTP, admin
     base = {k: v for k, v in os.environ.items() if not k.startswith("FIREWALL_")}
     shared = {"FIREWALL_STATE__BACKEND": "redis", "FIREWALL_STATE__URL": redis_server.url, "FIREWALL_STATE__TIMEOUT_S": "5"}
     shared |= {"FIREWALL_THROTTLE__RATE": "0.01", "FIREWALL_THROTTLE__BURST": "4"}  # a slow refill: no timing
     processes = [
         subprocess.Popen(
             [sys.executable, "-m", "firewall", "serve", "--listen", f"127.0.0.1:{grpc_port}"],
-            env=base | shared | {"FIREWALL_METRICS_LISTEN": f"127.0.0.1:{metrics_port}", "FIREWALL_HTTP_LISTEN": f"127.0.0.1:{http_port}"},
+            env=base | shared | listeners(metrics_port, http_port, admin_port),
             stdout=subprocess.DEVNULL,
         )
-        for grpc_port, metrics_port, http_port in ports
+        for grpc_port, metrics_port, http_port, admin_port in ports
     ]
     try:
-        targets = [f"127.0.0.1:{grpc_port}" for grpc_port, _, _ in ports]
+        targets = [f"127.0.0.1:{grpc_port}" for grpc_port, *_ in ports]
         for target in targets:
             wait_model_ready(target, "mnist")
 
@@ -215,7 +234,7 @@ def test_two_serve_processes_configured_from_the_environment_share_a_bucket_and_
                 lines = reply.read().decode().splitlines()
             return float(next(line for line in lines if 'stat="history_queries"' in line).split()[-1])
 
-        for _, metrics_port, _ in ports:  # two queries placed here, two received from the other process
+        for _, metrics_port, *_ in ports:  # two queries placed here, two received from the other process
             wait_for(lambda: history(metrics_port) == 4, "each history holds all four queries")
     finally:
         for process in processes:
