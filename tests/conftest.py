@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import cv2
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -58,6 +59,14 @@ def running_firewall(settings: Settings) -> Iterator[Firewall]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+
+
+def pixel_bomb(ext: str, side: int = 5000) -> bytes:
+    """A well-formed black grey-scale PNG or JPEG of ``side`` x ``side`` pixels: a few kilobytes
+    that OpenCV decodes to the full size (5000 x 5000 is 25 Mpixels, over the default 16.7 M)."""
+    ok, buffer = cv2.imencode(ext, np.zeros((side, side), np.uint8))
+    assert ok
+    return buffer.tobytes()
 
 
 def address(firewall: Firewall) -> str:
