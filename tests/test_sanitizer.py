@@ -17,8 +17,8 @@ from detectors.sanitizer import (
     SanitizerConfig,
     SanitizeStage,
     decode_image,
-    read_header,
     median_filter,
+    read_header,
     reduce_bit_depth,
 )
 from firewall.stage import RequestContext
