@@ -61,6 +61,28 @@ def running_firewall(settings: Settings) -> Iterator[Firewall]:
         loop.close()
 
 
+class FakeClock:
+    """A monotonic clock that moves only when the test advances it (starts at a power of two, so
+    binary fractions of a second add up exactly)."""
+
+    def __init__(self, now: float = 1024.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def drive_clock(firewall: Firewall, clock: FakeClock) -> None:
+    """Run the firewall's time-based state (token buckets, bans, suspects, alert intervals) on ``clock``."""
+    firewall.state.clock = clock
+    firewall.service.admission.clock = clock
+    firewall.service.policy.clock = clock
+    firewall.alerts.clock = clock
+
+
 def pixel_bomb(ext: str, side: int = 5000) -> bytes:
     """A well-formed black grey-scale PNG or JPEG of ``side`` x ``side`` pixels: a few kilobytes
     that OpenCV decodes to the full size (5000 x 5000 is 25 Mpixels, over the default 16.7 M)."""

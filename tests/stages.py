@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -50,17 +50,32 @@ class Flagger:
         return {"flagged_images": self.flagged}
 
 
-class Slow:
-    """Holds every request for ``seconds`` (to keep calls in flight)."""
+class Gate:
+    """Holds every request until ``release()``, so a test knows exactly which calls are in flight."""
 
-    name = "slow"
+    name = "gate"
 
-    def __init__(self, seconds: float):
-        self.seconds = seconds
+    def __init__(self):
+        self.inside = 0
+        self.released = False
+        self._changed = threading.Condition()
 
     def __call__(self, ctx: RequestContext) -> list[Finding]:
-        time.sleep(self.seconds)
+        with self._changed:
+            self.inside += 1
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: self.released, timeout=120)  # a guard against a hung test only
         return []
+
+    def wait_inside(self, count: int) -> None:
+        """Block until ``count`` requests are held (no timing is asserted: the bound only stops a hang)."""
+        with self._changed:
+            assert self._changed.wait_for(lambda: self.inside >= count, timeout=120), self.inside
+
+    def release(self) -> None:
+        with self._changed:
+            self.released = True
+            self._changed.notify_all()
 
 
 class Recorder:
