@@ -36,17 +36,19 @@ def test_upstream_labels_match_the_embedded_model(upstream, mnist_heldout):
 
 
 def test_client_stream_works_over_a_unary_upstream(upstream, mnist_heldout):
-    images, labels = mnist_heldout
+    images, _ = mnist_heldout
     answers: queue.Queue = queue.Queue()
     with running_firewall(upstream_settings(upstream)) as forwarding:
         with triton.InferenceServerClient(address(forwarding)) as client:
+            unary = client.infer("mnist", [uint8_input(images[:8])]).as_numpy("label")
             client.start_stream(callback=lambda result, error: answers.put((result, error)))
-            for index in range(5):
+            for index in range(8):
                 client.async_stream_infer("mnist", [uint8_input(images[index : index + 1])], request_id=str(index))
-            results = [answers.get(timeout=30) for _ in range(5)]
+            results = [answers.get(timeout=30) for _ in range(8)]
             client.stop_stream()
     assert all(error is None for _, error in results)
-    assert sorted(int(r.get_response().id) for r, _ in results) == list(range(5))
+    streamed = {int(r.get_response().id): int(r.as_numpy("label")[0]) for r, _ in results}
+    assert [streamed[index] for index in range(8)] == unary.tolist()
 
 
 def test_upstream_down_is_unavailable_and_not_ready(mnist_heldout):
