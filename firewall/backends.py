@@ -159,7 +159,7 @@ class UpstreamPredictor:
         self.channel.close()
 
     def _labels(self, response: pb.ModelInferResponse, batch_size: int) -> np.ndarray:
-        """Top label per item from upstream logits [B, K] (or labels [B] if it already reduces them)."""
+        """Top label per item from upstream logits [B, K] (or labels [B] or [B, 1] if it already reduces them)."""
         for index, output in enumerate(response.outputs):
             if output.name == self.config.output_name:
                 break
@@ -178,8 +178,7 @@ class UpstreamPredictor:
         shape = tuple(output.shape)
         if int(np.prod(shape)) != values.size or not shape or shape[0] != batch_size:
             raise BackendUnavailable("upstream output shape does not match the request")
-        values = values.reshape(shape)
-        if values.ndim == 1:
+        if values.size == batch_size:  # one value per item: labels, [B] or [B, 1] (as MLServer's codec shapes them)
             return values.astype(np.int64)
         return values.reshape(batch_size, -1).argmax(axis=1).astype(np.int64)
 

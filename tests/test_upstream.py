@@ -1,26 +1,72 @@
-"""Upstream mode: the firewall forwards sanitized tensors to a real MLServer on loopback."""
+"""Upstream mode: the firewall forwards sanitized tensors to a real MLServer on loopback.
+
+Besides the MNIST model, the MLServer serves copies of it with another head: one that answers
+labels only (ArgMax, INT64 [B]) and two that answer malformed outputs (a shape that does not match
+the batch, a datatype the firewall does not read). An upstream that hangs, exceeds its timeout or
+dies mid-run is a real MLServer stopped (SIGSTOP) or killed (SIGKILL).
+"""
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
+import time
+from pathlib import Path
 
+import grpc
+import onnx
 import pytest
 import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
 from models.runtime import bundled_model_path
 from tests.conftest import address, make_settings, running_firewall, uint8_input
-from tests.upstream import free_port, mlserver
+from tests.upstream import PROCESS_GROUPS, free_port, mlserver
+
+HEADS = {  # model name -> (output name, the node that computes it from the logits, its type and shape)
+    "mnist-labels": ("label", helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0), TensorProto.INT64, ["N"]),
+    "mnist-pooled": ("pooled", helper.make_node("ReduceMean", ["logits"], ["pooled"], axes=[0], keepdims=1), TensorProto.FLOAT, [1, 10]),
+    "mnist-bytes": ("bytes", helper.make_node("Cast", ["logits"], ["bytes"], to=TensorProto.UINT8), TensorProto.UINT8, ["N", 10]),
+}  # fmt: skip
 
 
-def upstream_settings(upstream_address: str, timeout_s: float = 5.0):
-    backend = {"kind": "upstream", "address": upstream_address, "model_name": "mnist", "timeout_s": timeout_s}
-    return make_settings(models={"mnist": {"backend": backend}})
+def with_head(folder: Path, name: str) -> Path:
+    """The bundled MNIST model with its logits replaced by the head named ``name``."""
+    output, node, kind, shape = HEADS[name]
+    model = onnx.load(bundled_model_path("mnist"))
+    model.graph.node.append(node)
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info(output, kind, shape))
+    onnx.checker.check_model(model)
+    path = folder / f"{name}.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def backend(upstream_address: str, model_name: str = "mnist", **overrides) -> dict:
+    return {"kind": "upstream", "address": upstream_address, "model_name": model_name, **overrides}
+
+
+def upstream_settings(upstream_address: str, timeout_s: float = 5.0, **overrides):
+    return make_settings(models={"mnist": {"backend": backend(upstream_address, timeout_s=timeout_s, **overrides)}})
+
+
+def wait_until(condition) -> None:
+    """Poll ``condition``; the bound only stops a hung test (no timing is asserted)."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
-def upstream():
-    with mlserver("mnist", bundled_model_path("mnist")) as upstream_address:
+def upstream(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("heads")
+    others = {name: with_head(folder, name) for name in HEADS}
+    with mlserver("mnist", bundled_model_path("mnist"), others=others) as upstream_address:
         yield upstream_address
 
 
@@ -66,20 +112,7 @@ def test_upstream_down_is_unavailable_and_not_ready(mnist_heldout):
 def test_hung_upstream_fails_fast_turns_not_ready_and_recovers(mnist_heldout):
     """SIGSTOP the real MLServer: readiness turns NOT_SERVING, calls fail with UNAVAILABLE (the
     breaker opens, so later calls never wait for the upstream), and after SIGCONT it serves again."""
-    import os
-    import signal
-    import time
-
-    from tests.upstream import PROCESS_GROUPS
-
     images, _ = mnist_heldout
-
-    def wait_until(condition) -> None:
-        deadline = time.monotonic() + 60
-        while not condition():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-
     with mlserver("mnist", bundled_model_path("mnist")) as upstream_address:
         with running_firewall(upstream_settings(upstream_address, timeout_s=1.0)) as forwarding:
             predictor = forwarding.service.pipelines["mnist"].predictor
@@ -97,3 +130,79 @@ def test_hung_upstream_fails_fast_turns_not_ready_and_recovers(mnist_heldout):
                 wait_until(client.is_server_ready)
                 assert not predictor.breaker.is_open
                 assert client.infer("mnist", [uint8_input(images[:1])]).as_numpy("label").shape == (1,)
+
+
+def test_an_upstream_answering_labels_only_gives_the_same_labels(upstream, mnist_heldout):
+    images, _ = mnist_heldout
+    onnx_path = str(bundled_model_path("mnist"))
+    models = {
+        "mnist": {"backend": backend(upstream)},
+        "labels": {"onnx": onnx_path, "backend": backend(upstream, "mnist-labels", output_name="label")},
+    }
+    with running_firewall(make_settings(models=models)) as forwarding, triton.InferenceServerClient(address(forwarding)) as client:
+        logits = client.infer("mnist", [uint8_input(images[:16])]).as_numpy("label")
+        labels = client.infer("labels", [uint8_input(images[:16])]).as_numpy("label")
+    assert labels.dtype == logits.dtype and labels.tolist() == logits.tolist()
+
+
+@pytest.mark.parametrize("head", ["mnist-pooled", "mnist-bytes"])
+def test_a_malformed_upstream_answer_is_unavailable_and_the_firewall_serves_on(upstream, mnist_heldout, head):
+    images, _ = mnist_heldout
+    onnx_path = str(bundled_model_path("mnist"))
+    output = HEADS[head][0]
+    models = {
+        "mnist": {"backend": backend(upstream)},
+        "broken": {"onnx": onnx_path, "backend": backend(upstream, head, output_name=output)},
+    }
+    with running_firewall(make_settings(models=models)) as forwarding, triton.InferenceServerClient(address(forwarding)) as client:
+        for _ in range(5):  # more than breaker_failures: a malformed answer is not the upstream being down
+            with pytest.raises(InferenceServerException) as raised:
+                client.infer("broken", [uint8_input(images[:4])])
+            assert (raised.value.status(), raised.value.message()) == ("StatusCode.UNAVAILABLE", "model unavailable")
+        assert client.infer("mnist", [uint8_input(images[:4])]).as_numpy("label").shape == (4,)
+
+
+def test_an_upstream_call_past_its_timeout_is_unavailable(upstream, mnist_heldout):
+    """The breaker cannot open (1000 failures), so only the per-call timeout can end the call: without
+    it the client would wait out its own 30 s deadline (DEADLINE_EXCEEDED)."""
+    images, _ = mnist_heldout
+    settings = upstream_settings(upstream, timeout_s=0.5, breaker_failures=1000)
+    with running_firewall(settings) as forwarding, triton.InferenceServerClient(address(forwarding)) as client:
+        assert client.infer("mnist", [uint8_input(images[:1])]).as_numpy("label").shape == (1,)
+        os.killpg(PROCESS_GROUPS[upstream], signal.SIGSTOP)
+        try:
+            with pytest.raises(InferenceServerException) as raised:
+                client.infer("mnist", [uint8_input(images[:1])], client_timeout=30)
+        finally:
+            os.killpg(PROCESS_GROUPS[upstream], signal.SIGCONT)
+        wait_until(client.is_server_ready)
+        assert client.infer("mnist", [uint8_input(images[:1])]).as_numpy("label").shape == (1,)
+    assert raised.value.status() == "StatusCode.UNAVAILABLE"
+
+
+def health(channel: grpc.Channel, service: str) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_an_upstream_that_dies_mid_run_turns_health_not_serving_and_back(mnist_heldout):
+    images, _ = mnist_heldout
+    port = free_port()
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    with mlserver("mnist", bundled_model_path("mnist"), grpc_port=port) as upstream_address:
+        forwarding_context = running_firewall(upstream_settings(upstream_address, timeout_s=1.0))
+        forwarding = forwarding_context.__enter__()
+        os.killpg(PROCESS_GROUPS[upstream_address], signal.SIGKILL)
+    try:
+        with grpc.insecure_channel(address(forwarding)) as channel, triton.InferenceServerClient(address(forwarding)) as client:
+            wait_until(lambda: health(channel, "") == not_serving)
+            assert health(channel, "inference.GRPCInferenceService") == not_serving
+            assert health(channel, "liveness") == serving  # the process itself is fine
+            with pytest.raises(InferenceServerException) as raised:
+                client.infer("mnist", [uint8_input(images[:1])])
+            assert raised.value.status() == "StatusCode.UNAVAILABLE"
+            with mlserver("mnist", bundled_model_path("mnist"), grpc_port=port):  # the upstream is restarted
+                wait_until(lambda: health(channel, "") == serving)
+                assert health(channel, "inference.GRPCInferenceService") == serving
+                assert client.infer("mnist", [uint8_input(images[:4])]).as_numpy("label").shape == (4,)
+    finally:
+        forwarding_context.__exit__(None, None, None)
