@@ -18,8 +18,12 @@ from tritonclient.utils import InferenceServerException
 
 from firewall.config import ListenerTLS
 from firewall.tls import TrustedProxies
+from models.runtime import bundled_model_path
 from tests.conftest import make_settings, running_firewall, uint8_input
 from tests.stages import Recorder, with_stage
+from tests.upstream import mlserver, tls_terminator
+
+ONNX = bundled_model_path("mnist")
 
 
 class Authority:
@@ -77,6 +81,7 @@ def pki(tmp_path_factory):
         "alice": authority.issue("alice", "alice"),  # CN only
         "bob": authority.issue("bob", "bob-cn", [x509.DNSName("bob.example")]),  # SAN wins
         "proxy": authority.issue("proxy", "proxy"),
+        "model-server": authority.issue("model-server", "model-server", [x509.DNSName("models.internal")]),
         "stranger": Authority(tmp_path_factory.mktemp("other")).issue("stranger", "alice"),  # another CA
     }
 
@@ -140,3 +145,33 @@ def test_trusted_proxies_match_addresses_networks_and_identities():
 def test_trusted_proxies_require_mutual_tls(tmp_path):
     with pytest.raises(ValidationError, match="client_ca"):
         ListenerTLS(cert=tmp_path / "c", key=tmp_path / "k", trusted_proxies=["10.0.0.1"])
+
+
+def test_an_upstream_that_speaks_mutual_tls_is_forwarded_to(pki, mnist_heldout):
+    """A real MLServer behind nginx terminating mutual TLS. The firewall must verify the upstream
+    against the CA under the overridden name (the certificate names models.internal only, not the
+    address dialled) and present alice's certificate; an upstream whose
+    certificate another CA signed, or a firewall without a client certificate, gets no answer."""
+    images, _ = mnist_heldout
+    cert, key = pki["alice"]
+    tls = {"ca": str(pki["ca"]), "cert": str(cert), "key": str(key), "server_name": "models.internal"}
+    with mlserver("mnist", ONNX) as plaintext, tls_terminator(plaintext, *pki["model-server"], client_ca=pki["ca"]) as upstream:
+        def backend(**changes) -> dict:
+            return {"kind": "upstream", "address": upstream, "model_name": "mnist", "tls": {**tls, **changes}}
+
+        models = {
+            "local": {"onnx": str(ONNX)},  # embedded: the reference labels
+            "trusted": {"onnx": str(ONNX), "backend": backend()},
+            "stranger": {"onnx": str(ONNX), "backend": backend(ca=str(pki["stranger"][0]))},  # not the CA that signed it
+            "anonymous": {"onnx": str(ONNX), "backend": backend(cert=None, key=None)},
+        }
+        with running_firewall(make_settings(models=models)) as forwarding, triton.InferenceServerClient(f"127.0.0.1:{forwarding.port}") as client:
+            forwarded = client.infer("trusted", [uint8_input(images[:8])]).as_numpy("label")
+            local = client.infer("local", [uint8_input(images[:8])]).as_numpy("label")
+            refused = []
+            for model in ("stranger", "anonymous"):
+                with pytest.raises(InferenceServerException) as raised:
+                    client.infer(model, [uint8_input(images[:1])])
+                refused.append(raised.value.status())
+    assert forwarded.tolist() == local.tolist()
+    assert refused == ["StatusCode.UNAVAILABLE"] * 2

@@ -102,6 +102,53 @@ def mlserver(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@contextmanager
+def tls_terminator(backend: str, cert: Path, key: Path, client_ca: Path | None = None) -> Iterator[str]:
+    """nginx terminating TLS (mutual TLS with ``client_ca``) in front of the plaintext gRPC server at
+    ``backend``, as an ingress or a mesh sidecar does for a model server without TLS of its own
+    (MLServer has none); yields the address that speaks TLS."""
+    port = free_port()
+    folder = Path(tempfile.mkdtemp(prefix="nginx-"))
+    verify = f"ssl_client_certificate {client_ca}; ssl_verify_client on;" if client_ca else ""
+    (folder / "nginx.conf").write_text(
+        f"""
+        daemon off;
+        pid {folder}/nginx.pid;
+        error_log {folder}/error.log;
+        events {{}}
+        http {{
+            access_log off;
+            client_body_buffer_size 16m;  # a request body never goes to a temporary file
+            server {{
+                listen 127.0.0.1:{port} ssl http2;
+                ssl_certificate {cert};
+                ssl_certificate_key {key};
+                {verify}
+                location / {{ grpc_pass grpc://{backend}; }}
+            }}
+        }}
+        """
+    )
+    process = subprocess.Popen(
+        ["nginx", "-p", str(folder), "-c", str(folder / "nginx.conf")], stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, process.stderr.read().decode()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "nginx did not listen"
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=15)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:9001")
