@@ -147,3 +147,40 @@ def test_configure_logging_writes_json_to_stdout():
     line = json.loads(output.stdout)
     assert line["message"] == "boom" and line["user.id"] == "u" and line["log.level"] == "error"
     assert line["exception"][0]["exc_type"] == "ZeroDivisionError"  # exceptions as dicts
+
+
+def test_several_rules_at_once_keep_an_episode_each_per_client(log_lines, mnist_heldout):
+    images, _ = mnist_heldout
+    settings = make_settings(
+        throttle={"enabled": False}, alerts={"interval_s": 0.5, "idle_s": 60}, models={"mnist": {"policy": {"action": "monitor"}}}
+    )
+    clock = FakeClock()
+    flagged = marked(images[:1])
+    first, second, late = Flagger("a", "test.a", score=0.9), Flagger("b", "test.b", score=0.7), Flagger("c", "test.c", score=0.6)
+    with running_firewall(settings) as firewall, with_stage(firewall, first), with_stage(firewall, second):
+        drive_clock(firewall, clock)
+        with grpc.insecure_channel(address(firewall)) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            def send(client_id: str, times: int) -> None:
+                for _ in range(times):
+                    stub.ModelInfer(next(stream_requests(flagged, client_id)), metadata=[("x-client-id", client_id)])
+
+            send("multi", 10)
+            with with_stage(firewall, late):
+                send("multi", 5)
+            send("other", 2)
+            clock.advance(0.5)
+            firewall.alerts.flush()
+    alerts = [line for line in log_lines() if line.get("event.kind") == "alert"]
+    episodes: dict[tuple[str, str], list[tuple[str, int, float]]] = {}
+    for line in alerts:
+        key = (line["user.id"], line["rule.name"])
+        episodes.setdefault(key, []).append((line["firewall.episode"], line["firewall.count"], line["firewall.score"]))
+    assert episodes == {
+        ("multi", "test.a"): [("start", 1, 0.9), ("ongoing", 14, 0.9), ("end", 0, 0.9)],
+        ("multi", "test.b"): [("start", 1, 0.7), ("ongoing", 14, 0.7), ("end", 0, 0.7)],
+        ("multi", "test.c"): [("start", 1, 0.6), ("ongoing", 4, 0.6), ("end", 0, 0.6)],
+        ("other", "test.a"): [("start", 1, 0.9), ("ongoing", 1, 0.9), ("end", 0, 0.9)],
+        ("other", "test.b"): [("start", 1, 0.7), ("ongoing", 1, 0.7), ("end", 0, 0.7)],
+    }

@@ -16,6 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from firewall.protocol import pb, pb_grpc
 from tests.conftest import address, pixel_bomb, uint8_input
+from tests.stages import Recorder, with_stage
 
 
 def infer_labels(client, images: np.ndarray, client_id: str = "tester") -> np.ndarray:
@@ -184,3 +185,14 @@ def test_invalid_client_id_is_rejected(client, mnist_heldout):
     with pytest.raises(InferenceServerException) as raised:
         infer_labels(client, images[:1], client_id="x" * 500)
     assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_a_call_without_a_client_id_is_identified_by_its_address(firewall, mnist_heldout):
+    images, _ = mnist_heldout
+    with with_stage(firewall, Recorder()) as recorder:
+        for _ in range(2):  # two connections: two source ports, one address
+            with triton.InferenceServerClient(address(firewall)) as anonymous:
+                anonymous.infer("mnist", [uint8_input(images[:1])])
+        with triton.InferenceServerClient(address(firewall)) as named:
+            infer_labels(named, images[:1], client_id="named")
+    assert recorder.client_ids == ["127.0.0.1", "127.0.0.1", "named"]
