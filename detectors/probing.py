@@ -23,7 +23,11 @@ stage therefore looks for label disagreement among near-duplicates, across all c
 - Evidence per client id and per source address: a decayed count of the evidence it sent
   (``detectors.evidence.DecayingCount``). At ``client_threshold`` (``address_threshold``) it raises
   ``probing.client`` (``probing.address``), a warning-level alert naming the attacker, on each of
-  its queries while the evidence lasts. A single probed query is an info-level observation only.
+  its queries while the evidence lasts. ``probing.client`` is about the client as a whole (no
+  item), so under ``decoy`` every answer it gets is one constant, probed region or not: the
+  regions' answers are what their first query got, and an attack that walks into new ground
+  would otherwise still read genuine answers at its frontier. A single probed query is an
+  info-level observation only.
 - A byte-identical repeat is no new query: it gets the answer its original got.
 - ``ctx.scratch["novel"]`` tells later stages which images are new content (no earlier query
   within the radius, this request's earlier images included), so that the per-image detectors
@@ -174,7 +178,7 @@ class ProbingStage:
         details = {"probed_items": len(probed), "evidence_items": evidence}
         if client >= self.config.client_threshold:
             findings.append(
-                Finding("probing.client", client, self.config.client_threshold, item=first, details=details)
+                Finding("probing.client", client, self.config.client_threshold, details=details)
             )
         if address >= self.config.address_threshold:
             findings.append(

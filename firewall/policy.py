@@ -7,10 +7,12 @@ A request without findings is predicted and answered. With findings, the model's
 - ``ban``: PERMISSION_DENIED, and every request of the client (and, with ``by_peer``, of its
   address) is refused for a cool-down: ``first_s``, times ``factor`` per repeat offence, at most
   ``max_s``; offences ``forget_s`` apart start over.
-- ``decoy``: the flagged images get a plausible label that carries no signal: the answer their
-  finding carries (near probing evidence: what the first query there got, the same for every
-  client), else the label the client's most recent genuine answer had (a fixed per-client label
-  before it has one), so an attack's binary searches see a constant. The model still runs, so a
+- ``decoy``: the flagged images get a plausible label that carries no signal. A finding about the
+  client as a whole (no item: ``probing.client``) gives every image of the request the label the
+  client's most recent genuine answer had (a fixed per-client label before it has one), so an
+  attack's binary searches see a constant. A finding about one image gives that image the answer
+  the finding carries (near probing evidence: what the first query there got, the same for every
+  client), else the same per-client constant. The model still runs, so a
   decoy takes as long as a genuine answer. An explicit refusal is itself an oracle that adaptive
   attacks exploit (Feng, Hooda, Mangaokar, Fawaz, Jha & Prakash, "Stateful Defenses for Machine
   Learning Models Are Not Yet Secure Against Black-box Attacks", CCS 2023); a decoy keeps the
@@ -103,14 +105,16 @@ class ResponsePolicy:
             self._remember(ctx, ctx.labels)
             return "monitored"
         decoyed = [f for f in ctx.findings if policy.rules.get(f.rule, policy.action) != "monitor"]
-        decoys = np.full(ctx.batch_size, -1, np.int64)
-        for finding in decoyed:  # an item's own decoy (the probing stage's) first
-            if finding.item is not None and finding.answer is not None:
-                decoys[finding.item] = finding.answer
         fallback = self._decoy_label(ctx, pipeline)
-        for finding in decoyed:
-            items = slice(None) if finding.item is None else finding.item
-            decoys[items] = np.where(decoys[items] < 0, fallback, decoys[items])
+        if any(finding.item is None for finding in decoyed):  # about the client: one constant for all
+            decoys = np.full(ctx.batch_size, fallback, np.int64)
+        else:
+            decoys = np.full(ctx.batch_size, -1, np.int64)
+            for finding in decoyed:  # an item's own decoy (the probing stage's) first
+                if finding.answer is not None:
+                    decoys[finding.item] = finding.answer
+            for finding in decoyed:
+                decoys[finding.item] = fallback if decoys[finding.item] < 0 else decoys[finding.item]
         flagged = decoys >= 0
         self._remember(ctx, ctx.labels[~flagged])
         ctx.labels = np.where(flagged, decoys, ctx.labels).astype(np.int64)

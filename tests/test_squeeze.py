@@ -53,11 +53,11 @@ def test_each_squeezer_alone_works(model: OnnxClassifier, digits: np.ndarray) ->
 
 
 def test_stage_flags_the_worst_image(model: OnnxClassifier, digits: np.ndarray) -> None:
-    batch = sanitized(model, digits[:5])
-    ctx = RequestContext("r", "mnist", "c", "peer", [d.transpose(1, 2, 0) for d in digits[:5]], [b""] * 5, tensor=batch)
+    batch = sanitized(model, digits[:6])
+    ctx = RequestContext("r", "mnist", "c", "peer", [d.transpose(1, 2, 0) for d in digits[:6]], [b""] * 6, tensor=batch)
     scores = squeeze_scores(model, batch, 1, 2)
-    (finding,) = SqueezeStage(SqueezeConfig(threshold=1e-9), model)(ctx)  # five flagged images in a row
-    assert finding.rule == "squeeze" and finding.item == int(scores.argmax()) and finding.details["flagged_items"] == 5
+    (finding,) = SqueezeStage(SqueezeConfig(threshold=1e-9), model)(ctx)  # six flagged images in a row (h = log 1e6)
+    assert finding.rule == "squeeze" and finding.item == int(scores.argmax()) and finding.details["flagged_items"] == 6
     assert SqueezeStage(SqueezeConfig(threshold=2.0), model)(ctx) == []
 
 
@@ -86,7 +86,7 @@ def test_cifar_squeezers_leave_clean_photos_mostly_alone() -> None:
 
 
 def test_a_resent_image_is_one_observation(model: OnnxClassifier, digits: np.ndarray) -> None:
-    batch = sanitized(model, digits[:5])
-    ctx = RequestContext("r", "mnist", "c", "peer", [d.transpose(1, 2, 0) for d in digits[:5]], [b""] * 5, tensor=batch)
+    batch = sanitized(model, digits[:6])
+    ctx = RequestContext("r", "mnist", "c", "peer", [d.transpose(1, 2, 0) for d in digits[:6]], [b""] * 6, tensor=batch)
     ctx.scratch["novel"] = [True, False, False, False, False]  # as the probing stage marks copies of one image
     assert SqueezeStage(SqueezeConfig(threshold=1e-9), model)(ctx) == []
