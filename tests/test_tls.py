@@ -148,7 +148,7 @@ def test_trusted_proxies_require_mutual_tls(tmp_path):
 
 
 def test_an_upstream_that_speaks_mutual_tls_is_forwarded_to(pki, mnist_heldout):
-    """A real MLServer behind nginx terminating mutual TLS. The firewall must verify the upstream
+    """A real MLServer behind a gRPC endpoint terminating mutual TLS (gRPC's own TLS). The firewall must verify the upstream
     against the CA under the overridden name (the certificate names models.internal only, not the
     address dialled) and present alice's certificate; an upstream whose
     certificate another CA signed, or a firewall without a client certificate, gets no answer."""

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -104,49 +105,39 @@ def mlserver(
 
 @contextmanager
 def tls_terminator(backend: str, cert: Path, key: Path, client_ca: Path | None = None) -> Iterator[str]:
-    """nginx terminating TLS (mutual TLS with ``client_ca``) in front of the plaintext gRPC server at
-    ``backend``, as an ingress or a mesh sidecar does for a model server without TLS of its own
-    (MLServer has none); yields the address that speaks TLS."""
-    port = free_port()
-    folder = Path(tempfile.mkdtemp(prefix="nginx-"))
-    verify = f"ssl_client_certificate {client_ca}; ssl_verify_client on;" if client_ca else ""
-    (folder / "nginx.conf").write_text(
-        f"""
-        daemon off;
-        pid {folder}/nginx.pid;
-        error_log {folder}/error.log;
-        events {{}}
-        http {{
-            access_log off;
-            client_body_buffer_size 16m;  # a request body never goes to a temporary file
-            server {{
-                listen 127.0.0.1:{port} ssl http2;
-                ssl_certificate {cert};
-                ssl_certificate_key {key};
-                {verify}
-                location / {{ grpc_pass grpc://{backend}; }}
-            }}
-        }}
-        """
-    )
-    process = subprocess.Popen(
-        ["nginx", "-p", str(folder), "-c", str(folder / "nginx.conf")], stderr=subprocess.PIPE, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, process.stderr.read().decode()
+    """A gRPC endpoint with TLS (mutual TLS with ``client_ca``) relaying every unary call, its bytes
+    unchanged, to the plaintext gRPC server at ``backend``: what an ingress or a mesh sidecar does
+    for a model server without TLS of its own (MLServer has none). Yields the address with TLS."""
+    channel = grpc.insecure_channel(backend)
+
+    def relay(method: str) -> grpc.RpcMethodHandler:
+        call = channel.unary_unary(method)  # no (de)serializers: the bytes pass through
+
+        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "nginx did not listen"
-                time.sleep(0.1)
+                return call(request, timeout=context.time_remaining())
+            except grpc.RpcError as error:
+                context.abort(error.code(), error.details())
+
+        return grpc.unary_unary_rpc_method_handler(handle)
+
+    class Relay(grpc.GenericRpcHandler):
+        def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            return relay(handler_call_details.method)
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=4), handlers=[Relay()])
+    credentials = grpc.ssl_server_credentials(
+        [(key.read_bytes(), cert.read_bytes())],
+        root_certificates=client_ca.read_bytes() if client_ca else None,
+        require_client_auth=client_ca is not None,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
         yield f"127.0.0.1:{port}"
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=15)
-        shutil.rmtree(folder, ignore_errors=True)
+        server.stop(None)
+        channel.close()
 
 
 def main() -> int:
