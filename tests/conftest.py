@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -81,6 +83,14 @@ def drive_clock(firewall: Firewall, clock: FakeClock) -> None:
     firewall.service.admission.clock = clock
     firewall.service.policy.clock = clock
     firewall.alerts.clock = clock
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition``; the bound only stops a hung test (no test asserts how long it took)."""
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
 
 
 def pixel_bomb(ext: str, side: int = 5000) -> bytes:

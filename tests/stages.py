@@ -56,21 +56,21 @@ class Gate:
     name = "gate"
 
     def __init__(self):
-        self.inside = 0
+        self.entered = 0
         self.released = False
         self._changed = threading.Condition()
 
     def __call__(self, ctx: RequestContext) -> list[Finding]:
         with self._changed:
-            self.inside += 1
+            self.entered += 1
             self._changed.notify_all()
             self._changed.wait_for(lambda: self.released, timeout=120)  # a guard against a hung test only
         return []
 
-    def wait_inside(self, count: int) -> None:
+    def wait_entered(self, count: int) -> None:
         """Block until ``count`` requests are held (no timing is asserted: the bound only stops a hang)."""
         with self._changed:
-            assert self._changed.wait_for(lambda: self.inside >= count, timeout=120), self.inside
+            assert self._changed.wait_for(lambda: self.entered >= count, timeout=120), self.entered
 
     def release(self) -> None:
         with self._changed:

@@ -10,14 +10,13 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 
 import tritonclient.grpc as triton
 import yaml
 from tritonclient.utils import InferenceServerException
 
 from models.runtime import bundled_model_path
-from tests.conftest import address, make_settings, running_firewall, uint8_input
+from tests.conftest import address, make_settings, running_firewall, uint8_input, wait_until
 from tests.stages import Gate
 from tests.upstream import PROCESS_GROUPS, free_port, mlserver
 
@@ -42,14 +41,6 @@ def wait_live(client: triton.InferenceServerClient, process: subprocess.Popen, t
         except Exception:
             time.sleep(0.2)
     raise TimeoutError("firewall did not become ready")
-
-
-def wait_until(condition: Callable[[], bool]) -> None:
-    """Poll ``condition``; the bound only stops a hung test (nothing here asserts how long it took)."""
-    deadline = time.monotonic() + 120
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 def refuses_new_calls(target: str) -> bool:
@@ -118,7 +109,7 @@ def test_stop_lets_in_flight_calls_finish(mnist_heldout):
     firewall.service.pipelines["mnist"].stages.append(gate)
     with triton.InferenceServerClient(target) as client:
         client.async_infer("mnist", [uint8_input(images[:1])], lambda result, error: answers.put((result, error)))
-        gate.wait_inside(1)
+        gate.wait_entered(1)
         stopping = threading.Thread(target=serving.__exit__, args=(None, None, None))
         stopping.start()
         wait_until(lambda: refuses_new_calls(target))  # the stop has begun while the call is held

@@ -146,7 +146,7 @@ def test_the_global_concurrency_cap_refuses_beyond_it(mnist_heldout):
             ]
             for caller in held:
                 caller.start()
-            gate.wait_inside(2)  # both slots taken
+            gate.wait_entered(2)  # both slots taken
             beyond = [outcome(stub, request(images[:1]), f"c{i}") for i in range(2, 4)]
             gate.release()
             for caller in held:

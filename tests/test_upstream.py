@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import queue
 import signal
-import time
 from pathlib import Path
 
 import grpc
@@ -23,7 +22,7 @@ from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
 from models.runtime import bundled_model_path
-from tests.conftest import address, make_settings, running_firewall, uint8_input
+from tests.conftest import address, make_settings, running_firewall, uint8_input, wait_until
 from tests.upstream import PROCESS_GROUPS, free_port, mlserver
 
 HEADS = {  # model name -> (output name, the node that computes it from the logits, its type and shape)
@@ -52,14 +51,6 @@ def backend(upstream_address: str, model_name: str = "mnist", **overrides) -> di
 
 def upstream_settings(upstream_address: str, timeout_s: float = 5.0, **overrides):
     return make_settings(models={"mnist": {"backend": backend(upstream_address, timeout_s=timeout_s, **overrides)}})
-
-
-def wait_until(condition) -> None:
-    """Poll ``condition``; the bound only stops a hung test (no timing is asserted)."""
-    deadline = time.monotonic() + 60
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
