@@ -85,6 +85,52 @@ def test_image_over_the_pixel_limit_is_refused(cifar_rgb: np.ndarray, ext: str) 
         decode_image(data, max_pixels=1023)
 
 
+HEADER_CASES = {  # (extension, channels given to OpenCV, dtype, encoder flags) -> (channels, sample bytes) read
+    (".png", 1, np.uint8, ()): (1, 1),
+    (".png", 3, np.uint8, ()): (3, 1),
+    (".png", 4, np.uint8, ()): (4, 1),
+    (".png", 3, np.uint16, ()): (3, 2),
+    (".jpg", 1, np.uint8, ()): (1, 1),
+    (".jpg", 3, np.uint8, ()): (3, 1),
+    (".jpg", 3, np.uint8, (cv2.IMWRITE_JPEG_PROGRESSIVE, 1)): (3, 1),
+    (".bmp", 3, np.uint8, ()): (3, 1),
+    (".bmp", 4, np.uint8, ()): (4, 1),
+    (".webp", 3, np.uint8, (cv2.IMWRITE_WEBP_QUALITY, 80)): (4, 1),  # lossy (VP8)
+    (".webp", 3, np.uint8, (cv2.IMWRITE_WEBP_QUALITY, 101)): (4, 1),  # lossless (VP8L)
+    (".webp", 4, np.uint8, (cv2.IMWRITE_WEBP_QUALITY, 80)): (4, 1),  # alpha (VP8X)
+    (".gif", 3, np.uint8, ()): (4, 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADER_CASES, key=str), ids=str)
+@pytest.mark.parametrize(("width", "height"), [(37, 23), (300, 517)])
+def test_header_announces_what_opencv_decodes(case, width: int, height: int) -> None:
+    ext, channels, dtype, flags = case
+    pixels = np.random.default_rng(width).integers(0, np.iinfo(dtype).max, (height, width, channels), dtype=dtype)
+    ok, buffer = cv2.imencode(ext, pixels, list(flags))
+    assert ok
+    data = buffer.tobytes()
+    header = read_header(data, max_pixels=width * height, max_bytes=width * height * 8)
+    expected_channels, sample_bytes = HEADER_CASES[case]
+    assert (header.width, header.height, header.channels, header.sample_bytes) == (width, height, expected_channels, sample_bytes)
+    assert header.grey == (channels == 1) and header.reduction == 1
+    assert cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED).shape[:2] == (height, width)
+    assert decode_image(data, max_pixels=width * height).shape[:2] == (height, width)
+    with pytest.raises(InvalidImage):  # one pixel too many, or one decoded byte too many
+        read_header(data, max_pixels=width * height - 1)
+    with pytest.raises(InvalidImage):
+        read_header(data, max_pixels=width * height, max_bytes=header.decoded_bytes - 1)
+
+
+def test_large_jpeg_is_decoded_at_a_reduced_size() -> None:
+    data = encode(np.zeros((40 * 28, 33 * 28, 3), np.uint8), ".jpg")
+    header = read_header(data, max_pixels=4096 * 4096, target_side=28)
+    assert header.reduction == 8 and header.decoded_bytes == 140 * 116 * 3  # ceil(1120 / 8), ceil(924 / 8)
+    assert read_header(data, max_pixels=4096 * 4096, target_side=56).reduction == 4
+    assert read_header(data, max_pixels=4096 * 4096, target_side=300).reduction == 1
+    assert decode_image(data, max_pixels=4096 * 4096, header=header).shape == (140, 116, 3)
+
+
 @pytest.mark.parametrize("ext", [".png", ".jpg"])
 def test_pixel_bomb_is_refused_from_its_header_though_opencv_would_decode_it(ext: str) -> None:
     bomb = pixel_bomb(ext)
