@@ -103,10 +103,10 @@ HEADER_CASES = {  # (extension, channels given to OpenCV, dtype, encoder flags) 
 
 
 @pytest.mark.parametrize("case", sorted(HEADER_CASES, key=str), ids=str)
-@pytest.mark.parametrize(("width", "height"), [(37, 23), (300, 517)])
-def test_header_announces_what_opencv_decodes(case, width: int, height: int) -> None:
+def test_header_announces_what_opencv_decodes(case) -> None:
     ext, channels, dtype, flags = case
-    pixels = np.random.default_rng(width).integers(0, np.iinfo(dtype).max, (height, width, channels), dtype=dtype)
+    width, height = 263, 257  # odd, and past one byte: both bytes of a 16-bit field count
+    pixels = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, (height, width, channels), dtype=dtype)
     ok, buffer = cv2.imencode(ext, pixels, list(flags))
     assert ok
     data = buffer.tobytes()
