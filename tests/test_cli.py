@@ -69,7 +69,8 @@ def test_serve_answers_then_drains_the_calls_in_flight_on_sigterm(mnist_heldout,
     with mlserver("mnist", bundled_model_path("mnist")) as upstream:
         backend = {"kind": "upstream", "address": upstream, "model_name": "mnist", "timeout_s": 120, "breaker_failures": 1000}
         config = tmp_path / "firewall.yaml"
-        config.write_text(yaml.safe_dump({"models": {"mnist": {"detectors": [], "backend": backend}}}))
+        # A long grace period: a loaded machine must not turn a drain into cancelled calls.
+        config.write_text(yaml.safe_dump({"shutdown_grace_s": 60, "models": {"mnist": {"detectors": [], "backend": backend}}}))
         process, metrics = start("--config", str(config), "--listen", f"127.0.0.1:{port}")
         try:
             with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
@@ -103,7 +104,7 @@ def test_stop_lets_in_flight_calls_finish(mnist_heldout):
     images, labels = mnist_heldout
     answers: queue.Queue = queue.Queue()
     gate = Gate()
-    serving = running_firewall(make_settings())
+    serving = running_firewall(make_settings(shutdown_grace_s=60))
     firewall = serving.__enter__()
     target = address(firewall)
     firewall.service.pipelines["mnist"].stages.append(gate)
