@@ -100,27 +100,26 @@ def test_upstream_down_is_unavailable_and_not_ready(mnist_heldout):
     assert raised.value.message() == "model unavailable"
 
 
-def test_hung_upstream_fails_fast_turns_not_ready_and_recovers(mnist_heldout):
+def test_hung_upstream_fails_fast_turns_not_ready_and_recovers(upstream, mnist_heldout):
     """SIGSTOP the real MLServer: readiness turns NOT_SERVING, calls fail with UNAVAILABLE (the
     breaker opens, so later calls never wait for the upstream), and after SIGCONT it serves again."""
     images, _ = mnist_heldout
-    with mlserver("mnist", bundled_model_path("mnist")) as upstream_address:
-        with running_firewall(upstream_settings(upstream_address, timeout_s=1.0)) as forwarding:
-            predictor = forwarding.service.pipelines["mnist"].predictor
-            with triton.InferenceServerClient(address(forwarding)) as client:
-                assert client.infer("mnist", [uint8_input(images[:1])]).as_numpy("label").shape == (1,)
-                os.killpg(PROCESS_GROUPS[upstream_address], signal.SIGSTOP)
-                try:
-                    wait_until(lambda: not client.is_server_ready())
-                    wait_until(lambda: predictor.breaker.is_open)  # the failed readiness probes open it
-                    with pytest.raises(InferenceServerException) as raised:
-                        client.infer("mnist", [uint8_input(images[:1])])
-                    assert raised.value.status() == "StatusCode.UNAVAILABLE"
-                finally:
-                    os.killpg(PROCESS_GROUPS[upstream_address], signal.SIGCONT)
-                wait_until(client.is_server_ready)
-                assert not predictor.breaker.is_open
-                assert client.infer("mnist", [uint8_input(images[:1])]).as_numpy("label").shape == (1,)
+    with running_firewall(upstream_settings(upstream, timeout_s=1.0)) as forwarding:
+        predictor = forwarding.service.pipelines["mnist"].predictor
+        with triton.InferenceServerClient(address(forwarding)) as client:
+            assert client.infer("mnist", [uint8_input(images[:1])]).as_numpy("label").shape == (1,)
+            os.killpg(PROCESS_GROUPS[upstream], signal.SIGSTOP)
+            try:
+                wait_until(lambda: not client.is_server_ready())
+                wait_until(lambda: predictor.breaker.is_open)  # the failed readiness probes open it
+                with pytest.raises(InferenceServerException) as raised:
+                    client.infer("mnist", [uint8_input(images[:1])])
+                assert raised.value.status() == "StatusCode.UNAVAILABLE"
+            finally:
+                os.killpg(PROCESS_GROUPS[upstream], signal.SIGCONT)
+            wait_until(client.is_server_ready)
+            assert not predictor.breaker.is_open
+            assert client.infer("mnist", [uint8_input(images[:1])]).as_numpy("label").shape == (1,)
 
 
 def test_an_upstream_answering_labels_only_gives_the_same_labels(upstream, mnist_heldout):
