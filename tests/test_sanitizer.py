@@ -250,3 +250,19 @@ def test_stage_sets_the_context_tensor(mnist_digits: np.ndarray) -> None:
     ctx = RequestContext("r", "mnist", "c", "peer", [d[:, :, None] for d in mnist_digits[:2]], [b"a", b"b"])
     assert SanitizeStage(Sanitizer(SanitizerConfig(), MNIST))(ctx) == []
     assert ctx.tensor is not None and ctx.tensor.shape == (2, 1, 28, 28)
+
+
+def test_float_pixels_are_made_finite_and_clipped_exactly() -> None:
+    image = np.array([np.nan, np.inf, -np.inf, -0.5, 1.5, 0.25, 0.0, 1.0] * 98, np.float32).reshape(28, 28, 1)
+    batch = Sanitizer(SanitizerConfig(blur_kernel=0), MNIST)([image])
+    np.testing.assert_array_equal(batch[0, 0].ravel()[:8], [0.0, 1.0, 0.0, 0.0, 1.0, 0.25, 0.0, 1.0])
+
+
+def test_blur_is_opencv_gaussian_with_the_configured_kernel_sigma_and_reflected_border(mnist_digits: np.ndarray) -> None:
+    pixels = mnist_digits[0].astype(np.float32) / 255.0
+    for kernel, sigma in ((3, 0.7), (5, 1.5)):
+        blurred = Sanitizer(SanitizerConfig(blur_kernel=kernel, blur_sigma=sigma), MNIST)([mnist_digits[0][:, :, None]])
+        expected = cv2.GaussianBlur(pixels, (kernel, kernel), sigma, borderType=cv2.BORDER_REFLECT)
+        np.testing.assert_allclose(blurred[0, 0], expected, atol=1e-6)
+    unblurred = Sanitizer(SanitizerConfig(blur_kernel=1), MNIST)([mnist_digits[0][:, :, None]])
+    np.testing.assert_allclose(unblurred[0, 0], pixels, atol=1e-6)
