@@ -41,7 +41,7 @@ def bytes_request(items: list[bytes]) -> pb.ModelInferRequest:
 
 def start(root: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(root), "FIREWALL_METRICS_LISTEN": f"127.0.0.1:{free_port()}", "FIREWALL_THROTTLE__ENABLED": "false"}
+    env = {**os.environ, "PYTHONPATH": str(root), "FIREWALL_METRICS_LISTEN": f"127.0.0.1:{free_port()}", "FIREWALL_HTTP_LISTEN": "127.0.0.1:0", "FIREWALL_THROTTLE__ENABLED": "false"}
     process = subprocess.Popen([sys.executable, "-m", "firewall", "serve", "--listen", f"127.0.0.1:{port}"], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     with grpc.insecure_channel(address) as channel:

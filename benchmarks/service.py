@@ -79,6 +79,7 @@ def firewall_config(port: int) -> dict:
     config = {
         "listen": f"127.0.0.1:{port}",
         "metrics_listen": "127.0.0.1:0",
+        "http_listen": "127.0.0.1:0",
         "models": {MODEL: {"detectors": []}},  # pass-through: the sanitizer only
         "throttle": {"rate": 1e9, "burst": 10**9},  # token buckets on, but never the bottleneck
     }

@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
             # same environment overrides the Kubernetes manifests use.
             overrides = {
                 "FIREWALL_METRICS_LISTEN": args.metrics_listen,
+                "FIREWALL_HTTP_LISTEN": args.http_listen,
                 "FIREWALL_SNAPSHOT_DIR": snapshot_dir,
                 "FIREWALL_MODELS__MNIST__BACKEND__ADDRESS": args.upstream_listen,
             }
@@ -144,7 +145,10 @@ def run(args: argparse.Namespace) -> int:
                 _say(failure)
                 return 0 if stop.is_set() else 1
 
-            _say(f"ready: firewall {args.listen} (metrics {args.metrics_listen}) -> model server {args.upstream_listen}")
+            _say(
+                f"ready: firewall {args.listen} (HTTP {args.http_listen}, metrics {args.metrics_listen})"
+                f" -> model server {args.upstream_listen}"
+            )
             while not stop.wait(0.5):
                 for child in children:
                     if child.process.poll() is not None:
@@ -159,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:8001", help="the firewall's gRPC address")
+    parser.add_argument("--http-listen", default="127.0.0.1:8000", help="the firewall's HTTP/JSON address")
     parser.add_argument("--metrics-listen", default="127.0.0.1:9108", help="the firewall's Prometheus address")
     parser.add_argument("--upstream-listen", default="127.0.0.1:9001", help="the model server's gRPC address")
     parser.add_argument("--config", type=Path, default=POD_CONFIG, help="firewall configuration file")

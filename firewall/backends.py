@@ -5,8 +5,10 @@ Both reduce the model's output to the top label, so nothing else ever leaves the
 - ``UpstreamPredictor`` forwards the tensor as a unary ModelInfer to a KServe-v2 gRPC server
   (Triton, KServe, MLServer). Clients may stream to the firewall even though such servers
   often offer unary calls only.
+- ``RestUpstreamPredictor`` forwards it over the same protocol's HTTP/JSON binding (KServe's
+  default), ``protocol: rest`` in the backend configuration.
 
-An upstream that hangs or dies must not make every client wait out a timeout: each call has its
+An upstream (over either protocol) that hangs or dies must not make every client wait out a timeout: each call has its
 own deadline (``timeout_s``, shorter than clients' deadlines), and a ``CircuitBreaker`` opens after
 ``breaker_failures`` consecutive failures. While open, calls fail at once with UNAVAILABLE; after
 ``breaker_open_s`` (doubling up to ``breaker_max_open_s`` while probes fail) one call is let
@@ -17,11 +19,14 @@ restarted upstream is found quickly.
 
 from __future__ import annotations
 
+import json
+import ssl
 import threading
 import time
 from typing import Callable, Protocol
 
 import grpc
+import httpx
 import numpy as np
 
 from firewall.config import EmbeddedBackend, UpstreamBackend
@@ -159,7 +164,6 @@ class UpstreamPredictor:
         self.channel.close()
 
     def _labels(self, response: pb.ModelInferResponse, batch_size: int) -> np.ndarray:
-        """Top label per item from upstream logits [B, K] (or labels [B] or [B, 1] if it already reduces them)."""
         for index, output in enumerate(response.outputs):
             if output.name == self.config.output_name:
                 break
@@ -175,15 +179,90 @@ class UpstreamPredictor:
             values = np.asarray(getattr(output.contents, _TYPED_FIELDS[output.datatype]))
         else:
             raise BackendUnavailable("upstream output carries no data")
-        shape = tuple(output.shape)
-        if int(np.prod(shape)) != values.size or not shape or shape[0] != batch_size:
-            raise BackendUnavailable("upstream output shape does not match the request")
-        if values.size == batch_size:  # one value per item: labels, [B] or [B, 1] (as MLServer's codec shapes them)
-            return values.astype(np.int64)
-        return values.reshape(batch_size, -1).argmax(axis=1).astype(np.int64)
+        return top_labels(values, tuple(output.shape), batch_size)
+
+
+class RestUpstreamPredictor:
+    """The same upstream contract over the protocol's HTTP/JSON binding: JSON tensors both ways."""
+
+    def __init__(self, config: UpstreamBackend):
+        self.config = config
+        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_open_s, config.breaker_max_open_s)
+        tls = config.tls
+        scheme = "http" if tls is None else "https"
+        version = f"/versions/{config.model_version}" if config.model_version else ""
+        self.model_url = f"{scheme}://{config.address}/v2/models/{config.model_name}{version}"
+        verify: ssl.SSLContext | bool = True
+        if tls is not None:
+            verify = ssl.create_default_context(cafile=tls.ca)
+            if tls.cert is not None:
+                verify.load_cert_chain(tls.cert, tls.key)
+        # The name sent (SNI) and checked in the server certificate, when it is not the address's host.
+        self.extensions = {"sni_hostname": tls.server_name} if tls is not None and tls.server_name else {}
+        self.client = httpx.Client(verify=verify, timeout=config.timeout_s, headers={"Content-Type": "application/json"})
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch, dtype=np.float32)
+        body = {
+            "inputs": [{"name": self.config.input_name, "datatype": "FP32", "shape": list(batch.shape), "data": batch.ravel().tolist()}],
+            "outputs": [{"name": self.config.output_name}],
+        }
+        if not self.breaker.allow():
+            raise BackendUnavailable("upstream circuit open")
+        try:
+            reply = self.client.post(self.model_url + "/infer", content=json.dumps(body), extensions=self.extensions)
+            reply.raise_for_status()
+            outputs = reply.json()["outputs"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as error:
+            self.breaker.failure()
+            raise BackendUnavailable(f"upstream REST infer failed: {type(error).__name__}") from None
+        self.breaker.success()
+        return self._labels(outputs, batch.shape[0])
+
+    def ready(self) -> bool:
+        """Probe the upstream (the readiness watcher calls this every half second); it also drives the breaker."""
+        try:
+            reply = self.client.get(self.model_url + "/ready", timeout=self.config.ready_timeout_s, extensions=self.extensions)
+            ready = reply.status_code == 200
+        except httpx.HTTPError:
+            ready = False
+        if ready:
+            self.breaker.success()
+        else:
+            self.breaker.failure()
+        return ready
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _labels(self, outputs: object, batch_size: int) -> np.ndarray:
+        if not isinstance(outputs, list):
+            raise BackendUnavailable("upstream response lacks outputs")
+        output = next((o for o in outputs if isinstance(o, dict) and o.get("name") == self.config.output_name), None)
+        if output is None:
+            raise BackendUnavailable("upstream response lacks the configured output")
+        if output.get("datatype") not in _OUTPUT_DTYPES:
+            raise BackendUnavailable(f"upstream output datatype {output.get('datatype')} is not supported")
+        try:
+            values = np.asarray(output["data"], dtype=_OUTPUT_DTYPES[output["datatype"]]).ravel()
+            shape = tuple(int(d) for d in output["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise BackendUnavailable("upstream output carries no usable data") from None
+        return top_labels(values, shape, batch_size)
+
+
+def top_labels(values: np.ndarray, shape: tuple[int, ...], batch_size: int) -> np.ndarray:
+    """Top label per item from upstream logits [B, K] (or labels [B] or [B, 1] if it already reduces them)."""
+    if int(np.prod(shape)) != values.size or not shape or shape[0] != batch_size:
+        raise BackendUnavailable("upstream output shape does not match the request")
+    if values.size == batch_size:  # one value per item: labels, [B] or [B, 1] (as MLServer's codec shapes them)
+        return values.astype(np.int64)
+    return values.reshape(batch_size, -1).argmax(axis=1).astype(np.int64)
 
 
 def build_predictor(backend: EmbeddedBackend | UpstreamBackend, classifier: OnnxClassifier, max_message_bytes: int) -> Predictor:
+    if isinstance(backend, UpstreamBackend) and backend.protocol == "rest":
+        return RestUpstreamPredictor(backend)
     if isinstance(backend, UpstreamBackend):
         return UpstreamPredictor(backend, max_message_bytes)
     return EmbeddedPredictor(classifier)

@@ -39,10 +39,12 @@ class UpstreamTLS(Strict):
 
 
 class UpstreamBackend(Strict):
-    """Forward the sanitized tensor to a KServe-v2 gRPC model server (Triton, KServe, MLServer)."""
+    """Forward the sanitized tensor to a KServe-v2 model server (Triton, KServe, MLServer), over
+    gRPC or over the protocol's HTTP/JSON binding (``protocol: rest``, KServe's default)."""
 
     kind: Literal["upstream"]
-    address: str
+    protocol: Literal["grpc", "rest"] = "grpc"
+    address: str  # HOST:PORT of the model server's port for that protocol
     model_name: str
     model_version: str = ""
     input_name: str = "input"
@@ -158,7 +160,7 @@ class AlertConfig(Strict):
 
 
 class ListenerTLS(Strict):
-    """TLS on the gRPC listener; with ``client_ca`` set, mutual TLS: a client must present a
+    """TLS on the gRPC and HTTP listeners; with ``client_ca`` set, mutual TLS: a client must present a
     certificate signed by that CA and its identity (SAN, else CN) becomes the client id."""
 
     cert: Path
@@ -179,6 +181,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FIREWALL_", env_nested_delimiter="__", extra="forbid")
 
     listen: str = "0.0.0.0:8001"
+    http_listen: str | None = "0.0.0.0:8000"  # the HTTP/JSON binding (null: gRPC only)
     metrics_listen: str = "0.0.0.0:9108"
     client_id_header: str = "x-client-id"
     tls: ListenerTLS | None = None

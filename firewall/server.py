@@ -1,9 +1,10 @@
-"""`firewall serve`: the grpc.aio server with the inference service, health and reflection.
+"""`firewall serve`: the grpc.aio server with the inference service, health and reflection, and
+the HTTP/JSON binding (firewall/http.py) on ``http_listen``, in the same event loop.
 
 Health (grpc.health.v1): the service "liveness" is SERVING while the process runs; "" and
 "inference.GRPCInferenceService" are SERVING while every protected model can answer (so a
 readiness probe fails while the upstream model server is down). On SIGTERM or SIGINT the server
-reports NOT_SERVING, stops accepting calls, lets in-flight calls finish within the grace period,
+reports NOT_SERVING, stops accepting calls on both listeners, lets in-flight calls finish within the grace period,
 then closes the stages (which persist their state), saves the protected client state (bans,
 offence counts, suspects, refusal windows) to ``snapshot_dir/clients.json`` (read back at start),
 logs the last line of every open alert episode and stops the metrics endpoint (``metrics_listen``).
@@ -29,8 +30,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
+from aiohttp import web
 from pydantic import ValidationError
 
+from firewall import http
 from firewall.alerts import AlertAggregator
 from firewall.config import Settings, load_settings
 from firewall.logs import configure_logging
@@ -54,14 +57,19 @@ class StartupError(Exception):
     """The firewall cannot start; the message is the one line the operator sees."""
 
 
-def check_listen(listen: str) -> None:
-    """Raise ``StartupError`` unless HOST:PORT can be bound now (before gRPC logs its own error)."""
+def split_listen(listen: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[V6]:PORT' -> (host, port); raises ``StartupError``."""
     host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
     if not port.isdigit() or int(port) > 65535:
         raise StartupError(f"cannot listen on {listen}: invalid port")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def check_listen(listen: str) -> None:
+    """Raise ``StartupError`` unless HOST:PORT can be bound now (before gRPC logs its own error)."""
+    host, port = split_listen(listen)
     try:
-        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as error:
         raise StartupError(f"cannot listen on {listen}: invalid address ({error})") from None
     family, kind, proto, _, sockaddr = infos[0]
@@ -132,7 +140,15 @@ class Firewall:
             self.port = 0
         if self.port == 0:
             raise StartupError(f"cannot listen on {settings.listen} (address in use or invalid)")
+        if settings.http_listen is not None:
+            check_listen(settings.http_listen)
+        self.http = web.AppRunner(
+            http.application(self.service, settings.max_message_bytes, settings.max_concurrent_requests),
+            access_log=None,
+            shutdown_timeout=settings.shutdown_grace_s,
+        )
         self.metrics_port: int | None = None  # set by start()
+        self.http_port: int | None = None  # set by start() when http_listen is set
         self._readiness: asyncio.Task | None = None
         self._alert_flusher: asyncio.Task | None = None
 
@@ -143,6 +159,8 @@ class Firewall:
             raise StartupError(f"cannot serve metrics on {self.settings.metrics_listen}: {error.strerror or error if isinstance(error, OSError) else error}") from None
         self._alert_flusher = asyncio.create_task(self.alerts.run())
         await self.server.start()
+        if self.settings.http_listen is not None:
+            await self._start_http(self.settings.http_listen)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._update_readiness()
         self._readiness = asyncio.create_task(self._watch_readiness())
@@ -150,6 +168,7 @@ class Firewall:
             "server.started",
             listen=self.settings.listen,
             port=self.port,
+            http_port=self.http_port,
             metrics_port=self.metrics_port,
             models=sorted(self.service.pipelines),
         )
@@ -159,7 +178,7 @@ class Firewall:
         if self._readiness is not None:
             self._readiness.cancel()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.shutdown_grace_s)
+        await asyncio.gather(self.server.stop(self.settings.shutdown_grace_s), self.http.cleanup())
         await asyncio.get_running_loop().run_in_executor(None, self.service.close)
         if self.snapshot_path is not None:
             try:
@@ -171,6 +190,17 @@ class Firewall:
         self.alerts.close()
         self.metrics.close()
         log.info("server.stopped")
+
+    async def _start_http(self, listen: str) -> None:
+        host, port = split_listen(listen)
+        tls = http.ssl_context(self.settings.tls) if self.settings.tls is not None else None
+        await self.http.setup()
+        site = web.TCPSite(self.http, host, port, ssl_context=tls, reuse_port=False)
+        try:
+            await site.start()
+        except OSError as error:
+            raise StartupError(f"cannot listen on {listen}: {error.strerror}") from None
+        self.http_port = site.port
 
     async def _watch_readiness(self) -> None:
         while True:
@@ -191,6 +221,7 @@ async def serve(settings: Settings) -> None:
         await firewall.start()
     except StartupError:
         await firewall.server.stop(None)
+        await firewall.http.cleanup()
         firewall.metrics.close()
         raise
     stopping = asyncio.Event()
@@ -204,6 +235,7 @@ async def serve(settings: Settings) -> None:
 def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML configuration file (default: the bundled MNIST configuration)")
     parser.add_argument("--listen", help="HOST:PORT for gRPC (overrides the configuration)")
+    parser.add_argument("--http-listen", help="HOST:PORT for HTTP/JSON (overrides the configuration)")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -219,6 +251,8 @@ def run_cli(args: argparse.Namespace) -> int:
         return 2
     if args.listen:
         settings = settings.model_copy(update={"listen": args.listen})
+    if args.http_listen:
+        settings = settings.model_copy(update={"http_listen": args.http_listen})
     try:
         asyncio.run(serve(settings))
     except StartupError as error:

@@ -1,6 +1,10 @@
 """The Open Inference Protocol servicer: identify, admit, decode, inspect, decide, predict, respond.
 
-gRPC handlers run on the event loop and only do bookkeeping; everything CPU-bound (decoding,
+``identify`` and ``infer`` are the one request path; the gRPC handlers here and the HTTP routes
+(firewall/http.py) are thin adapters over it and over the shared metadata, configuration,
+statistics and readiness answers, so both bindings admit, inspect and answer alike.
+
+Handlers run on the event loop and only do bookkeeping; everything CPU-bound (decoding,
 sanitizing, detectors, the model) runs in one call on a bounded worker pool. Admission is decided
 on the event loop before any work is queued, so hostile load cannot grow a queue, in this order:
 bans (read only), the address's bucket (every request, valid or not), the model name, the cheap
@@ -16,17 +20,18 @@ import asyncio
 import contextvars
 import ctypes
 import ctypes.util
+import importlib.metadata
+import inspect
 import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
-import grpc
 import structlog
 
-from firewall import codec
+from firewall import codec, statistics
 from firewall.config import Settings
 from firewall.errors import InvalidInput, Refused, Rejection, Throttled, UnknownModel
 from firewall.logs import request_fields
@@ -41,6 +46,11 @@ from firewall.tls import TrustedProxies, certificate_identity
 log = structlog.get_logger("firewall")
 
 SERVER_NAME = "inference-firewall"
+PLATFORM = "inference-firewall"
+VERSION = importlib.metadata.version("inference-firewall")
+# Triton's names for the protocol extensions served in full (RepositoryIndex is served, but not the
+# rest of model_repository: loading and unloading).
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
 MAX_CLIENT_ID_LENGTH = 128
 
 
@@ -98,8 +108,92 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             heavy_request_bytes=settings.heavy_request_bytes,
             max_heavy=settings.max_heavy_requests or max(1, settings.workers // 2),
         )
+        self.signatures = {name: codec.signature(p.classifier) for name, p in pipelines.items()}
+        self.statistics = {name: statistics.ModelStatistics() for name in pipelines}
 
-    # -- health and metadata -------------------------------------------------------------------
+    # -- health, metadata, configuration, statistics (shared by both bindings) ------------------
+
+    def server_metadata(self) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=VERSION, extensions=EXTENSIONS)
+
+    async def model_ready(self, name: str) -> bool:
+        pipeline = self.pipeline(name)
+        return await asyncio.get_running_loop().run_in_executor(self.probe_executor, pipeline.predictor.ready)
+
+    def model_metadata(self, name: str) -> pb.ModelMetadataResponse:
+        pipeline, own = self.pipeline(name), self.signatures[name]
+        spec = pipeline.classifier.input
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=pipeline.name,
+            versions=["1"],
+            platform=PLATFORM,
+            inputs=[
+                tensor(name=codec.INPUT_NAME, datatype="UINT8", shape=[-1, spec.height, spec.width, spec.channels]),
+                tensor(name=own.input_name, datatype="FP32", shape=[-1, own.channels, own.height, own.width]),
+            ],
+            outputs=[
+                tensor(name=codec.OUTPUT_NAME, datatype="INT64", shape=[-1]),
+                tensor(name=own.output_name, datatype="FP32", shape=[-1, own.classes]),
+            ],
+        )
+
+    def model_config(self, name: str) -> pb.ModelConfigResponse:
+        pipeline, own = self.pipeline(name), self.signatures[name]
+        spec = pipeline.classifier.input
+        return pb.ModelConfigResponse(
+            config=pb.ModelConfig(
+                name=pipeline.name,
+                platform=PLATFORM,
+                backend=PLATFORM,
+                max_batch_size=pipeline.limits.max_batch,
+                input=[
+                    pb.ModelInput(
+                        name=codec.INPUT_NAME,
+                        data_type=pb.TYPE_UINT8,
+                        format=pb.ModelInput.FORMAT_NHWC,
+                        dims=[spec.height, spec.width, spec.channels],
+                        optional=True,
+                    ),
+                    pb.ModelInput(
+                        name=own.input_name,
+                        data_type=pb.TYPE_FP32,
+                        format=pb.ModelInput.FORMAT_NCHW,
+                        dims=[own.channels, own.height, own.width],
+                        optional=True,
+                    ),
+                ],
+                output=[
+                    # Triton's way of saying [B]: one element per item, reshaped to no dimension.
+                    pb.ModelOutput(name=codec.OUTPUT_NAME, data_type=pb.TYPE_INT64, dims=[1], reshape=pb.ModelTensorReshape()),
+                    pb.ModelOutput(name=own.output_name, data_type=pb.TYPE_FP32, dims=[own.classes]),
+                ],
+            )
+        )
+
+    async def repository_index(self, ready_only: bool = False) -> pb.RepositoryIndexResponse:
+        index = pb.RepositoryIndexResponse()
+        for name in sorted(self.pipelines):
+            ready = await self.model_ready(name)
+            if ready or not ready_only:
+                index.models.add(name=name, version="1", state="READY" if ready else "UNAVAILABLE")
+        return index
+
+    def model_statistics(self, name: str = "") -> pb.ModelStatisticsResponse:
+        names = [self.pipeline(name).name] if name else sorted(self.pipelines)
+        return pb.ModelStatisticsResponse(model_stats=[self.statistics[n].message(n) for n in names])
+
+    def pipeline(self, name: str) -> ModelPipeline:
+        if name not in self.pipelines:
+            raise UnknownModel(f"model {name[:MAX_CLIENT_ID_LENGTH]!r} is not protected here")
+        return self.pipelines[name]
+
+    async def all_ready(self) -> bool:
+        loop = asyncio.get_running_loop()
+        checks = [loop.run_in_executor(self.probe_executor, p.predictor.ready) for p in self.pipelines.values()]
+        return all(await asyncio.gather(*checks))
+
+    # -- the gRPC binding ----------------------------------------------------------------------
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -108,58 +202,45 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=await self.all_ready())
 
     async def ModelReady(self, request, context):
-        pipeline = await self._pipeline_or_abort(request.name, context)
-        ready = await asyncio.get_running_loop().run_in_executor(self.probe_executor, pipeline.predictor.ready)
-        return pb.ModelReadyResponse(ready=ready)
+        return pb.ModelReadyResponse(ready=await _answer(context, lambda: self.model_ready(request.name)))
 
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version="2")
+        return self.server_metadata()
 
     async def ModelMetadata(self, request, context):
-        pipeline = await self._pipeline_or_abort(request.name, context)
-        spec = pipeline.classifier.input
-        tensor = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=pipeline.name,
-            versions=["1"],
-            platform="inference-firewall",
-            inputs=[tensor(name=codec.INPUT_NAME, datatype="UINT8", shape=[-1, spec.height, spec.width, spec.channels])],
-            outputs=[tensor(name=codec.OUTPUT_NAME, datatype="INT64", shape=[-1])],
-        )
+        return await _answer(context, lambda: self.model_metadata(request.name))
 
-    async def all_ready(self) -> bool:
-        loop = asyncio.get_running_loop()
-        checks = [loop.run_in_executor(self.probe_executor, p.predictor.ready) for p in self.pipelines.values()]
-        return all(await asyncio.gather(*checks))
+    async def ModelConfig(self, request, context):
+        return await _answer(context, lambda: self.model_config(request.name))
 
-    async def _pipeline_or_abort(self, name: str, context) -> ModelPipeline:
-        if name not in self.pipelines:
-            await context.abort(grpc.StatusCode.NOT_FOUND, UnknownModel.public_message)
-        return self.pipelines[name]
+    async def ModelStatistics(self, request, context):
+        return await _answer(context, lambda: self.model_statistics(request.name))
 
-    # -- inference -----------------------------------------------------------------------------
+    async def RepositoryIndex(self, request, context):
+        return await self.repository_index(request.ready)
 
     async def ModelInfer(self, request, context):
-        try:
-            return await self._infer(request, self._identify(context), context.time_remaining())
-        except Rejection as rejection:
-            await context.abort(rejection.code, rejection.public_message)
+        return await _answer(context, lambda: self._grpc_infer(request, context))
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # One stream, many requests: an error answers that request only and the stream goes on.
         async for request in request_iterator:
             try:
-                response = await self._infer(request, self._identify(context), context.time_remaining())
-                yield pb.ModelStreamInferResponse(infer_response=response)
+                yield pb.ModelStreamInferResponse(infer_response=await self._grpc_infer(request, context))
             except Rejection as rejection:
                 yield pb.ModelStreamInferResponse(
                     error_message=rejection.public_message, infer_response=pb.ModelInferResponse(id=request.id)
                 )
 
-    def _identify(self, context) -> Identity:
-        peer = peer_address(context.peer())
-        certified = certificate_identity(context)  # None unless mutual TLS
+    async def _grpc_infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         claimed = dict(context.invocation_metadata() or ()).get(self.settings.client_id_header)
+        identity = self.identify(peer_address(context.peer()), claimed, certificate_identity(context))
+        return await self.infer(request, identity, context.time_remaining())
+
+    # -- the request path both bindings share --------------------------------------------------
+
+    def identify(self, peer: str, claimed: str | None, certified: str | None) -> Identity:
+        """Who is calling: the claimed client id header, else the certificate (mutual TLS), else the address."""
         if certified is not None and not self.trusted_proxies.trusts(peer, certified):
             claimed = None  # with mutual TLS only a trusted proxy speaks for another client
         if claimed is None:
@@ -168,10 +249,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput("invalid client id")
         return Identity(client_id=claimed, peer=peer)
 
-    async def _infer(
+    async def infer(
         self, request: pb.ModelInferRequest, identity: Identity, time_remaining: float | None = None
     ) -> pb.ModelInferResponse:
+        """Admit, inspect and answer one inference request; raises ``Rejection`` with the client's status."""
         request_id = uuid.uuid4().hex
+        started = time.perf_counter_ns()
         deadline = None if time_remaining is None else time.monotonic() + time_remaining
         pipeline = self.pipelines.get(request.model_name)
         model = pipeline.name if pipeline else ""  # metric labels never take a client's string
@@ -184,7 +267,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 self.admission.charge_address(identity.peer, cost)  # unknown models and invalid input pay too
                 if pipeline is None:
                     raise UnknownModel(f"model {request.model_name!r} is not protected here")
-                plan = codec.plan_request(request, pipeline.limits)  # invalid input creates no client record
+                # invalid input creates no client record
+                plan = codec.plan_request(request, pipeline.limits, self.signatures[pipeline.name])
                 created = self.admission.charge_client(identity.client_id, cost)
                 try:
                     ticket = self.in_flight.enter(identity.client_id, identity.peer, plan.decoded_bytes)
@@ -195,9 +279,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 try:
                     loop = asyncio.get_running_loop()
                     handle = contextvars.copy_context().run  # the worker logs with this request's fields
-                    return await loop.run_in_executor(
+                    queued = time.perf_counter_ns()
+                    response, began = await loop.run_in_executor(
                         self.executor, handle, self._handle, pipeline, request, plan, identity, request_id, deadline
                     )
+                    done = time.perf_counter_ns()
+                    self.statistics[pipeline.name].answered(plan.batch, done - started, began - queued, done - began)
+                    return response
                 except InvalidInput:
                     if created:
                         self.admission.state.discard(identity.client_id)
@@ -210,15 +298,21 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     if ticket.heavy:
                         release_memory()
             except Rejection as rejection:
+                self._failed(pipeline, started)
                 self.metrics.decisions.labels(model, refusal_outcome(rejection)).inc()
                 # Policy refusals are reported by alerts and metrics; a line per refused query would flood the log.
                 level = logging.DEBUG if isinstance(rejection, (Refused, Throttled)) else logging.INFO
                 log.log(level, "request.refused", code=rejection.code.name, reason=rejection.detail)
                 raise
             except Exception:
+                self._failed(pipeline, started)
                 self.metrics.decisions.labels(model, "failed").inc()
                 log.exception("request.failed")
                 raise Rejection("unexpected error") from None
+
+    def _failed(self, pipeline: ModelPipeline | None, started: int) -> None:
+        if pipeline is not None:
+            self.statistics[pipeline.name].failed(time.perf_counter_ns() - started)
 
     def _handle(
         self,
@@ -228,7 +322,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         identity: Identity,
         request_id: str,
         deadline: float | None = None,
-    ):
+    ) -> tuple[pb.ModelInferResponse, int]:
+        began = time.perf_counter_ns()
         if deadline is not None and time.monotonic() > deadline:
             raise Throttled("client deadline passed while queued")  # nobody is waiting for the answer
         decoded = codec.decode_plan(plan, pipeline.limits)
@@ -245,10 +340,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             self.metrics.findings.labels(pipeline.name, finding.rule).inc()
         outcome = self.policy.decide(ctx, pipeline)
         self.metrics.decisions.labels(pipeline.name, outcome).inc()
-        return codec.encode_response(request, pipeline.name, ctx.labels)
+        response = codec.encode_response(request, pipeline.name, ctx.labels, plan.outputs, self.signatures[pipeline.name])
+        return response, began
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.probe_executor.shutdown(wait=True, cancel_futures=True)
         for pipeline in self.pipelines.values():
             pipeline.close()
+
+
+async def _answer(context, call: Callable[[], Any]) -> Any:
+    """Run a shared handler for the gRPC binding: a ``Rejection`` aborts the call with its status."""
+    try:
+        result = call()
+        return await result if inspect.isawaitable(result) else result
+    except Rejection as rejection:
+        await context.abort(rejection.code, rejection.public_message)

@@ -35,7 +35,7 @@ def mnist_model() -> OnnxClassifier:
 
 def make_settings(**overrides) -> Settings:
     """Embedded MNIST with no detectors (pass-through) unless the test configures some."""
-    values = {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "models": {"mnist": {}}}
+    values = {"listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "models": {"mnist": {}}}
     values.update(overrides)
     values["models"] = {name: {"detectors": [], **model} for name, model in values["models"].items()}
     return Settings(**values)

@@ -168,7 +168,7 @@ def test_every_pattern_is_answered_by_the_default_firewall_without_refusal_or_wa
     """The zero-configuration firewall (calibrated detectors, default policy): every query answered,
     none refused, answers accurate, and no warning-level finding about any benign client."""
     settings = Settings(
-        listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", throttle={"enabled": False}, models={"mnist": {}}
+        listen="127.0.0.1:0", http_listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", throttle={"enabled": False}, models={"mnist": {}}
     )
     assert settings.models["mnist"].detectors  # the calibrated set
     with running_firewall(settings) as firewall:

@@ -155,3 +155,40 @@ def test_typed_uint8_contents_must_fit_a_byte_and_the_shape():
         return True
 
     assert typed([0, 255]) and not typed([0, 256]) and not typed([0]) and not typed([0, 1, 2])
+
+
+OWN = codec.Signature(input_name="input", channels=3, height=2, width=2, output_name="logits", classes=4)
+
+
+def test_the_models_own_nchw_input_is_read_as_its_pixels():
+    nchw = np.linspace(0, 1, 2 * 3 * 2 * 2, dtype=np.float32).reshape(2, 3, 2, 2)
+    plan = codec.plan_request(request("FP32", nchw.shape, nchw.tobytes(), name="input"), LIMITS, OWN)
+    decoded = codec.decode_plan(plan, LIMITS)
+    assert plan.outputs == ("logits",) and plan.batch == 2
+    assert np.array_equal(decoded.images[1], nchw[1].transpose(1, 2, 0))  # H x W x C of the same pixels
+
+
+@pytest.mark.parametrize(
+    ("shape", "datatype"), [([1, 2, 2, 3], "FP32"), ([1, 3, 4, 4], "FP32"), ([1, 3, 2, 2], "UINT8"), ([1, 3, 2], "FP32")]
+)
+def test_the_models_own_input_takes_only_its_own_type_and_layout(shape, datatype):
+    size = int(np.prod(shape)) * (4 if datatype == "FP32" else 1)
+    with pytest.raises(InvalidInput, match="must be FP32"):
+        codec.plan_request(request(datatype, shape, bytes(size), name="input"), LIMITS, OWN)
+
+
+def test_outputs_are_the_label_or_a_one_hot_under_the_models_name():
+    asked = request("UINT8", [2, 2, 2], bytes(8))
+    asked.outputs.add(name="logits")
+    asked.outputs.add(name="label")
+    plan = codec.plan_request(asked, LIMITS, OWN)
+    assert plan.outputs == ("logits", "label")
+    response = codec.encode_response(asked, "m", np.array([3, 1]), plan.outputs, OWN)
+    assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [("logits", "FP32", [2, 4]), ("label", "INT64", [2])]
+    one_hot = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(2, 4)
+    assert one_hot.tolist() == [[0, 0, 0, 1], [0, 1, 0, 0]]
+    asked.outputs.add(name="scores")
+    with pytest.raises(InvalidInput, match="unknown output"):
+        codec.plan_request(asked, LIMITS, OWN)
+    with pytest.raises(InvalidInput, match="expected exactly one input named 'image'"):
+        codec.plan_request(request("FP32", [1, 3, 2, 2], bytes(48), name="input"), LIMITS)  # no signature: `image` only

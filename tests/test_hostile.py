@@ -287,14 +287,15 @@ def start_failure(tmp_path: Path, config: str | None, *args: str) -> tuple[int, 
 
 
 def test_start_up_failures_are_one_line_with_exit_status_2(tmp_path):
-    base = "metrics_listen: 127.0.0.1:0\nmodels:\n  mnist: {}\n"
-    with taken_port() as grpc_port, taken_port() as metrics_port:
+    base = "metrics_listen: 127.0.0.1:0\nhttp_listen: 127.0.0.1:0\nmodels:\n  mnist: {}\n"
+    with taken_port() as grpc_port, taken_port() as metrics_port, taken_port() as http_port:
         cases = {
             "grpc port taken": (base, "--listen", f"127.0.0.1:{grpc_port.getsockname()[1]}"),
-            "metrics port taken": (f"metrics_listen: 127.0.0.1:{metrics_port.getsockname()[1]}\nmodels:\n  mnist: {{}}\n", "--listen", "127.0.0.1:0"),
+            "metrics port taken": (f"metrics_listen: 127.0.0.1:{metrics_port.getsockname()[1]}\nhttp_listen: 127.0.0.1:0\nmodels:\n  mnist: {{}}\n", "--listen", "127.0.0.1:0"),
+            "http port taken": (base, "--listen", "127.0.0.1:0", "--http-listen", f"127.0.0.1:{http_port.getsockname()[1]}"),
             "yaml syntax": ("models: [mnist\n", "--listen", "127.0.0.1:0"),
-            "missing onnx": (f"metrics_listen: 127.0.0.1:0\nmodels:\n  mnist: {{onnx: {tmp_path}/none.onnx, detectors: []}}\n", "--listen", "127.0.0.1:0"),
-            "unknown model": ("metrics_listen: 127.0.0.1:0\nmodels:\n  nosuchmodel: {}\n", "--listen", "127.0.0.1:0"),
+            "missing onnx": (f"metrics_listen: 127.0.0.1:0\nhttp_listen: 127.0.0.1:0\nmodels:\n  mnist: {{onnx: {tmp_path}/none.onnx, detectors: []}}\n", "--listen", "127.0.0.1:0"),
+            "unknown model": ("metrics_listen: 127.0.0.1:0\nhttp_listen: 127.0.0.1:0\nmodels:\n  nosuchmodel: {}\n", "--listen", "127.0.0.1:0"),
             "bad listen": (base, "--listen", "999.1.2.3:notaport"),
             "bad log level": (base, "--listen", "127.0.0.1:0", "--log-level", "LOUD"),
         }

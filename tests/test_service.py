@@ -27,8 +27,11 @@ def infer_labels(client, images: np.ndarray, client_id: str = "tester") -> np.nd
 def test_metadata_health_and_reflection(firewall, client):
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("mnist")
     metadata = client.get_model_metadata("mnist")
-    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("image", "UINT8", [-1, 28, 28, 1])]
-    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [("label", "INT64", [-1])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [
+        ("image", "UINT8", [-1, 28, 28, 1]),
+        ("input", "FP32", [-1, 1, 28, 28]),
+    ]
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [("label", "INT64", [-1]), ("logits", "FP32", [-1, 10])]
     with grpc.insecure_channel(address(firewall)) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "inference.GRPCInferenceService", "liveness"):
@@ -123,7 +126,19 @@ BAD_REQUESTS = {
     "too many pixels": (_raw_request("UINT8", [1, 5000, 5000], b""), grpc.StatusCode.INVALID_ARGUMENT),
     "batch too large": (_raw_request("UINT8", [65, 1, 1], bytes(65)), grpc.StatusCode.INVALID_ARGUMENT),
     "five channels": (_raw_request("UINT8", [1, 2, 2, 5], bytes(20)), grpc.StatusCode.INVALID_ARGUMENT),
-    "wrong input name": (_raw_request("UINT8", [1, 28, 28], bytes(784), name="input"), grpc.StatusCode.INVALID_ARGUMENT),
+    "wrong input name": (_raw_request("UINT8", [1, 28, 28], bytes(784), name="pixels"), grpc.StatusCode.INVALID_ARGUMENT),
+    "own input, wrong layout": (_raw_request("FP32", [1, 28, 28, 1], bytes(4 * 784), name="input"), grpc.StatusCode.INVALID_ARGUMENT),
+    "own input, wrong datatype": (_raw_request("UINT8", [1, 1, 28, 28], bytes(784), name="input"), grpc.StatusCode.INVALID_ARGUMENT),
+    "own input out of range": (_raw_request("FP32", [1, 1, 28, 28], np.full(784, 255, "<f4").tobytes(), name="input"), grpc.StatusCode.INVALID_ARGUMENT),
+    "unknown output": (
+        pb.ModelInferRequest(
+            model_name="mnist",
+            inputs=[pb.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=[1, 28, 28])],
+            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")],
+            raw_input_contents=[bytes(784)],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
     "unknown model": (_raw_request("UINT8", [1, 28, 28], bytes(784), model="secret"), grpc.StatusCode.NOT_FOUND),
 }
 

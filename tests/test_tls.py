@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -21,7 +23,6 @@ from firewall.tls import TrustedProxies
 from models.runtime import bundled_model_path
 from tests.conftest import make_settings, running_firewall, uint8_input
 from tests.stages import Recorder, with_stage
-from tests.upstream import mlserver, tls_terminator
 
 ONNX = bundled_model_path("mnist")
 
@@ -81,7 +82,6 @@ def pki(tmp_path_factory):
         "alice": authority.issue("alice", "alice"),  # CN only
         "bob": authority.issue("bob", "bob-cn", [x509.DNSName("bob.example")]),  # SAN wins
         "proxy": authority.issue("proxy", "proxy"),
-        "model-server": authority.issue("model-server", "model-server", [x509.DNSName("models.internal")]),
         "stranger": Authority(tmp_path_factory.mktemp("other")).issue("stranger", "alice"),  # another CA
     }
 
@@ -97,9 +97,7 @@ def connect(firewall, pki, who: str | None = None) -> triton.InferenceServerClie
     if who is not None:
         cert, key = pki[who]
         credentials = {"certificate_chain": str(cert), "private_key": str(key)}
-    return triton.InferenceServerClient(
-        f"127.0.0.1:{firewall.port}", ssl=True, root_certificates=str(pki["ca"]), **credentials
-    )
+    return triton.InferenceServerClient(f"127.0.0.1:{firewall.port}", ssl=True, root_certificates=str(pki["ca"]), **credentials)
 
 
 def identity_seen(firewall, pki, who: str | None, claimed: str | None = None) -> str:
@@ -147,31 +145,79 @@ def test_trusted_proxies_require_mutual_tls(tmp_path):
         ListenerTLS(cert=tmp_path / "c", key=tmp_path / "k", trusted_proxies=["10.0.0.1"])
 
 
-def test_an_upstream_that_speaks_mutual_tls_is_forwarded_to(pki, mnist_heldout):
-    """A real MLServer behind a gRPC endpoint terminating mutual TLS (gRPC's own TLS). The firewall must verify the upstream
-    against the CA under the overridden name (the certificate names models.internal only, not the
-    address dialled) and present alice's certificate; an upstream whose
-    certificate another CA signed, or a firewall without a client certificate, gets no answer."""
+def test_grpc_upstream_over_mutual_tls_checks_the_ca_the_name_and_presents_a_certificate(pki, mnist_heldout):
+    """A firewall forwarding over gRPC to another firewall's mutual-TLS listener (an OIP server that
+    takes the model's own tensors): answered with alice's certificate under the right CA and server
+    name; refused under another CA, another name, or without a client certificate."""
     images, _ = mnist_heldout
     cert, key = pki["alice"]
-    tls = {"ca": str(pki["ca"]), "cert": str(cert), "key": str(key), "server_name": "models.internal"}
-    with mlserver("mnist", ONNX) as plaintext, tls_terminator(plaintext, *pki["model-server"], client_ca=pki["ca"]) as upstream:
+    tls = {"ca": str(pki["ca"]), "cert": str(cert), "key": str(key), "server_name": "localhost"}
+    with served(pki, client_ca=True) as upstream, with_stage(upstream, Recorder()) as recorder:
+
         def backend(**changes) -> dict:
-            return {"kind": "upstream", "address": upstream, "model_name": "mnist", "tls": {**tls, **changes}}
+            return {"kind": "upstream", "address": f"127.0.0.1:{upstream.port}", "model_name": "mnist", "tls": tls | changes}
 
         models = {
             "local": {"onnx": str(ONNX)},  # embedded: the reference labels
             "trusted": {"onnx": str(ONNX), "backend": backend()},
             "stranger": {"onnx": str(ONNX), "backend": backend(ca=str(pki["stranger"][0]))},  # not the CA that signed it
+            "elsewhere": {"onnx": str(ONNX), "backend": backend(server_name="elsewhere")},  # not named in its certificate
             "anonymous": {"onnx": str(ONNX), "backend": backend(cert=None, key=None)},
         }
         with running_firewall(make_settings(models=models)) as forwarding, triton.InferenceServerClient(f"127.0.0.1:{forwarding.port}") as client:
             forwarded = client.infer("trusted", [uint8_input(images[:8])]).as_numpy("label")
             local = client.infer("local", [uint8_input(images[:8])]).as_numpy("label")
             refused = []
-            for model in ("stranger", "anonymous"):
+            for model in ("stranger", "elsewhere", "anonymous"):
                 with pytest.raises(InferenceServerException) as raised:
                     client.infer(model, [uint8_input(images[:1])])
                 refused.append(raised.value.status())
     assert forwarded.tolist() == local.tolist()
-    assert refused == ["StatusCode.UNAVAILABLE"] * 2
+    assert set(recorder.client_ids) == {"alice"}  # the upstream saw the client certificate
+    assert refused == ["StatusCode.UNAVAILABLE"] * 3
+
+
+def test_http_binding_speaks_the_same_tls_and_reads_the_same_identity(pki):
+    body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 784}]}
+
+    def client(who: str | None) -> httpx.Client:
+        context = ssl.create_default_context(cafile=pki["ca"])
+        if who is not None:
+            context.load_cert_chain(*pki[who])
+        return httpx.Client(base_url=f"https://127.0.0.1:{firewall.http_port}", verify=context, timeout=30)
+
+    def seen(who: str, claimed: str | None = None) -> str:
+        with with_stage(firewall, Recorder()) as recorder, client(who) as rest:
+            reply = rest.post("/v2/models/mnist/infer", json=body, headers={"x-client-id": claimed} if claimed else {})
+        assert reply.status_code == 200
+        return recorder.client_ids[-1]
+
+    with served(pki, client_ca=True, trusted_proxies=["proxy"]) as firewall:
+        assert seen("alice") == "alice" and seen("alice", "mallory") == "alice"
+        assert seen("bob") == "bob.example" and seen("proxy", "carol") == "carol"
+        for who in (None, "stranger"):  # no certificate, or one from another CA
+            with pytest.raises(httpx.HTTPError), client(who) as rest:
+                rest.get("/v2/health/live")
+        with pytest.raises(httpx.HTTPError), httpx.Client() as plaintext:
+            plaintext.get(f"http://127.0.0.1:{firewall.http_port}/v2/health/live", timeout=10)
+
+
+def test_rest_upstream_over_mutual_tls_checks_the_server_name(pki, mnist_heldout):
+    """A firewall forwarding over REST to another firewall's HTTPS binding (an OIP REST server that
+    takes the model's own tensors), presenting a client certificate and checking ``server_name``."""
+    images, _ = mnist_heldout
+    with served(pki, client_ca=True) as upstream:
+        cert, key = pki["alice"]
+        tls = {"ca": str(pki["ca"]), "cert": str(cert), "key": str(key)}
+        backend = {"kind": "upstream", "protocol": "rest", "address": f"127.0.0.1:{upstream.http_port}", "model_name": "mnist"}
+        with running_firewall(make_settings(models={"mnist": {"backend": backend | {"tls": tls | {"server_name": "localhost"}}}})) as front:
+            with triton.InferenceServerClient(f"127.0.0.1:{front.port}") as client:
+                assert client.is_model_ready("mnist")
+                forwarded = client.infer("mnist", [uint8_input(images[:8])]).as_numpy("label")
+            with triton.InferenceServerClient(
+                f"127.0.0.1:{upstream.port}", ssl=True, root_certificates=str(pki["ca"]), private_key=str(key), certificate_chain=str(cert)
+            ) as direct:
+                assert forwarded.tolist() == direct.infer("mnist", [uint8_input(images[:8])]).as_numpy("label").tolist()
+        with running_firewall(make_settings(models={"mnist": {"backend": backend | {"tls": tls | {"server_name": "elsewhere"}}}})) as wrong:
+            with triton.InferenceServerClient(f"127.0.0.1:{wrong.port}") as client:
+                assert not client.is_model_ready("mnist")  # the certificate does not name "elsewhere"

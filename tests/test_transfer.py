@@ -36,7 +36,7 @@ def test_transferred_examples_are_alerted_within_twenty_images(attack, mnist_hel
     images, labels = mnist_heldout
     pixels = images[500 : 500 + IMAGES, None].astype(np.float32) / 255
     adversarial = np.round(crafted(attack, pixels) * 255).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-    settings = Settings(listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", models={"mnist": {}})
+    settings = Settings(listen="127.0.0.1:0", http_listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", models={"mnist": {}})
     with running_firewall(settings) as firewall:
         endpoint = Endpoint(address(firewall), "mnist")
         try:

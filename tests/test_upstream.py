@@ -11,16 +11,19 @@ from __future__ import annotations
 import os
 import queue
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import onnx
 import pytest
 import tritonclient.grpc as triton
+import tritonclient.http as triton_http
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
+from firewall.backends import RestUpstreamPredictor
 from models.runtime import bundled_model_path
 from tests.conftest import address, make_settings, running_firewall, uint8_input, wait_until
 from tests.upstream import PROCESS_GROUPS, free_port, mlserver
@@ -54,11 +57,18 @@ def upstream_settings(upstream_address: str, timeout_s: float = 5.0, **overrides
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
+def upstream_addresses(tmp_path_factory) -> Iterator[tuple[str, str]]:
+    """One MLServer (the MNIST model and its other heads): its gRPC and its REST address."""
     folder = tmp_path_factory.mktemp("heads")
     others = {name: with_head(folder, name) for name in HEADS}
-    with mlserver("mnist", bundled_model_path("mnist"), others=others) as upstream_address:
-        yield upstream_address
+    rest_port = free_port()
+    with mlserver("mnist", bundled_model_path("mnist"), http_port=rest_port, others=others) as grpc_address:
+        yield grpc_address, f"127.0.0.1:{rest_port}"
+
+
+@pytest.fixture(scope="module")
+def upstream(upstream_addresses) -> str:
+    return upstream_addresses[0]
 
 
 def test_upstream_labels_match_the_embedded_model(upstream, mnist_heldout):
@@ -70,6 +80,25 @@ def test_upstream_labels_match_the_embedded_model(upstream, mnist_heldout):
             remote = b.infer("mnist", [uint8_input(images[:32])]).as_numpy("label")
     assert remote.tolist() == local.tolist()
     assert (remote == labels[:32]).mean() >= 0.9
+
+
+def test_rest_upstream_answers_both_bindings_like_the_embedded_model(upstream_addresses, mnist_heldout):
+    images, _ = mnist_heldout
+    rest_settings = upstream_settings(upstream_addresses[1], protocol="rest")
+    with running_firewall(make_settings()) as embedded, running_firewall(rest_settings) as forwarding:
+        assert isinstance(forwarding.service.pipelines["mnist"].predictor, RestUpstreamPredictor)
+        with triton.InferenceServerClient(address(embedded)) as a, triton.InferenceServerClient(address(forwarding)) as b:
+            assert b.is_server_ready() and b.is_model_ready("mnist")
+            local = a.infer("mnist", [uint8_input(images[:32])]).as_numpy("label")
+            remote = b.infer("mnist", [uint8_input(images[:32])]).as_numpy("label")
+        over_http = triton_http.InferenceServerClient(f"127.0.0.1:{forwarding.http_port}")
+        try:
+            tensor = triton_http.InferInput("image", [32, 28, 28], "UINT8")
+            tensor.set_data_from_numpy(images[:32])
+            remote_http = over_http.infer("mnist", [tensor]).as_numpy("label")
+        finally:
+            over_http.close()
+    assert remote.tolist() == local.tolist() == remote_http.tolist()
 
 
 def test_client_stream_works_over_a_unary_upstream(upstream, mnist_heldout):
@@ -100,26 +129,38 @@ def test_upstream_down_is_unavailable_and_not_ready(mnist_heldout):
     assert raised.value.message() == "model unavailable"
 
 
-def test_hung_upstream_fails_fast_turns_not_ready_and_recovers(upstream, mnist_heldout):
-    """SIGSTOP the real MLServer: readiness turns NOT_SERVING, calls fail with UNAVAILABLE (the
-    breaker opens, so later calls never wait for the upstream), and after SIGCONT it serves again."""
+def test_hung_upstream_fails_fast_turns_not_ready_and_recovers(upstream_addresses, mnist_heldout):
+    """SIGSTOP the real MLServer: for a firewall forwarding over gRPC and one forwarding over REST,
+    readiness turns NOT_SERVING, calls fail with UNAVAILABLE (the breaker opens, so later calls
+    never wait for the upstream), and after SIGCONT they serve again."""
     images, _ = mnist_heldout
-    with running_firewall(upstream_settings(upstream, timeout_s=1.0)) as forwarding:
-        predictor = forwarding.service.pipelines["mnist"].predictor
-        with triton.InferenceServerClient(address(forwarding)) as client:
-            assert client.infer("mnist", [uint8_input(images[:1])]).as_numpy("label").shape == (1,)
-            os.killpg(PROCESS_GROUPS[upstream], signal.SIGSTOP)
+    grpc_address, rest_address = upstream_addresses
+    over_grpc = upstream_settings(grpc_address, timeout_s=1.0)
+    over_rest = upstream_settings(rest_address, timeout_s=1.0, protocol="rest")
+    with running_firewall(over_grpc) as via_grpc, running_firewall(over_rest) as via_rest:
+        firewalls = (via_grpc, via_rest)
+        predictors = [firewall.service.pipelines["mnist"].predictor for firewall in firewalls]
+        clients = [triton.InferenceServerClient(address(firewall)) for firewall in firewalls]
+        try:
+            for client in clients:
+                assert client.infer("mnist", [uint8_input(images[:1])]).as_numpy("label").shape == (1,)
+            os.killpg(PROCESS_GROUPS[grpc_address], signal.SIGSTOP)
             try:
-                wait_until(lambda: not client.is_server_ready())
-                wait_until(lambda: predictor.breaker.is_open)  # the failed readiness probes open it
-                with pytest.raises(InferenceServerException) as raised:
-                    client.infer("mnist", [uint8_input(images[:1])])
-                assert raised.value.status() == "StatusCode.UNAVAILABLE"
+                for client, predictor in zip(clients, predictors, strict=True):
+                    wait_until(lambda client=client: not client.is_server_ready())
+                    wait_until(lambda predictor=predictor: predictor.breaker.is_open)  # the failed readiness probes open it
+                    with pytest.raises(InferenceServerException) as raised:
+                        client.infer("mnist", [uint8_input(images[:1])])
+                    assert raised.value.status() == "StatusCode.UNAVAILABLE"
             finally:
-                os.killpg(PROCESS_GROUPS[upstream], signal.SIGCONT)
-            wait_until(client.is_server_ready)
-            assert not predictor.breaker.is_open
-            assert client.infer("mnist", [uint8_input(images[:1])]).as_numpy("label").shape == (1,)
+                os.killpg(PROCESS_GROUPS[grpc_address], signal.SIGCONT)
+            for client, predictor in zip(clients, predictors, strict=True):
+                wait_until(client.is_server_ready)
+                assert not predictor.breaker.is_open
+                assert client.infer("mnist", [uint8_input(images[:1])]).as_numpy("label").shape == (1,)
+        finally:
+            for client in clients:
+                client.close()
 
 
 def test_an_upstream_answering_labels_only_gives_the_same_labels(upstream, mnist_heldout):

@@ -1,4 +1,4 @@
-"""Start a real MLServer (KServe-v2 gRPC) on loopback serving an ONNX model: the upstream under test.
+"""Start a real MLServer (KServe-v2 gRPC and REST) on loopback serving an ONNX model: the upstream under test.
 
     python -m tests.upstream --listen 127.0.0.1:9001 --model mnist [--onnx PATH]
 
@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -53,10 +52,15 @@ def wait_model_ready(address: str, model: str, timeout_s: float = 60.0) -> None:
 
 @contextmanager
 def mlserver(
-    model: str, onnx: Path, host: str = "127.0.0.1", grpc_port: int | None = None, others: dict[str, Path] | None = None
+    model: str,
+    onnx: Path,
+    host: str = "127.0.0.1",
+    grpc_port: int | None = None,
+    http_port: int | None = None,
+    others: dict[str, Path] | None = None,
 ) -> Iterator[str]:
     """Run MLServer with ``onnx`` under the name ``model`` (and each of ``others`` under its name);
-    yields its gRPC address."""
+    yields its gRPC address (REST: on ``http_port``)."""
     grpc_port = grpc_port or free_port()
     workdir = Path(tempfile.mkdtemp(prefix="mlserver-"))
     models = {model: onnx, **(others or {})}
@@ -69,7 +73,7 @@ def mlserver(
             (model_dir / "model-settings.json").write_text(json.dumps(model_settings))
         settings = {
             "host": host,
-            "http_port": free_port(),
+            "http_port": http_port or free_port(),
             "grpc_port": grpc_port,
             "metrics_endpoint": None,
             "parallel_workers": 0,
@@ -101,43 +105,6 @@ def mlserver(
                 process.wait()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-@contextmanager
-def tls_terminator(backend: str, cert: Path, key: Path, client_ca: Path | None = None) -> Iterator[str]:
-    """A gRPC endpoint with TLS (mutual TLS with ``client_ca``) relaying every unary call, its bytes
-    unchanged, to the plaintext gRPC server at ``backend``: what an ingress or a mesh sidecar does
-    for a model server without TLS of its own (MLServer has none). Yields the address with TLS."""
-    channel = grpc.insecure_channel(backend)
-
-    def relay(method: str) -> grpc.RpcMethodHandler:
-        call = channel.unary_unary(method)  # no (de)serializers: the bytes pass through
-
-        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
-            try:
-                return call(request, timeout=context.time_remaining())
-            except grpc.RpcError as error:
-                context.abort(error.code(), error.details())
-
-        return grpc.unary_unary_rpc_method_handler(handle)
-
-    class Relay(grpc.GenericRpcHandler):
-        def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-            return relay(handler_call_details.method)
-
-    server = grpc.server(ThreadPoolExecutor(max_workers=4), handlers=[Relay()])
-    credentials = grpc.ssl_server_credentials(
-        [(key.read_bytes(), cert.read_bytes())],
-        root_certificates=client_ca.read_bytes() if client_ca else None,
-        require_client_auth=client_ca is not None,
-    )
-    port = server.add_secure_port("127.0.0.1:0", credentials)
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.stop(None)
-        channel.close()
 
 
 def main() -> int:
