@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
                 "FIREWALL_METRICS_LISTEN": args.metrics_listen,
                 "FIREWALL_HTTP_LISTEN": args.http_listen,
                 "FIREWALL_SNAPSHOT_DIR": snapshot_dir,
+                "FIREWALL_ADMIN__LISTEN": f"unix:{snapshot_dir}/admin.sock",  # this run's own socket
                 "FIREWALL_MODELS__MNIST__BACKEND__ADDRESS": args.upstream_listen,
             }
             firewall = _start(
@@ -146,8 +147,8 @@ def run(args: argparse.Namespace) -> int:
                 return 0 if stop.is_set() else 1
 
             _say(
-                f"ready: firewall {args.listen} (HTTP {args.http_listen}, metrics {args.metrics_listen})"
-                f" -> model server {args.upstream_listen}"
+                f"ready: firewall {args.listen} (HTTP {args.http_listen}, metrics {args.metrics_listen},"
+                f" admin {overrides['FIREWALL_ADMIN__LISTEN']}) -> model server {args.upstream_listen}"
             )
             while not stop.wait(0.5):
                 for child in children:

@@ -11,7 +11,8 @@ threshold is set so that at most the target share of them would raise a finding:
 - uncertainty and squeeze: 5 % of images (the operating point of Feature Squeezing, NDSS 2018).
 
 The result is a YAML file with the sanitizer and the calibrated detector list, which the service
-configuration includes for that model.
+configuration includes for that model; the report is printed as YAML too. Progress bars go to
+stderr, on a terminal only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from tqdm import tqdm
 
 from detectors.probing import ProbingConfig
 from detectors.registry import DetectorConfig
@@ -43,7 +45,7 @@ MAX_RADIUS = 0.2  # beyond it an attack's blends are covered anyway, and chance 
 # (windows, caps, snapshot path) stay with the service configuration.
 CALIBRATED_FIELDS = {
     "probing": {"kind", "embedding", "radius", "neighbours", "spread"},
-    "uncertainty": {"kind", "passes", "score", "threshold"},
+    "uncertainty": {"kind", "dropout", "passes", "score", "threshold"},
     "squeeze": {"kind", "bit_depth", "median_size", "threshold"},
 }
 
@@ -69,8 +71,13 @@ def load_benign_images(path: Path, limit: int, seed: int = 0) -> list[np.ndarray
     return images
 
 
+def _batches(count: int, what: str) -> tqdm:
+    """Batch starts over ``count`` items, with a progress bar on a terminal."""
+    return tqdm(range(0, count, BATCH), desc=what, unit="batch", disable=None, leave=False, file=sys.stderr)
+
+
 def _sanitize(sanitizer: Sanitizer, images: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate([sanitizer(images[i : i + BATCH]) for i in range(0, len(images), BATCH)])
+    return np.concatenate([sanitizer(images[i : i + BATCH]) for i in _batches(len(images), "sanitize")])
 
 
 def _nearest_disagreeing(vectors: np.ndarray, labels: np.ndarray, chunk: int = 1024) -> np.ndarray:
@@ -121,7 +128,7 @@ def calibrate_probing(
     embedder = config.embedding.build(model.input)
 
     def embed_and_label(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        parts = [(embedder(batch[i : i + BATCH]), model.predict(batch[i : i + BATCH])) for i in range(0, len(batch), BATCH)]
+        parts = [(embedder(batch[i : i + BATCH]), model.predict(batch[i : i + BATCH])) for i in _batches(len(batch), "probing")]
         return np.concatenate([v for v, _ in parts]), np.concatenate([lab for _, lab in parts])
 
     vectors, labels = embed_and_label(_sanitize(sanitizer, images))
@@ -146,12 +153,12 @@ def calibrate_scores(
     if isinstance(config, UncertaintyConfig):
         stage = config.build(model)
         assert isinstance(stage, UncertaintyStage)
-        scores = np.concatenate([stage.scores(batch[i : i + BATCH])[config.score] for i in range(0, len(batch), BATCH)])
+        scores = np.concatenate([stage.scores(batch[i : i + BATCH])[config.score] for i in _batches(len(batch), "uncertainty")])
     else:
         scores = np.concatenate(
             [
                 squeeze_scores(model, batch[i : i + BATCH], config.bit_depth, config.median_size)
-                for i in range(0, len(batch), BATCH)
+                for i in _batches(len(batch), "squeeze")
             ]
         )
     threshold = _upper_threshold(scores, SCORE_FALSE_POSITIVES)
@@ -163,10 +170,10 @@ def calibrate_scores(
     return config.model_copy(update={"threshold": threshold}), report
 
 
-def default_detectors(model: OnnxClassifier) -> list[DetectorConfig]:
+def default_detectors(model: OnnxClassifier, dropout: str = "last") -> list[DetectorConfig]:
     """The detectors a bundled model ships with; squeezers as in Feature Squeezing for grey or colour."""
     squeezers = {"bit_depth": 1, "median_size": 2} if model.input.channels == 1 else {"bit_depth": 5, "median_size": 2}
-    return [ProbingConfig(), UncertaintyConfig(), SqueezeConfig(**squeezers)]
+    return [ProbingConfig(), UncertaintyConfig(dropout=dropout), SqueezeConfig(**squeezers)]
 
 
 def calibrate(
@@ -185,15 +192,19 @@ def calibrate(
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="mnist", help="bundled model name or path of an ONNX file (default mnist)")
+    parser.add_argument("--model", default="mnist", help="bundled model name or path of an ONNX file (default: %(default)s)")
     parser.add_argument(
         "--data", type=Path, required=True, help="folder of benign images, MNIST folder or CIFAR-10 zip"
     )
     parser.add_argument(
         "--out", type=Path, required=True, help="YAML file to write (e.g. models/mnist/thresholds.yaml)"
     )
-    parser.add_argument("--limit", type=int, default=10_000, help="most benign images used (default 10000)")
+    parser.add_argument("--limit", type=int, default=10_000, help="most benign images used (default: %(default)s)")
     parser.add_argument("--blur-sigma", type=float, default=None, help="sanitizer Gaussian sigma (default 0.7)")
+    parser.add_argument(
+        "--dropout", choices=("last", "all"), default="last",
+        help="MC dropout on the last Dropout only (the network once) or on all (the network 16 times)",
+    )  # fmt: skip
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -208,7 +219,11 @@ def run_cli(args: argparse.Namespace) -> int:
         print("firewall calibrate: no benign images found", file=sys.stderr)
         return 2
     sanitizer = SanitizerConfig() if args.blur_sigma is None else SanitizerConfig(blur_sigma=args.blur_sigma)
-    detectors, report = calibrate(model, sanitizer, default_detectors(model), images)
+    try:
+        detectors, report = calibrate(model, sanitizer, default_detectors(model, args.dropout), images)
+    except ValueError as error:  # no Dropout, or none that cuts the graph (try --dropout all)
+        print(f"firewall calibrate: {error}", file=sys.stderr)
+        return 2
     document = {
         "sanitizer": sanitizer.model_dump(mode="json"),
         "detectors": [d.model_dump(mode="json", include=CALIBRATED_FIELDS[d.kind]) for d in detectors],
@@ -228,7 +243,6 @@ def run_cli(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     header = f"# written by: firewall calibrate --model {args.model} --data {args.data.name} --limit {args.limit}\n"
     args.out.write_text(header + yaml.safe_dump(document, sort_keys=False))
-    for kind, result in report.items():
-        print(f"{kind}: {result}")
+    sys.stdout.write(yaml.safe_dump({"report": report}, sort_keys=False))
     print(f"wrote {args.out}")
     return 0

@@ -101,9 +101,11 @@ class OnnxEmbedder:
 
 
 class PixelEmbeddingConfig(BaseModel):
+    """A shift-centred, normalized thumbnail of each query (Chen, Carlini & Wagner 2019)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["pixels"] = "pixels"
+    kind: Literal["pixels"] = Field("pixels", description="a normalized low-resolution thumbnail")
     size: int = Field(8, ge=2, le=64, description="side of the low-resolution grid, in cells")
     grey: bool = Field(True, description="average colour channels before embedding")
     centre: bool = Field(True, description="shift each image to its centre of mass first (shift-invariant)")
@@ -113,11 +115,13 @@ class PixelEmbeddingConfig(BaseModel):
 
 
 class OnnxEmbeddingConfig(BaseModel):
+    """An ONNX encoder of your own (for example a similarity encoder trained for this model)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["onnx"]
+    kind: Literal["onnx"] = Field(description="an ONNX encoder")
     path: Path = Field(description="ONNX encoder: model input [N, C, H, W] -> [N, D]")
-    normalize: bool = True
+    normalize: bool = Field(True, description="scale each embedding to unit length")
 
     def build(self, spec: InputSpec) -> Embedder:
         return OnnxEmbedder(self.path, self.normalize)

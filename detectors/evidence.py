@@ -45,6 +45,10 @@ class _Bounded:
     def __len__(self) -> int:
         return len(self.values)
 
+    def forget(self, key: str) -> None:
+        with self.lock:
+            self.values.pop(key, None)
+
     def _store(self, key: str, value: float, now: float) -> None:
         self.values[key] = (value, now)
         self.values.move_to_end(key)
@@ -65,6 +69,12 @@ class DecayingCount(_Bounded):
             self._store(key, value, now)
             return value
 
+    def current(self, key: str, now: float) -> float:
+        """The key's decayed count now, without adding to it."""
+        with self.lock:
+            value, then = self.values.get(key, (0.0, now))
+            return value * math.exp(-self.rate * max(now - then, 0.0))
+
 
 class Cusum(_Bounded):
     def __init__(self, p0: float, p1: float, threshold: float, max_keys: int):
@@ -84,6 +94,11 @@ class Cusum(_Bounded):
             self._store(key, value, now)
             return peak
 
+    def current(self, key: str) -> float:
+        """The key's statistic (0 when it has none)."""
+        with self.lock:
+            return self.values.get(key, (0.0, 0.0))[0]
+
 
 class ClientRateConfig(BaseModel):
     """When a per-image detector flags a client: its flagged share far above the benign rate (CUSUM)."""
@@ -97,6 +112,19 @@ class ClientRateConfig(BaseModel):
 
     def build(self) -> Cusum:
         return Cusum(self.benign_rate, self.attack_rate, self.threshold, self.max_clients)
+
+
+class ClientRateStage:
+    """The per-image stages' per-client evidence, for the operator to read (``client_evidence``) and reset
+    (``forget_client``)."""
+
+    clients: Cusum
+
+    def client_evidence(self, client_id: str) -> dict[str, float]:
+        return {"cusum": self.clients.current(client_id), "cusum_threshold": self.clients.threshold}
+
+    def forget_client(self, client_id: str) -> None:
+        self.clients.forget(client_id)
 
 
 def client_rate_findings(

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal, NamedTuple, Sequence
+from typing import ClassVar, Literal, NamedTuple, Sequence
 
 import numpy as np
 import structlog
@@ -63,6 +63,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from detectors.embedders import Embedder, EmbeddingConfig, PixelEmbeddingConfig
 from detectors.evidence import DecayingCount
+from detectors.forward import shared_forward
 from detectors.history import EvidenceHistory, QueryHistory, digest_key, load_snapshot, save_snapshot
 from firewall.stage import Finding, RequestContext
 from models.runtime import OnnxClassifier
@@ -82,9 +83,10 @@ class ProbingConfig(BaseModel):
     """Probing detector settings. Distances are between normalized embeddings."""
 
     model_config = ConfigDict(extra="forbid")
+    live_fields: ClassVar[frozenset[str]] = frozenset({"radius", "neighbours", "spread", "client_threshold", "address_threshold"})  # read per call: a reload may change them
 
-    kind: Literal["probing"] = "probing"
-    embedding: EmbeddingConfig = Field(default_factory=PixelEmbeddingConfig)
+    kind: Literal["probing"] = Field("probing", description="selects this detector")
+    embedding: EmbeddingConfig = Field(default_factory=PixelEmbeddingConfig, description="how queries are embedded")
     radius: float = Field(0.15, ge=0.0, description="queries this close are near-duplicates (calibrated)")
     neighbours: int = Field(16, ge=1, le=256, description="nearest earlier queries compared with each query")
     spread: float = Field(2.0, ge=1.0, description="queries within spread x radius of evidence are probed")
@@ -106,6 +108,7 @@ class ProbingStage:
     """Pipeline stage: embeds and labels ``ctx.tensor``, compares each image with all recent queries."""
 
     name = "probing"
+    rules = ("probing.region", "probing.client", "probing.address")
 
     def __init__(self, config: ProbingConfig, embedder: Embedder, model: OnnxClassifier):
         self.config = config
@@ -138,7 +141,7 @@ class ProbingStage:
         if ctx.tensor is None or not len(ctx.tensor):
             return []
         vectors = self.embedder(ctx.tensor)
-        labels = self.model.predict(ctx.tensor)
+        labels = shared_forward(ctx, self.model).labels  # the answer's own forward pass
         ctx.scratch["embeddings"] = vectors
         received = ctx.digests if len(ctx.digests) == len(vectors) else [row.tobytes() for row in ctx.tensor]
         keys = [digest_key(digest) for digest in received]
@@ -185,6 +188,12 @@ class ProbingStage:
                 Finding("probing.address", address, self.config.address_threshold, item=first, details=details)
             )
         return findings
+
+    def client_evidence(self, client_id: str) -> dict[str, float]:
+        return {"client": self.clients.current(client_id, time.time()), "client_threshold": self.config.client_threshold}
+
+    def forget_client(self, client_id: str) -> None:
+        self.clients.forget(client_id)
 
     def stats(self) -> dict[str, float]:
         return {

@@ -8,30 +8,35 @@ detector); a score above the threshold flags the image, and the flags feed the c
 test (``detectors.evidence``): a finding while the client's flagged share is significantly above
 the benign rate. The paper's squeezers are bit-depth
 reduction and a median filter: MNIST 1 bit and 2x2, CIFAR-10 5 bits and 2x2 (its threshold sits at
-5 % benign false positives). All copies run through the model in one batched call.
+5 % benign false positives). The squeezed copies run through the model in one batched call; the
+sanitized input's own output is the request's shared forward pass (``detectors.forward``).
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from detectors.evidence import ClientRateConfig, client_rate_findings
+from detectors.evidence import ClientRateConfig, ClientRateStage, client_rate_findings
+from detectors.forward import novel_items, shared_forward
 from detectors.sanitizer import squeeze
 from firewall.stage import Finding, RequestContext
-from models.runtime import OnnxClassifier
+from models.runtime import OnnxClassifier, softmax
 
 
 class SqueezeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Feature squeezing: how far the answer moves when the image is squeezed; flags the client, as uncertainty does."""
 
-    kind: Literal["squeeze"] = "squeeze"
+    model_config = ConfigDict(extra="forbid")
+    live_fields: ClassVar[frozenset[str]] = frozenset({"bit_depth", "median_size", "threshold"})  # read per call: a reload may change them
+
+    kind: Literal["squeeze"] = Field("squeeze", description="selects this detector")
     bit_depth: int | None = Field(1, ge=1, le=8, description="bit-depth squeezer (MNIST 1, CIFAR-10 5)")
     median_size: int | None = Field(2, ge=2, le=7, description="median squeezer window (2 for 2x2)")
     threshold: float = Field(1.0, gt=0.0, le=2.0, description="L1 softmax distance (calibrate: 5% benign FP)")
-    client: ClientRateConfig = Field(default_factory=ClientRateConfig)
+    client: ClientRateConfig = Field(default_factory=ClientRateConfig, description="when flagged images flag the client")
 
     @model_validator(mode="after")
     def _one_squeezer(self) -> SqueezeConfig:
@@ -44,21 +49,28 @@ class SqueezeConfig(BaseModel):
 
 
 def squeeze_scores(
-    model: OnnxClassifier, batch: np.ndarray, bit_depth: int | None, median_size: int | None
+    model: OnnxClassifier,
+    batch: np.ndarray,
+    bit_depth: int | None,
+    median_size: int | None,
+    logits: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Max over squeezers of the L1 distance between softmax outputs, one score per image."""
+    """Max over squeezers of the L1 distance between softmax outputs, one score per image.
+
+    ``logits``: the model's output on ``batch`` when already computed."""
     squeezed = [
         squeeze(batch, depth, size) for depth, size in ((bit_depth, None), (None, median_size)) if depth or size
     ]
-    probabilities = model.probabilities(np.concatenate([batch, *squeezed]))
-    original, *others = np.split(probabilities, 1 + len(squeezed))
+    original = softmax(model.logits(batch) if logits is None else logits)
+    others = np.split(model.probabilities(np.concatenate(squeezed)), len(squeezed))
     return np.max([np.abs(original - other).sum(axis=1) for other in others], axis=0)
 
 
-class SqueezeStage:
+class SqueezeStage(ClientRateStage):
     """Pipeline stage: flags squeeze-sensitive images; a finding while the client's flagged share is too high."""
 
     name = "squeeze"
+    rules = ("squeeze",)
 
     def __init__(self, config: SqueezeConfig, model: OnnxClassifier):
         self.config = config
@@ -68,5 +80,10 @@ class SqueezeStage:
     def __call__(self, ctx: RequestContext) -> Sequence[Finding]:
         if ctx.tensor is None or not len(ctx.tensor):
             return []
-        scores = squeeze_scores(self.model, ctx.tensor, self.config.bit_depth, self.config.median_size)
+        novel = novel_items(ctx)
+        scores = np.zeros(len(ctx.tensor))  # re-sent content is no new observation: not scored, not flagged
+        if len(novel):
+            logits = shared_forward(ctx, self.model).logits[novel]
+            config = self.config
+            scores[novel] = squeeze_scores(self.model, ctx.tensor[novel], config.bit_depth, config.median_size, logits)
         return client_rate_findings("squeeze", self.clients, ctx, scores, self.config.threshold, {})

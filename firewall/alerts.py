@@ -26,11 +26,10 @@ from typing import Any, Callable
 import structlog
 
 from firewall.config import AlertConfig
-from firewall.logs import request_fields
+from firewall.logs import ECS_VERSION, request_fields
 
 log = structlog.get_logger("firewall.alerts")
 
-ECS_VERSION = "8.11.0"
 ALLOWING_ACTIONS = {"monitor"}  # the client got its genuine answer
 
 
@@ -63,6 +62,7 @@ class Episode:
     latest: Alert
     strongest: Alert | None = None  # the largest margin among the findings not yet logged
     pending: int = 0
+    total: int = 1  # findings since the episode started
 
 
 def utc_now() -> str:
@@ -98,6 +98,7 @@ class AlertAggregator:
                 episode.last_seen = now
                 episode.latest = alert
                 episode.pending += 1
+                episode.total += 1
                 if episode.strongest is None or alert.margin > episode.strongest.margin:
                     episode.strongest = alert
         self._emit(lines)
@@ -129,6 +130,25 @@ class AlertAggregator:
         while True:
             await asyncio.sleep(tick)
             self.flush()
+
+    def episodes(self, client_id: str) -> list[dict[str, Any]]:
+        """The client's open episodes, its recent findings (the admin endpoint's show)."""
+        now = self.clock()
+        with self._lock:
+            return [
+                {
+                    "model": model,
+                    "rule": rule,
+                    "action": action,
+                    "started": episode.started,
+                    "findings": episode.total,
+                    "last_seen_s_ago": round(now - episode.last_seen, 3),
+                    "last_score": finite(episode.latest.score),
+                    "threshold": finite(episode.latest.threshold),
+                }
+                for (client, model, rule, action), episode in self._episodes.items()
+                if client == client_id
+            ]
 
     def __len__(self) -> int:
         return len(self._episodes)

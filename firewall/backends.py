@@ -1,7 +1,8 @@
 """Prediction backends: where the sanitized, model-ready tensor is finally classified.
 
 Both reduce the model's output to the top label, so nothing else ever leaves the firewall.
-- ``EmbeddedPredictor`` runs the local ONNX model in-process.
+- ``EmbeddedPredictor`` answers with the local ONNX model's forward pass on the request, the one
+  the detectors share (``detectors.forward``).
 - ``UpstreamPredictor`` forwards the tensor as a unary ModelInfer to a KServe-v2 gRPC server
   (Triton, KServe, MLServer). Clients may stream to the firewall even though such servers
   often offer unary calls only.
@@ -15,6 +16,11 @@ own deadline (``timeout_s``, shorter than clients' deadlines), and a ``CircuitBr
 through as a probe (half-open), and the readiness probe, every half second, closes the breaker as
 soon as the upstream answers again. The channel reconnects with a short backoff (0.1-1 s) so a
 restarted upstream is found quickly.
+
+``submit`` returns at once with a function that gives the labels when called. The pipeline submits
+as soon as the sanitizer has made the tensor: a gRPC upstream gets the call then (a gRPC future)
+and works while the firewall's own stages run, so the answer costs the longer of the two rather
+than their sum; over REST the call is made when the answer is wanted.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ import grpc
 import httpx
 import numpy as np
 
+from detectors.forward import shared_forward
 from firewall.config import EmbeddedBackend, UpstreamBackend
 from firewall.errors import Unavailable
 from firewall.protocol import pb, pb_grpc
+from firewall.stage import RequestContext
 from models.runtime import OnnxClassifier
 
 
@@ -39,8 +47,11 @@ class BackendUnavailable(Unavailable):
     """The model server could not answer (down, timed out or answered nonsense)."""
 
 
+Answer = Callable[[], np.ndarray]  # the labels of a submitted batch, waited for when called
+
+
 class Predictor(Protocol):
-    def predict(self, batch: np.ndarray) -> np.ndarray: ...
+    def submit(self, ctx: RequestContext) -> Answer: ...
 
     def ready(self) -> bool: ...
 
@@ -51,8 +62,8 @@ class EmbeddedPredictor:
     def __init__(self, classifier: OnnxClassifier):
         self.classifier = classifier
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        return self.classifier.predict(batch)
+    def submit(self, ctx: RequestContext) -> Answer:
+        return lambda: shared_forward(ctx, self.classifier).labels  # run when asked, once for all stages
 
     def ready(self) -> bool:
         return True
@@ -88,6 +99,12 @@ class CircuitBreaker:
                 return False
             self.open_until = now + self.open_for  # half-open: this call is the probe, the others wait for it
             return True
+
+    def observe(self, ok: bool) -> None:
+        if ok:
+            self.success()
+        else:
+            self.failure()
 
     def success(self) -> None:
         with self._lock:
@@ -128,8 +145,9 @@ class UpstreamPredictor:
             self.channel = grpc.secure_channel(config.address, credentials, options=options)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.ascontiguousarray(batch, dtype="<f4")
+    def submit(self, ctx: RequestContext) -> Answer:
+        """Send the call now; the returned function waits for its labels (or raises BackendUnavailable)."""
+        batch = np.ascontiguousarray(ctx.tensor, dtype="<f4")
         request = pb.ModelInferRequest(
             model_name=self.config.model_name,
             model_version=self.config.model_version,
@@ -138,14 +156,22 @@ class UpstreamPredictor:
             raw_input_contents=[batch.tobytes()],
         )
         if not self.breaker.allow():
-            raise BackendUnavailable("upstream circuit open")
-        try:
-            response = self.stub.ModelInfer(request, timeout=self.config.timeout_s)
-        except grpc.RpcError as error:
-            self.breaker.failure()
-            raise BackendUnavailable(f"upstream ModelInfer failed: {error.code().name}") from None
-        self.breaker.success()
-        return self._labels(response, batch.shape[0])
+
+            def circuit_open() -> np.ndarray:
+                raise BackendUnavailable("upstream circuit open")
+
+            return circuit_open
+        call = self.stub.ModelInfer.future(request, timeout=self.config.timeout_s)
+        call.add_done_callback(lambda done: self.breaker.failure() if done.exception() else self.breaker.success())
+
+        def labels() -> np.ndarray:
+            try:
+                response = call.result()
+            except grpc.RpcError as error:
+                raise BackendUnavailable(f"upstream ModelInfer failed: {error.code().name}") from None
+            return self._labels(response, batch.shape[0])
+
+        return labels
 
     def ready(self) -> bool:
         """Probe the upstream (the readiness watcher calls this every half second); it also drives the breaker."""
@@ -154,10 +180,7 @@ class UpstreamPredictor:
             ready = self.stub.ModelReady(request, timeout=self.config.ready_timeout_s).ready
         except grpc.RpcError:
             ready = False
-        if ready:
-            self.breaker.success()
-        else:
-            self.breaker.failure()
+        self.breaker.observe(ready)
         return ready
 
     def close(self) -> None:
@@ -201,8 +224,11 @@ class RestUpstreamPredictor:
         self.extensions = {"sni_hostname": tls.server_name} if tls is not None and tls.server_name else {}
         self.client = httpx.Client(verify=verify, timeout=config.timeout_s, headers={"Content-Type": "application/json"})
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.asarray(batch, dtype=np.float32)
+    def submit(self, ctx: RequestContext) -> Answer:
+        """Over HTTP the call is made when the answer is wanted (it does not overlap the stages)."""
+        return lambda: self._infer(np.asarray(ctx.tensor, dtype=np.float32))
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
         body = {
             "inputs": [{"name": self.config.input_name, "datatype": "FP32", "shape": list(batch.shape), "data": batch.ravel().tolist()}],
             "outputs": [{"name": self.config.output_name}],
@@ -226,10 +252,7 @@ class RestUpstreamPredictor:
             ready = reply.status_code == 200
         except httpx.HTTPError:
             ready = False
-        if ready:
-            self.breaker.success()
-        else:
-            self.breaker.failure()
+        self.breaker.observe(ready)
         return ready
 
     def close(self) -> None:

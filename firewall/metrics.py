@@ -7,6 +7,7 @@
     firewall_tracked_clients                       clients with state (buckets, bans)
     firewall_bans_active                           clients and addresses banned right now
     firewall_stage_stat{model, stage, stat}        what stages report from ``stats()`` (index sizes)
+    firewall_deferred_dropped_total{model}         requests whose after-answer monitoring was dropped (queue full)
 
 Gauges that describe state are computed when Prometheus scrapes, never on the request path.
 """
@@ -17,9 +18,9 @@ import time
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from firewall.errors import InvalidInput, Refused, Rejection, Throttled, UnknownModel
+from firewall.errors import InvalidInput, Refused, Rejection, Throttled, Unavailable, UnknownModel
 from firewall.pipeline import ModelPipeline
 from firewall.state import ClientState
 from firewall.throttle import Banned
@@ -32,9 +33,17 @@ OUTCOMES = (
     "banned",  # findings that started a ban, or a request refused by an active ban
     "throttled",  # refused by a token bucket or the concurrency cap
     "invalid",  # bad input or unknown model
-    "failed",  # upstream unavailable or an internal error
+    "unavailable",  # the model server could not answer (down, timed out, circuit open)
+    "failed",  # an internal error
 )
-REFUSAL_OUTCOMES = ((Banned, "banned"), (Refused, "rejected"), (Throttled, "throttled"), (InvalidInput, "invalid"), (UnknownModel, "invalid"))
+REFUSAL_OUTCOMES = (
+    (Banned, "banned"),
+    (Refused, "rejected"),
+    (Throttled, "throttled"),
+    (InvalidInput, "invalid"),
+    (UnknownModel, "invalid"),
+    (Unavailable, "unavailable"),
+)
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -86,13 +95,20 @@ class StateCollector:
     def collect(self) -> Iterable[Metric]:
         now = self.clock()
         yield GaugeMetricFamily("firewall_tracked_clients", "Clients with state (buckets, bans)", value=len(self.state))
-        bans = sum(record.banned_until > now for record in self.state.records())
+        bans = sum(record.banned_until > now for _, record in self.state.items())
         yield GaugeMetricFamily("firewall_bans_active", "Clients and addresses banned now", value=bans)
         stats = GaugeMetricFamily("firewall_stage_stat", "Stage statistics (index sizes)", labels=["model", "stage", "stat"])
         for model, pipeline in self.pipelines.items():
-            for stage in pipeline.stages:
+            for stage in pipeline.chain:
                 report = getattr(stage, "stats", None)
                 if report is not None:
                     for name, value in report().items():
                         stats.add_metric([model, stage.name, name], float(value))
         yield stats
+        dropped = CounterMetricFamily(
+            "firewall_deferred_dropped", "Requests whose after-answer monitoring was dropped (queue full)", labels=["model"]
+        )
+        for model, pipeline in self.pipelines.items():
+            if pipeline.deferred is not None:
+                dropped.add_metric([model], float(pipeline.deferred.dropped))
+        yield dropped

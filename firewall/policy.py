@@ -31,17 +31,15 @@ import time
 from typing import Callable
 
 import numpy as np
-import structlog
 
 from firewall.alerts import Alert, AlertAggregator
+from firewall.bans import BanLog, peer_key
 from firewall.config import BanConfig, Settings
 from firewall.errors import Refused
 from firewall.pipeline import ModelPipeline
-from firewall.stage import RequestContext
+from firewall.stage import Finding, RequestContext
 from firewall.state import ClientRecord, ClientState
-from firewall.throttle import Banned, peer_key
-
-log = structlog.get_logger("firewall.policy")
+from firewall.throttle import Banned
 
 SEVERITY = ("monitor", "decoy", "reject", "ban")
 MAX_ESCALATIONS = 64  # factor ** offences stays a finite float
@@ -63,11 +61,17 @@ def start_ban(record: ClientRecord, config: BanConfig, suspect_s: float, now: fl
 
 class ResponsePolicy:
     def __init__(
-        self, settings: Settings, state: ClientState, alerts: AlertAggregator, clock: Callable[[], float] = time.monotonic
+        self,
+        settings: Settings,
+        state: ClientState,
+        alerts: AlertAggregator,
+        bans: BanLog,
+        clock: Callable[[], float] = time.monotonic,
     ):
-        self.settings = settings
+        self.settings = settings  # replaced whole on reload
         self.state = state
         self.alerts = alerts
+        self.bans = bans
         self.clock = clock
         self._decoy_secret = os.urandom(16)  # fallback decoy labels cannot be computed outside
 
@@ -79,22 +83,9 @@ class ResponsePolicy:
             return "answered"
         policy = self.settings.models[ctx.model].policy
         action = max((policy.rules.get(f.rule, policy.action) for f in ctx.findings), key=SEVERITY.index)
-        for finding in ctx.findings:
-            self.alerts.record(
-                Alert(
-                    finding.rule,
-                    action,
-                    ctx.model,
-                    ctx.client_id,
-                    ctx.peer,
-                    ctx.request_id,
-                    finding.score,
-                    finding.threshold,
-                    finding.severity,
-                )
-            )
+        self.alert(ctx, ctx.findings, action)
         if action == "ban":
-            self._ban(ctx, policy.ban)
+            self._ban(ctx, policy.ban, sorted({f.rule for f in ctx.findings}))
             raise Banned(f"{len(ctx.findings)} finding(s), ban")
         if action == "reject":
             suspect_until = self.clock() + self.settings.throttle.suspect_s
@@ -120,14 +111,30 @@ class ResponsePolicy:
         ctx.labels = np.where(flagged, decoys, ctx.labels).astype(np.int64)
         return "decoyed"
 
-    def _ban(self, ctx: RequestContext, config: BanConfig) -> None:
+    def alert(self, ctx: RequestContext, findings: list[Finding], action: str) -> None:
+        """Every finding becomes an alert; also for the findings of stages run after the answer (monitor)."""
+        for finding in findings:
+            alert = Alert(
+                finding.rule,
+                action,
+                ctx.model,
+                ctx.client_id,
+                ctx.peer,
+                ctx.request_id,
+                finding.score,
+                finding.threshold,
+                finding.severity,
+            )
+            self.alerts.record(alert)
+
+    def _ban(self, ctx: RequestContext, config: BanConfig, rules: list[str]) -> None:
         now = self.clock()
         suspect_s = self.settings.throttle.suspect_s
         keys = [ctx.client_id, peer_key(ctx.peer)] if config.by_peer else [ctx.client_id]
         for key in keys:
             duration = self.state.update(key, lambda record: start_ban(record, config, suspect_s, now))
             if duration is not None:
-                log.warning("ban.started", banned=key, duration_s=duration)
+                self.bans.started(key, duration, ", ".join(rules))
 
     def _remember(self, ctx: RequestContext, genuine: np.ndarray) -> None:
         if len(genuine):

@@ -10,7 +10,10 @@ offence counts, suspects, refusal windows) to ``snapshot_dir/clients.json`` (rea
 logs the last line of every open alert episode and stops the metrics endpoint (``metrics_listen``).
 
 Readiness is probed every ``READINESS_INTERVAL_S`` on threads of its own, so a hung upstream that
-holds every pipeline worker cannot delay it. Start-up refuses to run (``StartupError``: one line,
+holds every pipeline worker cannot delay it; each change is logged once. The same tick logs the end
+of every ban that is over. The admin endpoint (firewall/admin.py) has its own listener. SIGHUP
+reloads the configuration file (firewall/reload.py); a file that fails its checks is logged as one
+error and the running configuration stays. Start-up refuses to run (``StartupError``: one line,
 exit status 2) on a taken port (SO_REUSEPORT is off, so a second firewall cannot share the
 port), a bad address, a bad log level, an invalid or unreadable configuration or a missing model.
 """
@@ -19,29 +22,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from aiohttp import web
-from pydantic import ValidationError
 
-from firewall import http
+from firewall import http, reload
+from firewall.admin import AdminService, admin_server
 from firewall.alerts import AlertAggregator
-from firewall.config import Settings, load_settings
+from firewall.bans import BanLog
+from firewall.config import ConfigError, Settings, load_settings
 from firewall.logs import configure_logging
 from firewall.metrics import Metrics
 from firewall.pipeline import build_pipelines
 from firewall.policy import ResponsePolicy
 from firewall.protocol import pb, pb_grpc
 from firewall.service import InferenceService, log
+from firewall.stage import Finding, RequestContext
 from firewall.state import MemoryClientState
 from firewall.throttle import Admission
 from firewall.tls import server_credentials
@@ -92,10 +97,14 @@ cv2.setNumThreads(1)
 
 
 class Firewall:
-    """A running firewall: build it from settings, ``await start()``, ``await stop()``."""
+    """A running firewall: build it from settings, ``await start()``, ``await stop()``.
 
-    def __init__(self, settings: Settings):
+    ``source`` reads the configuration again for a reload (None: this firewall cannot reload).
+    """
+
+    def __init__(self, settings: Settings, source: Callable[[], Settings] | None = None):
         self.settings = settings
+        self.source = source
         for name, model in settings.models.items():
             path = settings.onnx_path(name)
             if not path.is_file():
@@ -114,12 +123,17 @@ class Firewall:
                 log.info("state.restored", records=state.restore(self.snapshot_path), path=str(self.snapshot_path))
             except (OSError, ValueError, KeyError, TypeError) as error:
                 log.warning("state.restore_failed", path=str(self.snapshot_path), error=str(error))
+        if self.snapshot_path is None:
+            log.warning("state.not_persisted", reason="snapshot_dir is not set: a restart forgets bans and query history")
         self.alerts = AlertAggregator(settings.alerts)
+        self.bans = BanLog(state)
         self.metrics = Metrics(pipelines, state)
+        self.policy = ResponsePolicy(settings, state, self.alerts, self.bans)
         for name, pipeline in pipelines.items():
             pipeline.observe = self.metrics.observer(name)
-        policy = ResponsePolicy(settings, state, self.alerts)
-        self.service = InferenceService(settings, pipelines, policy, Admission(state, settings.throttle), self.metrics)
+            pipeline.report = self._report_deferred(self.policy)
+        self.admission = Admission(state, settings.throttle, self.bans)
+        self.service = InferenceService(settings, pipelines, self.policy, self.admission, self.metrics)
         self.health = HealthServicer()
         options = [
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -129,7 +143,8 @@ class Firewall:
         self.server = grpc.aio.server(options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(REFLECTED_SERVICES, self.server, pool=pb.DESCRIPTOR.pool)
+        if settings.reflection:
+            reflection.enable_server_reflection(REFLECTED_SERVICES, self.server, pool=pb.DESCRIPTOR.pool)
         check_listen(settings.listen)
         try:
             if settings.tls is None:
@@ -147,6 +162,17 @@ class Firewall:
             access_log=None,
             shutdown_timeout=settings.shutdown_grace_s,
         )
+        self.admin: grpc.aio.Server | None = None
+        self.admin_port: int | None = None  # 0 for a unix socket
+        if settings.admin.listen is not None:
+            service = AdminService(state, self.bans, self.alerts, pipelines, self.reload)
+            try:
+                if not settings.admin.listen.startswith("unix:"):
+                    check_listen(settings.admin.listen)
+                self.admin, self.admin_port = admin_server(settings.admin.listen, settings.admin.tls, service)
+            except (StartupError, RuntimeError, OSError, ValueError) as error:
+                raise StartupError(f"admin endpoint (admin.listen): {error}") from None
+        self._ready: bool | None = None
         self.metrics_port: int | None = None  # set by start()
         self.http_port: int | None = None  # set by start() when http_listen is set
         self._readiness: asyncio.Task | None = None
@@ -161,6 +187,8 @@ class Firewall:
         await self.server.start()
         if self.settings.http_listen is not None:
             await self._start_http(self.settings.http_listen)
+        if self.admin is not None:
+            await self.admin.start()
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._update_readiness()
         self._readiness = asyncio.create_task(self._watch_readiness())
@@ -170,6 +198,7 @@ class Firewall:
             port=self.port,
             http_port=self.http_port,
             metrics_port=self.metrics_port,
+            admin_listen=self.settings.admin.listen,
             models=sorted(self.service.pipelines),
         )
 
@@ -178,6 +207,8 @@ class Firewall:
         if self._readiness is not None:
             self._readiness.cancel()
         await self.health.enter_graceful_shutdown()
+        if self.admin is not None:
+            await self.admin.stop(None)
         await asyncio.gather(self.server.stop(self.settings.shutdown_grace_s), self.http.cleanup())
         await asyncio.get_running_loop().run_in_executor(None, self.service.close)
         if self.snapshot_path is not None:
@@ -190,6 +221,16 @@ class Firewall:
         self.alerts.close()
         self.metrics.close()
         log.info("server.stopped")
+
+    def _report_deferred(self, policy: ResponsePolicy) -> Callable[[RequestContext, list[Finding]], None]:
+        """Findings of the stages run after the answer: counted and alerted like the others, action monitor."""
+
+        def report(ctx: RequestContext, findings: list[Finding]) -> None:
+            for finding in findings:
+                self.metrics.findings.labels(ctx.model, finding.rule).inc()
+            policy.alert(ctx, findings, "monitor")
+
+        return report
 
     async def _start_http(self, listen: str) -> None:
         host, port = split_listen(listen)
@@ -207,54 +248,107 @@ class Firewall:
             await asyncio.sleep(READINESS_INTERVAL_S)
             await self._update_readiness()
             self.state.refresh()  # expired bans leave the protected table; ``full`` clears
+            self.bans.expire()
 
     async def _update_readiness(self) -> None:
         ready = await self.service.all_ready()
+        if ready != self._ready:
+            fields = {"event.category": ["process"], "event.type": ["change"], "firewall.ready": ready}
+            (log.info if ready else log.warning)("server.ready" if ready else "server.not_ready", **fields)
+            self._ready = ready
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in READINESS_SERVICES:
             await self.health.set(name, status)
 
+    def reload(self, operator: str) -> list[str]:
+        """Read the configuration again and swap in what changed; return the changed fields.
 
-async def serve(settings: Settings) -> None:
-    firewall = Firewall(settings)
+        Raises ``ConfigError`` (logged as one error) and keeps the running configuration when the
+        file is invalid or changes what needs a restart.
+        """
+        fields = {"event.category": ["configuration"], "event.type": ["change"], "user.name": operator}
+        try:
+            if self.source is None:
+                raise ConfigError("this firewall was not started from a configuration it can read again")
+            try:
+                new = self.source()
+            except OSError as error:
+                raise ConfigError(f"cannot read the configuration: {error}") from None
+            change = reload.plan(self.settings, new)
+        except ConfigError as error:
+            log.error("config.reload_failed", **fields, **{"event.outcome": "failure", "error.message": str(error)})
+            raise
+        reload.apply(change, self.policy, self.admission, self.alerts, self.service.pipelines)
+        self.settings = new
+        log.info("config.reloaded", **fields, **{"event.outcome": "success", "firewall.changed": change.changed})
+        return change.changed
+
+
+async def serve(settings: Settings, source: Callable[[], Settings] | None = None) -> None:
+    firewall = Firewall(settings, source)
     try:
         await firewall.start()
     except StartupError:
         await firewall.server.stop(None)
         await firewall.http.cleanup()
+        if firewall.admin is not None:
+            await firewall.admin.stop(None)
         firewall.metrics.close()
         raise
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_quietly, firewall)
     await stopping.wait()
     await firewall.stop()
 
 
+def reload_quietly(firewall: Firewall) -> None:
+    """SIGHUP: reload; a failure is already logged, and the firewall goes on as it was."""
+    try:
+        firewall.reload("SIGHUP")
+    except ConfigError:
+        pass
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+EPILOG = """The gRPC listener is `listen` (default 0.0.0.0:8001), the HTTP/JSON one `http_listen` (default
+0.0.0.0:8000), Prometheus metrics are served on `metrics_listen` (default 0.0.0.0:9108) and the
+admin endpoint on `admin.listen` (default 127.0.0.1:8002). Every configuration field can be overridden from the environment as
+FIREWALL_<FIELD>, with __ between nested names (FIREWALL_THROTTLE__RATE=50); an unknown FIREWALL_*
+variable is an error. `firewall config --reference` lists every field. SIGHUP reloads the file.
+"""
+
+
 def configure_cli(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML configuration file (default: the bundled MNIST configuration)")
-    parser.add_argument("--listen", help="HOST:PORT for gRPC (overrides the configuration)")
-    parser.add_argument("--http-listen", help="HOST:PORT for HTTP/JSON (overrides the configuration)")
-    parser.add_argument("--log-level", default="INFO")
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--config", metavar="FILE", help="YAML configuration file (default: the bundled MNIST configuration)")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="gRPC listener (overrides `listen` of the configuration)")
+    parser.add_argument(
+        "--http-listen", metavar="HOST:PORT", help="HTTP/JSON listener (overrides `http_listen` of the configuration)"
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, help="lowest level logged (default: %(default)s)"
+    )
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    if not isinstance(logging.getLevelName(str(args.log_level).upper()), int):
-        print(f"firewall: invalid --log-level {args.log_level!r} (DEBUG, INFO, WARNING, ERROR or CRITICAL)", file=sys.stderr)
-        return 2
     configure_logging(args.log_level)
+
+    def source() -> Settings:
+        overrides = {"listen": args.listen, "http_listen": args.http_listen}
+        return load_settings(args.config).model_copy(update={key: value for key, value in overrides.items() if value})
+
     try:
-        settings = load_settings(args.config)
-    except (ValidationError, ValueError, OSError) as error:
+        settings = source()
+    except (ConfigError, OSError) as error:
         print(f"firewall: invalid configuration: {error}", file=sys.stderr)
         return 2
-    if args.listen:
-        settings = settings.model_copy(update={"listen": args.listen})
-    if args.http_listen:
-        settings = settings.model_copy(update={"http_listen": args.http_listen})
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, source))
     except StartupError as error:
         print(f"firewall: {error}", file=sys.stderr)
         return 2

@@ -22,7 +22,6 @@ import ctypes
 import ctypes.util
 import importlib.metadata
 import inspect
-import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -34,19 +33,18 @@ import structlog
 from firewall import codec, statistics
 from firewall.config import Settings
 from firewall.errors import InvalidInput, Refused, Rejection, Throttled, UnknownModel
-from firewall.logs import request_fields
+from firewall.logs import refusal_level, rejection_fields, request_fields
 from firewall.metrics import Metrics, refusal_outcome
+from firewall.pacing import Pacer
 from firewall.pipeline import ModelPipeline
 from firewall.policy import ResponsePolicy
 from firewall.protocol import pb, pb_grpc
 from firewall.stage import RequestContext
-from firewall.throttle import Admission, InFlight, request_cost
+from firewall.throttle import Admission, Banned, InFlight, request_cost
 from firewall.tls import TrustedProxies, certificate_identity
 
 log = structlog.get_logger("firewall")
 
-SERVER_NAME = "inference-firewall"
-PLATFORM = "inference-firewall"
 VERSION = importlib.metadata.version("inference-firewall")
 # Triton's names for the protocol extensions served in full (RepositoryIndex is served, but not the
 # rest of model_repository: loading and unloading).
@@ -95,6 +93,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.pipelines = pipelines
         self.policy = policy
         self.admission = admission
+        self.pacer = Pacer()
         self.metrics = metrics
         self.trusted_proxies = TrustedProxies(settings.tls.trusted_proxies if settings.tls else [])
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="pipeline")
@@ -114,7 +113,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     # -- health, metadata, configuration, statistics (shared by both bindings) ------------------
 
     def server_metadata(self) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=VERSION, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name=self.settings.server_metadata.name, version=VERSION, extensions=EXTENSIONS)
 
     async def model_ready(self, name: str) -> bool:
         pipeline = self.pipeline(name)
@@ -127,7 +126,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelMetadataResponse(
             name=pipeline.name,
             versions=["1"],
-            platform=PLATFORM,
+            platform=self.settings.server_metadata.platform,
             inputs=[
                 tensor(name=codec.INPUT_NAME, datatype="UINT8", shape=[-1, spec.height, spec.width, spec.channels]),
                 tensor(name=own.input_name, datatype="FP32", shape=[-1, own.channels, own.height, own.width]),
@@ -144,8 +143,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(
             config=pb.ModelConfig(
                 name=pipeline.name,
-                platform=PLATFORM,
-                backend=PLATFORM,
+                platform=self.settings.server_metadata.platform,
+                backend=self.settings.server_metadata.platform,
                 max_batch_size=pipeline.limits.max_batch,
                 input=[
                     pb.ModelInput(
@@ -285,6 +284,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     )
                     done = time.perf_counter_ns()
                     self.statistics[pipeline.name].answered(plan.batch, done - started, began - queued, done - began)
+                    self.pacer.record((done - started) / 1e9)
                     return response
                 except InvalidInput:
                     if created:
@@ -292,6 +292,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     raise
                 except Refused:
                     self.admission.count_refusal(identity.peer)  # the pipeline's policy refused: the address's budget
+                    self.pacer.record((time.perf_counter_ns() - started) / 1e9)
                     raise
                 finally:
                     self.in_flight.leave(ticket)
@@ -300,9 +301,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             except Rejection as rejection:
                 self._failed(pipeline, started)
                 self.metrics.decisions.labels(model, refusal_outcome(rejection)).inc()
-                # Policy refusals are reported by alerts and metrics; a line per refused query would flood the log.
-                level = logging.DEBUG if isinstance(rejection, (Refused, Throttled)) else logging.INFO
-                log.log(level, "request.refused", code=rejection.code.name, reason=rejection.detail)
+                log.log(refusal_level(rejection), "request.refused", **rejection_fields(rejection))
+                if isinstance(rejection, Banned):  # as slow as a refusal the pipeline decided
+                    await self.pacer.hold((time.perf_counter_ns() - started) / 1e9)
                 raise
             except Exception:
                 self._failed(pipeline, started)

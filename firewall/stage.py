@@ -6,6 +6,12 @@ A stage is a small callable, the way structlog chains processors and Envoy chain
         name: str
         def __call__(self, ctx: RequestContext) -> Sequence[Finding]: ...
 
+Optionally, a stage reports ``stats() -> dict[str, float]`` (metrics), releases what it holds in
+``close()``, and, when it keeps evidence per client, shows it with ``client_evidence(client_id) ->
+dict[str, float]`` and drops it with ``forget_client(client_id)`` (the admin endpoint's show and reset).
+A detector also names the rules it can raise (``rules``), so the pipeline knows which stages the
+policy only monitors and runs those after the answer.
+
 Stages run in order on a worker thread (never on the event loop). A stage may read and write
 the context (the sanitizer fills ``ctx.tensor``; the probing stage reads it) and returns the
 findings it raised, possibly none. The policy, not the stage, decides what a finding means

@@ -68,8 +68,11 @@ class ClientState(Protocol):
     def full(self) -> bool:
         """True while the protected table is at its cap: new ids are refused."""
 
-    def records(self) -> list[ClientRecord]:
-        """Every tracked record, to read only (metrics)."""
+    def remove(self, key: str) -> bool:
+        """Forget everything about a key, bans included (an operator's reset); return whether it was tracked."""
+
+    def items(self) -> list[tuple[str, ClientRecord]]:
+        """Every tracked key with its record, to read only (metrics, the admin endpoint); never change them."""
 
     def __len__(self) -> int: ...
 
@@ -150,9 +153,13 @@ class MemoryClientState:
             self._purged_at = float("-inf")
             self._purge(self.clock())
 
-    def records(self) -> list[ClientRecord]:
+    def remove(self, key: str) -> bool:
         with self._lock:
-            return [*self._protected.values(), *self._records.values()]
+            return (self._protected.pop(key, None) or self._records.pop(key, None)) is not None
+
+    def items(self) -> list[tuple[str, ClientRecord]]:
+        with self._lock:  # references, not copies: 100,000 copies would hold the lock for a second
+            return [*self._protected.items(), *self._records.items()]
 
     def protected_count(self) -> int:
         return len(self._protected)

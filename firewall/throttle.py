@@ -30,23 +30,15 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import structlog
-
+from firewall.bans import BanLog, peer_key
 from firewall.config import ThrottleConfig
 from firewall.errors import Refused, Throttled
 from firewall.protocol import pb
 from firewall.state import ClientRecord, ClientState
 
-log = structlog.get_logger("firewall.throttle")
-
 
 class Banned(Refused):
     """Refused because of a ban. The client sees the same status and message as any refusal."""
-
-
-def peer_key(peer: str) -> str:
-    """The state key of a peer address (a ban by address); client ids are keys as they are."""
-    return f"peer {peer}"
 
 
 def take_tokens(record: ClientRecord, cost: int, rate: float, burst: int, now: float) -> bool:
@@ -63,9 +55,10 @@ def take_tokens(record: ClientRecord, cost: int, rate: float, burst: int, now: f
 
 
 class Admission:
-    def __init__(self, state: ClientState, config: ThrottleConfig, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, state: ClientState, config: ThrottleConfig, bans: BanLog, clock: Callable[[], float] = time.monotonic):
         self.state = state
-        self.config = config
+        self.config = config  # replaced whole on reload
+        self.bans = bans
         self.clock = clock
 
     def admit(self, client_id: str, peer: str, cost: int) -> bool:
@@ -126,7 +119,7 @@ class Admission:
             return False
 
         if self.state.update(peer_key(peer), count):
-            log.warning("address.refused", banned=peer_key(peer), duration_s=config.address_cooldown_s)
+            self.bans.started(peer_key(peer), config.address_cooldown_s, "address refusal budget spent")
 
     def _verdict(self, record: ClientRecord, cost: int, now: float) -> Banned | Throttled | None:
         if record.banned_until > now:

@@ -11,10 +11,10 @@ import ipaddress
 
 import grpc
 
-from firewall.config import ListenerTLS
+from firewall.config import AdminTLS, ListenerTLS
 
 
-def server_credentials(config: ListenerTLS) -> grpc.ServerCredentials:
+def server_credentials(config: ListenerTLS | AdminTLS) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials(
         [(config.key.read_bytes(), config.cert.read_bytes())],
         root_certificates=config.client_ca.read_bytes() if config.client_ca else None,

@@ -72,14 +72,14 @@ def measure_accuracy(
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", type=Path, metavar="MODEL.onnx")
+    parser.add_argument("model", type=Path, metavar="MODEL.onnx", help="the ONNX classifier to measure")
     parser.add_argument(
         "--data", type=Path, required=True,
         help="MNIST folder or mnist_heldout.npz; CIFAR-10 zip or a <class>/*.jpg folder",
     )  # fmt: skip
     parser.add_argument("--dataset", choices=DATASETS, help="default: mnist for 1-channel models, else cifar10")
     parser.add_argument("--blur-sigma", type=float, default=None, metavar="S", help="3x3 Gaussian blur first")
-    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default: %(default)s)")
 
 
 def run_cli(args: argparse.Namespace) -> int:

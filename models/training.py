@@ -11,6 +11,7 @@ accuracy holds on sanitised inputs.
 from __future__ import annotations
 
 import random
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 BLUR_PROBABILITY = 0.5
 BLUR_SIGMA_RANGE = (0.4, 1.0)
@@ -97,7 +99,8 @@ def train_epoch(
     model.train()
     order = torch.randperm(len(images), generator=generator)
     total = 0.0
-    for start in range(0, len(order), batch_size):
+    batches = tqdm(range(0, len(order), batch_size), desc="epoch", unit="batch", disable=None, leave=False, file=sys.stderr)
+    for start in batches:  # a progress bar on a terminal only
         index = order[start : start + batch_size]
         batch = augment(to_unit_range(images[index])).contiguous(memory_format=torch.channels_last)
         loss = F.cross_entropy(model(batch), labels[index], label_smoothing=label_smoothing)

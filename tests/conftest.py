@@ -35,7 +35,13 @@ def mnist_model() -> OnnxClassifier:
 
 def make_settings(**overrides) -> Settings:
     """Embedded MNIST with no detectors (pass-through) unless the test configures some."""
-    values = {"listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "models": {"mnist": {}}}
+    values = {
+        "listen": "127.0.0.1:0",
+        "http_listen": "127.0.0.1:0",
+        "metrics_listen": "127.0.0.1:0",
+        "admin": {"listen": "127.0.0.1:0"},
+        "models": {"mnist": {}},
+    }
     values.update(overrides)
     values["models"] = {name: {"detectors": [], **model} for name, model in values["models"].items()}
     return Settings(**values)
@@ -80,6 +86,7 @@ class FakeClock:
 def drive_clock(firewall: Firewall, clock: FakeClock) -> None:
     """Run the firewall's time-based state (token buckets, bans, suspects, alert intervals) on ``clock``."""
     firewall.state.clock = clock
+    firewall.bans.clock = clock
     firewall.service.admission.clock = clock
     firewall.service.policy.clock = clock
     firewall.alerts.clock = clock

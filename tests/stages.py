@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -48,6 +49,19 @@ class Flagger:
 
     def stats(self) -> dict[str, float]:
         return {"flagged_images": self.flagged}
+
+
+class Slow:
+    """Holds every request for ``seconds`` (a lower bound on how long a decided request takes)."""
+
+    name = "slow"
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __call__(self, ctx: RequestContext) -> list[Finding]:
+        time.sleep(self.seconds)
+        return []
 
 
 class Gate:
@@ -96,9 +110,11 @@ def with_stage(firewall: Firewall, stage, models: list[str] | None = None) -> It
     """Append ``stage`` to the pipelines of ``models`` (default: all) for the duration of the block."""
     pipelines = [firewall.service.pipelines[name] for name in models or firewall.service.pipelines]
     for pipeline in pipelines:
-        pipeline.stages.append(stage)
+        pipeline.chain.append(stage)
+        pipeline.arrange(pipeline.policy)
     try:
         yield stage
     finally:
         for pipeline in pipelines:
-            pipeline.stages.remove(stage)
+            pipeline.chain.remove(stage)
+            pipeline.arrange(pipeline.policy)

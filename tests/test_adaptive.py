@@ -115,6 +115,7 @@ def test_rotates_ids_against_the_default_detectors(judge, mnist_heldout):
         listen="127.0.0.1:0",
         metrics_listen="127.0.0.1:0",
         http_listen="127.0.0.1:0",
+        admin={"listen": "127.0.0.1:0"},
         throttle={"enabled": False},
         models={"mnist": {"policy": {"action": "reject"}}},  # the calibrated detectors of the bundled model
     )

@@ -20,6 +20,7 @@ from firewall.protocol import pb, pb_grpc
 from tests.conftest import FakeClock, address, drive_clock, make_settings, running_firewall
 from tests.stages import Flagger, marked, with_stage
 
+ECS_ROOTS = {"@timestamp", "message", "log", "ecs", "event", "error", "user", "source", "rule", "file", "firewall"}
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z$")
 
 
@@ -132,8 +133,13 @@ def test_thousand_query_attack_gives_a_line_per_interval_whose_counts_add_up(log
 
     # Lines logged while serving a request carry that request's fields (bound per call).
     refused = next(line for line in lines if line["message"] == "request.refused")
-    assert refused["user.id"] == "clumsy" and refused["code"] == "INVALID_ARGUMENT" and "firewall.request_id" in refused
+    assert refused["user.id"] == "clumsy" and refused["error.code"] == "INVALID_ARGUMENT" and "firewall.request_id" in refused
+    assert refused["event.type"] == ["denied"] and refused["event.outcome"] == "failure" and refused["event.reason"]
     assert {"server.started", "server.stopped"} <= {line["message"] for line in lines}
+    assert [line["message"] for line in lines if line["message"].startswith("server.") and "ready" in line["message"]] == ["server.ready"]  # once per change
+    for line in lines:  # every line is ECS: its fields are ECS's or under the firewall's own namespace
+        assert line["event.kind"] in ("event", "alert") and line["event.action"] and line["ecs.version"], line
+        assert all(key.split(".")[0] in ECS_ROOTS for key in line), line
 
 
 def test_configure_logging_writes_json_to_stdout():
@@ -146,7 +152,8 @@ def test_configure_logging_writes_json_to_stdout():
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
     line = json.loads(output.stdout)
     assert line["message"] == "boom" and line["user.id"] == "u" and line["log.level"] == "error"
-    assert line["exception"][0]["exc_type"] == "ZeroDivisionError"  # exceptions as dicts
+    assert line["error.type"] == "ZeroDivisionError" and line["error.message"] == "division by zero"
+    assert "ZeroDivisionError" in line["error.stack_trace"] and line["event.action"] == "boom"
 
 
 def test_several_rules_at_once_keep_an_episode_each_per_client(log_lines, mnist_heldout):

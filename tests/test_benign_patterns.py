@@ -168,7 +168,12 @@ def test_every_pattern_is_answered_by_the_default_firewall_without_refusal_or_wa
     """The zero-configuration firewall (calibrated detectors, default policy): every query answered,
     none refused, answers accurate, and no warning-level finding about any benign client."""
     settings = Settings(
-        listen="127.0.0.1:0", http_listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", throttle={"enabled": False}, models={"mnist": {}}
+        listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        metrics_listen="127.0.0.1:0",
+        admin={"listen": "127.0.0.1:0"},
+        throttle={"enabled": False},
+        models={"mnist": {}},
     )
     assert settings.models["mnist"].detectors  # the calibrated set
     with running_firewall(settings) as firewall:
@@ -188,6 +193,7 @@ def test_every_pattern_is_answered_by_the_default_firewall_without_refusal_or_wa
             ids = run_distinct_ids(endpoint, distinct_ids(*heldout, ids=20, seed=1), "ids", workers=4).summary()
             assert ids["clients"] == 20 and ids["refused_clients"] == 0 and ids["accuracy"] >= 0.9
             assert ids["first_pass_clients"] == 20 and ids["first_pass_refused_share"] == 0.0
+            firewall.service.pipelines["mnist"].settle()  # uncertainty and squeeze run after the answer
             registry = firewall.service.metrics.registry
             for rule in ("probing.client", "probing.address", "uncertainty", "squeeze"):
                 labels = {"model": "mnist", "rule": rule}

@@ -46,7 +46,7 @@ def cli(*argv: str) -> int:
     return run_cli(parser.parse_args(list(argv)))
 
 
-def test_calibrate_writes_thresholds_the_service_config_accepts(tmp_path: Path) -> None:
+def test_calibrate_writes_thresholds_the_service_config_accepts(tmp_path: Path, capsys) -> None:
     folder = tmp_path / "benign"
     folder.mkdir()
     for i, image in enumerate(np.load(FIXTURES / "mnist_heldout.npz")["images"][:300]):
@@ -57,6 +57,8 @@ def test_calibrate_writes_thresholds_the_service_config_accepts(tmp_path: Path) 
     probing, uncertainty, squeeze = TypeAdapter(list[DetectorConfig]).validate_python(document["detectors"])
     assert (probing.kind, uncertainty.kind, squeeze.kind) == ("probing", "uncertainty", "squeeze")
     report = document["calibration"]["report"]
+    printed = capsys.readouterr().out  # the report as YAML, then where it went: no Python reprs
+    assert yaml.safe_load(printed.rsplit("wrote ", 1)[0]) == {"report": report} and printed.endswith(f"wrote {out}\n")
     assert report["uncertainty"]["false_positive_rate"] <= 0.05 and report["squeeze"]["false_positive_rate"] <= 0.05
     assert report["probing"]["evidence_rate"]["distinct_in_order"] <= 0.0005
     # the written thresholds hold on images they were not calibrated on

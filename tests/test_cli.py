@@ -26,6 +26,7 @@ def start(*args: str) -> tuple[subprocess.Popen, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FIREWALL_")}
     metrics = env["FIREWALL_METRICS_LISTEN"] = f"127.0.0.1:{free_port()}"
     env["FIREWALL_HTTP_LISTEN"] = "127.0.0.1:0"
+    env["FIREWALL_ADMIN__LISTEN"] = f"127.0.0.1:{free_port()}"
     process = subprocess.Popen(
         [sys.executable, "-m", "firewall", "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )

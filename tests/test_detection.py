@@ -16,10 +16,13 @@ MAX_L2 = 3.0
 
 def calibrated_settings() -> Settings:
     """The bundled defaults (calibrated detectors, decoys on probing) on loopback ports."""
-    return Settings(listen="127.0.0.1:0", http_listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", models={"mnist": {}})
+    return Settings(
+        listen="127.0.0.1:0", http_listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", admin={"listen": "127.0.0.1:0"}, models={"mnist": {}}
+    )
 
 
 def findings(firewall, rule: str) -> float:
+    firewall.service.pipelines["mnist"].settle()  # uncertainty and squeeze run after the answer
     value = firewall.service.metrics.registry.get_sample_value("firewall_findings_total", {"model": "mnist", "rule": rule})
     return value or 0.0
 

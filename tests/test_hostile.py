@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -24,8 +25,9 @@ from firewall.protocol import pb, pb_grpc
 from firewall.state import MemoryClientState
 from firewall.throttle import Admission, Throttled
 from firewall.config import ThrottleConfig
+from firewall.bans import BanLog
 from tests.conftest import address, make_settings, running_firewall, wait_until
-from tests.stages import Flagger, Gate, marked, with_stage
+from tests.stages import Flagger, Gate, Slow, marked, with_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,7 +177,7 @@ def test_a_ban_survives_a_flood_of_fresh_ids_and_invalid_requests(mnist_heldout)
 def test_at_the_protected_cap_new_ids_are_refused_and_no_ban_forgotten():
     now = [1000.0]
     state = MemoryClientState(max_clients=10, max_protected=2, clock=lambda: now[0])
-    admission = Admission(state, ThrottleConfig(), clock=lambda: now[0])
+    admission = Admission(state, ThrottleConfig(), BanLog(state), clock=lambda: now[0])
     for key in ("a", "b"):
         state.update(key, lambda record: setattr(record, "banned_until", now[0] + 60))
     admission.charge_client("known", 1)
@@ -287,20 +289,36 @@ def start_failure(tmp_path: Path, config: str | None, *args: str) -> tuple[int, 
 
 
 def test_start_up_failures_are_one_line_with_exit_status_2(tmp_path):
-    base = "metrics_listen: 127.0.0.1:0\nhttp_listen: 127.0.0.1:0\nmodels:\n  mnist: {}\n"
+    base = "metrics_listen: 127.0.0.1:0\nhttp_listen: 127.0.0.1:0\nadmin: {listen: 127.0.0.1:0}\nmodels:\n  mnist: {}\n"
     with taken_port() as grpc_port, taken_port() as metrics_port, taken_port() as http_port:
         cases = {
             "grpc port taken": (base, "--listen", f"127.0.0.1:{grpc_port.getsockname()[1]}"),
-            "metrics port taken": (f"metrics_listen: 127.0.0.1:{metrics_port.getsockname()[1]}\nhttp_listen: 127.0.0.1:0\nmodels:\n  mnist: {{}}\n", "--listen", "127.0.0.1:0"),
+            "metrics port taken": (base.replace("metrics_listen: 127.0.0.1:0", f"metrics_listen: 127.0.0.1:{metrics_port.getsockname()[1]}"), "--listen", "127.0.0.1:0"),
             "http port taken": (base, "--listen", "127.0.0.1:0", "--http-listen", f"127.0.0.1:{http_port.getsockname()[1]}"),
             "yaml syntax": ("models: [mnist\n", "--listen", "127.0.0.1:0"),
             "missing onnx": (f"metrics_listen: 127.0.0.1:0\nhttp_listen: 127.0.0.1:0\nmodels:\n  mnist: {{onnx: {tmp_path}/none.onnx, detectors: []}}\n", "--listen", "127.0.0.1:0"),
             "unknown model": ("metrics_listen: 127.0.0.1:0\nhttp_listen: 127.0.0.1:0\nmodels:\n  nosuchmodel: {}\n", "--listen", "127.0.0.1:0"),
             "bad listen": (base, "--listen", "999.1.2.3:notaport"),
             "bad log level": (base, "--listen", "127.0.0.1:0", "--log-level", "LOUD"),
+            "admin port taken": (base.replace("admin: {listen: 127.0.0.1:0}", f"admin: {{listen: 127.0.0.1:{grpc_port.getsockname()[1]}}}"), "--listen", "127.0.0.1:0"),
         }
         for name, (config, *args) in cases.items():
             code, stderr = start_failure(tmp_path, config, *args)
             lines = [line for line in stderr.splitlines() if line.strip()]
             assert code == 2, (name, stderr)
             assert len(lines) == 1 and lines[0].startswith("firewall: ") and "Traceback" not in stderr, (name, stderr)
+
+
+def test_a_banned_clients_refusal_takes_as_long_as_a_decided_one(mnist_heldout):
+    """A ban is known at admission; its refusal is held as long as requests the pipeline decided, so
+    the clock does not tell a client it is banned (lower bounds only: sleeping never ends early)."""
+    images, _ = mnist_heldout
+    settings = make_settings(throttle={"enabled": False}, models={"mnist": {"policy": {"action": "ban"}}})
+    with running_firewall(settings) as firewall, with_stage(firewall, Slow(0.3)), with_stage(firewall, Flagger()):
+        with grpc.insecure_channel(address(firewall)) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert outcome(stub, pixels_request(images[:1]), "someone") == grpc.StatusCode.OK  # 0.3 s decided
+            assert outcome(stub, pixels_request(marked(images[:1])), "attacker") == grpc.StatusCode.PERMISSION_DENIED
+            started = time.monotonic()
+            assert outcome(stub, pixels_request(images[:1]), "attacker") == grpc.StatusCode.PERMISSION_DENIED
+            assert time.monotonic() - started >= 0.3  # every decided request took at least 0.3 s

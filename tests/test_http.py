@@ -83,7 +83,7 @@ def test_plain_json(rest, mnist_heldout, firewall):
     (logits,) = rest.post("/v2/models/mnist/infer", json=own).json()["outputs"]
     assert logits["name"] == "logits" and logits["shape"] == [1, 10] and np.argmax(logits["data"]) == labels[0]
     assert firewall.metrics.registry.get_sample_value("firewall_requests_total", {"model": "mnist"}) == requests_before + 2
-    assert rest.get("/v2").json()["name"] == "inference-firewall"
+    assert rest.get("/v2").json()["name"] == "inference-server"
     assert rest.get("/v2/health/live").json() == {"live": True}
     assert rest.get("/v2/models/mnist/ready").status_code == 200
     assert rest.get("/v2/models/mnist/versions/1").json()["outputs"][1] == {"name": "logits", "datatype": "FP32", "shape": [-1, 10]}

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from pydantic import ValidationError
 from tritonclient.utils import InferenceServerException
 
-from firewall.config import BanConfig, load_settings
+from firewall.config import BanConfig, ConfigError, load_settings
 from firewall.policy import start_ban
 from firewall.state import ClientRecord
 from tests.conftest import FakeClock, address, drive_clock, make_settings, running_firewall, uint8_input
@@ -156,5 +155,5 @@ def test_policy_configuration_from_file_and_environment(monkeypatch, tmp_path):
     assert (policy.action, policy.rules, policy.ban.first_s, policy.ban.by_peer) == ("decoy", {"probing.client": "ban"}, 5, True)
     assert make_settings().models["mnist"].policy.action == "decoy"  # the default
     config.write_text("models:\n  mnist:\n    policy: {action: explode}\n")
-    with pytest.raises(ValidationError, match="action"):
+    with pytest.raises(ConfigError, match="action"):
         load_settings(config)

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from firewall.protocol import pb, pb_grpc
-from tests.conftest import address, pixel_bomb, uint8_input
+from tests.conftest import address, make_settings, pixel_bomb, running_firewall, uint8_input
 from tests.stages import Recorder, with_stage
 
 
@@ -37,10 +37,29 @@ def test_metadata_health_and_reflection(firewall, client):
         for service in ("", "inference.GRPCInferenceService", "liveness"):
             status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
             assert status == health_pb2.HealthCheckResponse.SERVING
-        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-        answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
-        services = {s.name for s in answer.list_services_response.service}
-        assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
+        with pytest.raises(grpc.RpcError) as raised:  # off by default: the chain stays unnamed
+            list_services(channel)
+        assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def list_services(channel) -> set[str]:
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    return {s.name for s in answer.list_services_response.service}
+
+
+def test_reflection_when_enabled():
+    with running_firewall(make_settings(reflection=True)) as firewall, grpc.insecure_channel(address(firewall)) as channel:
+        assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= list_services(channel)
+
+
+def test_metadata_names_nothing_of_the_firewall(client):
+    server = client.get_server_metadata()
+    model = client.get_model_metadata("mnist")
+    config = client.get_model_config("mnist").config
+    assert server.name == "inference-server" and model.platform == config.platform == "onnxruntime_onnx"
+    said = f"{server} {model} {config}".lower()
+    assert "firewall" not in said and "sidecar" not in said
 
 
 def test_unary_labels_are_correct(client, mnist_heldout):

@@ -177,6 +177,22 @@ def test_grpc_upstream_over_mutual_tls_checks_the_ca_the_name_and_presents_a_cer
     assert refused == ["StatusCode.UNAVAILABLE"] * 3
 
 
+def test_admin_endpoint_with_mutual_tls_serves_operators_with_a_certificate_only(pki, capsys):
+    from firewall.cli import main
+
+    cert, key = pki["server"]
+    admin = {"listen": "127.0.0.1:0", "tls": {"cert": str(cert), "key": str(key), "client_ca": str(pki["ca"])}}
+    with running_firewall(make_settings(admin=admin)) as firewall:
+        endpoint = ["admin", "--admin", f"127.0.0.1:{firewall.admin_port}", "--ca", str(pki["ca"])]
+        alice, stranger = pki["alice"], pki["stranger"]
+        assert main([*endpoint, "--cert", str(alice[0]), "--key", str(alice[1]), "list"]) == 0
+        out = capsys.readouterr().out  # the firewall's own log lines go to the same stdout here
+        assert "0 tracked, 0 banned" in out.splitlines() and "user.name=alice" in out  # the audit names the certificate
+        for refused in ([], ["--cert", str(stranger[0]), "--key", str(stranger[1])]):
+            assert main([*endpoint, *refused, "list"]) == 2
+            assert capsys.readouterr().err.startswith("firewall admin: list: UNAVAILABLE")
+
+
 def test_http_binding_speaks_the_same_tls_and_reads_the_same_identity(pki):
     body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 784}]}
 

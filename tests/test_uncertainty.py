@@ -57,7 +57,7 @@ def test_two_confident_passes_that_disagree_are_maximally_uncertain() -> None:
 
 
 def test_passes_run_as_one_batch_and_differ(stage: UncertaintyStage, model: OnnxClassifier, digits) -> None:
-    logits = stage.classifier.sample_logits(sanitized(model, digits[0][:4]), 16)
+    logits = stage.sample_logits(sanitized(model, digits[0][:4]))
     assert logits.shape == (16, 4, 10)
     assert np.ptp(logits, axis=0).max() > 0  # dropout is on
 
@@ -83,8 +83,8 @@ def context(model: OnnxClassifier, digits, client: str) -> RequestContext:
 def test_a_client_whose_images_are_all_flagged_is_flagged_and_one_image_is_not(
     stage: UncertaintyStage, model: OnnxClassifier, digits
 ) -> None:
-    sampler = Sampled(stage.classifier)
-    strict = UncertaintyStage(UncertaintyConfig(threshold=0.0), sampler)
+    sampler = Sampled(stage.sampler)
+    strict = UncertaintyStage(UncertaintyConfig(threshold=0.0), stage.model, sampler)
     one = RequestContext("r", "mnist", "once", "peer", [digits[0][0].transpose(1, 2, 0)], [b""], tensor=sanitized(model, digits[0][:1]))
     assert strict(one) == []  # a single flagged image is no verdict
     (finding,) = strict(context(model, digits[0], "crafty"))  # eight flagged images in a row
@@ -92,12 +92,27 @@ def test_a_client_whose_images_are_all_flagged_is_flagged_and_one_image_is_not(
     assert finding.rule == "uncertainty" and finding.item == int(scores.argmax())
     assert finding.details["image_score"] == pytest.approx(float(scores.max()))
     assert finding.details["flagged_items"] == 8 and finding.details["passes"] == 16
-    assert UncertaintyStage(UncertaintyConfig(threshold=1.0), stage.classifier)(context(model, digits[0], "calm")) == []
+    assert UncertaintyStage(UncertaintyConfig(threshold=1.0), stage.model, stage.sampler)(context(model, digits[0], "calm")) == []
 
 
-def test_model_path_gives_the_stage_its_own_copy(model: OnnxClassifier) -> None:
-    stage = UncertaintyConfig(model_path=model.path, passes=4).build(model)
-    assert stage.classifier.sample_logits(np.zeros((1, 1, 28, 28), np.float32), 4).shape == (4, 1, 10)
+@pytest.mark.parametrize("dropout", ["last", "all"])
+def test_model_path_gives_the_stage_its_own_copy(model: OnnxClassifier, dropout: str) -> None:
+    stage = UncertaintyConfig(model_path=model.path, passes=4, dropout=dropout).build(model)
+    assert (stage.model is not model) == (dropout == "last")  # all: the MC copy runs alone
+    assert stage.sample_logits(np.zeros((1, 1, 28, 28), np.float32)).shape == (4, 1, 10)
+
+
+def test_last_layer_passes_reuse_the_requests_forward_pass(stage: UncertaintyStage, model: OnnxClassifier, digits) -> None:
+    ctx = context(model, digits[0], "shared")
+    calls = []
+    original = model.forward
+    model.forward = lambda batch: calls.append(len(batch)) or original(batch)  # type: ignore[method-assign]
+    try:
+        stage(ctx)
+        stage(ctx)  # a second stage on the same request: no new network run
+    finally:
+        del model.forward
+    assert calls == [8]
 
 
 @pytest.mark.parametrize("attack", ["fgsm", "pgd"])

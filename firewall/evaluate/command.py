@@ -45,11 +45,16 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
         "--target-kind",
         choices=("auto", "firewall", "model"),
         default="auto",
-        help="auto: a firewall when ModelMetadata lists an input named 'image', else a bare model server",
+        help="auto: a firewall when ModelMetadata lists an input named 'image', else a bare model server (default: %(default)s)",
     )
     endpoints.add_argument("--baseline", metavar="HOST:PORT", help="the bare model server, for comparison")
     endpoints.add_argument("--baseline-model", help="model name at the baseline (default: --model)")
-    endpoints.add_argument("--baseline-kind", choices=("auto", "firewall", "model"), default="auto")
+    endpoints.add_argument(
+        "--baseline-kind",
+        choices=("auto", "firewall", "model"),
+        default="auto",
+        help="as --target-kind, for the baseline (default: %(default)s)",
+    )
     endpoints.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default: %(default)s)")
     data = parser.add_argument_group("data and output")
     data.add_argument("--data", required=True, type=Path, help="MNIST folder, CIFAR-10 zip, .npz or class folders")

@@ -1,0 +1,34 @@
+"""Work once per request: the network's forward pass, and only new content scored.
+
+``shared_forward``: the first caller (in the firewall: the probing stage, else the prediction step)
+runs the model on ``ctx.tensor``; later callers with the same model get the same ``Forward``
+(logits and features) from ``ctx.scratch``. A stage used on its own, with a context it built,
+simply runs the model.
+
+``novel_items``: the images that are new content (``ctx.scratch["novel"]``, set by the probing
+stage; all of them without it). The per-image detectors' client tests observe only those
+(``detectors.evidence.client_rate_findings``), so re-sent content need not be scored at all.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from firewall.stage import RequestContext
+from models.runtime import Forward, OnnxClassifier
+
+
+def shared_forward(ctx: RequestContext, model: OnnxClassifier) -> Forward:
+    cached = ctx.scratch.get("forward")
+    if cached is not None and cached[0] is model:
+        return cached[1]
+    assert ctx.tensor is not None
+    result = model.forward(ctx.tensor)
+    ctx.scratch["forward"] = (model, result)
+    return result
+
+
+def novel_items(ctx: RequestContext) -> np.ndarray:
+    """Indices of the images that are new content."""
+    count = 0 if ctx.tensor is None else len(ctx.tensor)
+    return np.flatnonzero(ctx.scratch.get("novel", [True] * count))
