@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from pydantic import TypeAdapter
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -223,14 +224,14 @@ def evidence(name: str, data: Path, attack_images: int, rounds: int, client_imag
         progress(f"evidence {attack}: {results[attack]}")
     usable = len(images) // client_images * client_images
     alerted = clients = 0
-    for round_ in range(rounds):
+    for round_ in tqdm(range(rounds), desc="benign rounds", disable=None, file=sys.stderr):  # quiet off a terminal
         stages = per_image_stages(model, detectors)
         order = rng.permutation(len(images))[:usable].reshape(-1, client_images)
         for client, picks in enumerate(order):
             flags = [warned(stages, context([images[i]], f"r{round_}c{client}", sanitizer)) for i in picks]
             alerted += any(flags)
             clients += 1
-        progress(f"evidence benign round {round_ + 1}/{rounds}: {alerted} of {clients} clients alerted")
+    progress(f"evidence benign: {alerted} of {clients} clients alerted")
     results["benign"] = {"clients": clients, "images_per_client": client_images, "alerted_clients": alerted}
     return results
 
