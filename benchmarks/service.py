@@ -48,6 +48,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import yaml
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -266,13 +267,16 @@ def measure(
     """Returns (name, callers) -> Sample."""
     requests = {name: Requests(name == "mlserver", mnist) for name in servers}
     results = {(name, callers): Sample() for name in servers for callers in callers_levels}
-    for round_index in range(rounds):
-        for callers in callers_levels:
-            order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
-            for name in order:
-                sample = asyncio.run(load(servers[name], requests[name], callers, seconds))
-                results[(name, callers)].add(sample)
-                print(f"  round {round_index + 1}, {callers} callers, {name}: {sample.rate:.0f} req/s", file=sys.stderr)
+    steps = rounds * len(callers_levels) * len(servers)
+    with tqdm(total=steps, unit="run", disable=None, file=sys.stderr) as progress:  # quiet off a terminal
+        for round_index in range(rounds):
+            for callers in callers_levels:
+                order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
+                for name in order:
+                    sample = asyncio.run(load(servers[name], requests[name], callers, seconds))
+                    results[(name, callers)].add(sample)
+                    progress.set_postfix_str(f"round {round_index + 1}, {callers} callers, {name}: {sample.rate:.0f} req/s")
+                    progress.update()
     return results
 
 

@@ -203,7 +203,7 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blur-sigma", type=float, default=None, help="sanitizer Gaussian sigma (default 0.7)")
     parser.add_argument(
         "--dropout", choices=("last", "all"), default="last",
-        help="MC dropout on the last Dropout only (the network once) or on all (the network 16 times)",
+        help="MC dropout on the last Dropout only (the network once) or on all (the network 16 times) (default: %(default)s)",
     )  # fmt: skip
 
 

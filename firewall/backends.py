@@ -275,11 +275,10 @@ class RestUpstreamPredictor:
 
 
 def top_labels(values: np.ndarray, shape: tuple[int, ...], batch_size: int) -> np.ndarray:
-    """Top label per item from upstream logits [B, K] (or labels [B] if it already reduces them)."""
+    """Top label per item from upstream logits [B, K] (or labels [B] or [B, 1] if it already reduces them)."""
     if int(np.prod(shape)) != values.size or not shape or shape[0] != batch_size:
         raise BackendUnavailable("upstream output shape does not match the request")
-    values = values.reshape(shape)
-    if values.ndim == 1:
+    if values.size == batch_size:  # one value per item: labels, [B] or [B, 1] (as MLServer's codec shapes them)
         return values.astype(np.int64)
     return values.reshape(batch_size, -1).argmax(axis=1).astype(np.int64)
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import cv2
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -64,6 +67,45 @@ def running_firewall(settings: Settings) -> Iterator[Firewall]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+
+
+class FakeClock:
+    """A monotonic clock that moves only when the test advances it (starts at a power of two, so
+    binary fractions of a second add up exactly)."""
+
+    def __init__(self, now: float = 1024.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def drive_clock(firewall: Firewall, clock: FakeClock) -> None:
+    """Run the firewall's time-based state (token buckets, bans, suspects, alert intervals) on ``clock``."""
+    firewall.state.clock = clock
+    firewall.bans.clock = clock
+    firewall.service.admission.clock = clock
+    firewall.service.policy.clock = clock
+    firewall.alerts.clock = clock
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition``; the bound only stops a hung test (no test asserts how long it took)."""
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def pixel_bomb(ext: str, side: int = 5000) -> bytes:
+    """A well-formed black grey-scale PNG or JPEG of ``side`` x ``side`` pixels: a few kilobytes
+    that OpenCV decodes to the full size (5000 x 5000 is 25 Mpixels, over the default 16.7 M)."""
+    ok, buffer = cv2.imencode(ext, np.zeros((side, side), np.uint8))
+    assert ok
+    return buffer.tobytes()
 
 
 def address(firewall: Firewall) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -51,7 +52,7 @@ class Flagger:
 
 
 class Slow:
-    """Holds every request for ``seconds`` (to keep calls in flight)."""
+    """Holds every request for ``seconds`` (a lower bound on how long a decided request takes)."""
 
     name = "slow"
 
@@ -61,6 +62,34 @@ class Slow:
     def __call__(self, ctx: RequestContext) -> list[Finding]:
         time.sleep(self.seconds)
         return []
+
+
+class Gate:
+    """Holds every request until ``release()``, so a test knows exactly which calls are in flight."""
+
+    name = "gate"
+
+    def __init__(self):
+        self.entered = 0
+        self.released = False
+        self._changed = threading.Condition()
+
+    def __call__(self, ctx: RequestContext) -> list[Finding]:
+        with self._changed:
+            self.entered += 1
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: self.released, timeout=120)  # a guard against a hung test only
+        return []
+
+    def wait_entered(self, count: int) -> None:
+        """Block until ``count`` requests are held (no timing is asserted: the bound only stops a hang)."""
+        with self._changed:
+            assert self._changed.wait_for(lambda: self.entered >= count, timeout=120), self.entered
+
+    def release(self) -> None:
+        with self._changed:
+            self.released = True
+            self._changed.notify_all()
 
 
 class Recorder:

@@ -17,7 +17,7 @@ from firewall.alerts import Alert, AlertAggregator
 from firewall.config import AlertConfig
 from firewall.logs import logging_config
 from firewall.protocol import pb, pb_grpc
-from tests.conftest import address, make_settings, running_firewall
+from tests.conftest import FakeClock, address, drive_clock, make_settings, running_firewall
 from tests.stages import Flagger, marked, with_stage
 
 ECS_ROOTS = {"@timestamp", "message", "log", "ecs", "event", "error", "user", "source", "rule", "file", "firewall"}
@@ -40,16 +40,8 @@ def alert(client_id: str = "c1", rule: str = "probing.client", score: float = 0.
     return Alert(rule, "ban", "mnist", client_id, "10.0.0.1", "r1", score, 0.1)
 
 
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_aggregation_first_at_once_then_per_interval_then_end(log_lines):
-    clock = Clock()
+    clock = FakeClock(0.0)
     aggregator = AlertAggregator(AlertConfig(interval_s=10, idle_s=30, max_episodes=100), clock)
     for step in range(100):  # 100 findings over 50 s
         clock.now = step * 0.5
@@ -67,7 +59,7 @@ def test_aggregation_first_at_once_then_per_interval_then_end(log_lines):
 
 
 def test_an_observation_is_logged_at_info_and_a_verdict_at_warning(log_lines):
-    aggregator = AlertAggregator(AlertConfig(interval_s=60, idle_s=60, max_episodes=10), Clock())
+    aggregator = AlertAggregator(AlertConfig(interval_s=60, idle_s=60, max_episodes=10), FakeClock(0.0))
     aggregator.record(Alert("probing.region", "decoy", "mnist", "c1", "10.0.0.1", "r1", 1.0, 1.0, "info"))
     aggregator.record(alert())
     aggregator.close()
@@ -81,7 +73,7 @@ def test_an_observation_is_logged_at_info_and_a_verdict_at_warning(log_lines):
 
 
 def test_eviction_and_shutdown_end_episodes_without_losing_counts(log_lines):
-    aggregator = AlertAggregator(AlertConfig(interval_s=60, idle_s=60, max_episodes=3), Clock())
+    aggregator = AlertAggregator(AlertConfig(interval_s=60, idle_s=60, max_episodes=3), FakeClock(0.0))
     for client in range(10):
         for _ in range(5):
             aggregator.record(alert(client_id=f"c{client}"))
@@ -101,7 +93,7 @@ def stream_requests(images: np.ndarray, client_id: str):
         yield pb.ModelInferRequest(model_name="mnist", id=client_id, inputs=[tensor], raw_input_contents=[image.tobytes()])
 
 
-def test_thousand_query_attack_gives_a_few_lines_whose_counts_add_up(log_lines, mnist_heldout):
+def test_thousand_query_attack_gives_a_line_per_interval_whose_counts_add_up(log_lines, mnist_heldout):
     images, _ = mnist_heldout
     attack = marked(images[np.arange(1000) % len(images)])
     settings = make_settings(
@@ -109,11 +101,16 @@ def test_thousand_query_attack_gives_a_few_lines_whose_counts_add_up(log_lines, 
         alerts={"interval_s": 0.5, "idle_s": 60},
         models={"mnist": {"policy": {"action": "monitor"}}},
     )
+    clock = FakeClock()
     with running_firewall(settings) as firewall, with_stage(firewall, Flagger()):
+        drive_clock(firewall, clock)
         with grpc.insecure_channel(address(firewall)) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            answers = list(stub.ModelStreamInfer(stream_requests(attack, "attacker"), metadata=[("x-client-id", "attacker")]))
-            assert all(not answer.error_message for answer in answers) and len(answers) == 1000
+            for chunk in np.split(attack, 4):  # 250 queries, then the interval passes
+                answers = list(stub.ModelStreamInfer(stream_requests(chunk, "attacker"), metadata=[("x-client-id", "attacker")]))
+                assert all(not answer.error_message for answer in answers) and len(answers) == 250
+                clock.advance(0.5)
+                firewall.alerts.flush()  # the periodic flush may run first: either way one line per interval
             stub.ModelInfer(next(stream_requests(marked(images[:1]), "other")), metadata=[("x-client-id", "other")])
             with pytest.raises(grpc.RpcError):
                 stub.ModelInfer(pb.ModelInferRequest(model_name="mnist"), metadata=[("x-client-id", "clumsy")])
@@ -121,8 +118,7 @@ def test_thousand_query_attack_gives_a_few_lines_whose_counts_add_up(log_lines, 
 
     alerts = [line for line in lines if line.get("event.kind") == "alert"]
     by_client = {client: [a for a in alerts if a["user.id"] == client] for client in ("attacker", "other")}
-    assert sum(a["firewall.count"] for a in by_client["attacker"]) == 1000
-    assert 3 <= len(by_client["attacker"]) <= 40  # start, a line per 0.5 s, end
+    assert [a["firewall.count"] for a in by_client["attacker"]] == [1, 249, 250, 250, 250, 0]  # start, per interval, end
     assert [a["firewall.count"] for a in by_client["other"]] == [1, 0]
     for line in alerts:
         assert line["event.category"] == ["intrusion_detection"] and line["event.action"] == "monitor"
@@ -158,3 +154,40 @@ def test_configure_logging_writes_json_to_stdout():
     assert line["message"] == "boom" and line["user.id"] == "u" and line["log.level"] == "error"
     assert line["error.type"] == "ZeroDivisionError" and line["error.message"] == "division by zero"
     assert "ZeroDivisionError" in line["error.stack_trace"] and line["event.action"] == "boom"
+
+
+def test_several_rules_at_once_keep_an_episode_each_per_client(log_lines, mnist_heldout):
+    images, _ = mnist_heldout
+    settings = make_settings(
+        throttle={"enabled": False}, alerts={"interval_s": 0.5, "idle_s": 60}, models={"mnist": {"policy": {"action": "monitor"}}}
+    )
+    clock = FakeClock()
+    flagged = marked(images[:1])
+    first, second, late = Flagger("a", "test.a", score=0.9), Flagger("b", "test.b", score=0.7), Flagger("c", "test.c", score=0.6)
+    with running_firewall(settings) as firewall, with_stage(firewall, first), with_stage(firewall, second):
+        drive_clock(firewall, clock)
+        with grpc.insecure_channel(address(firewall)) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            def send(client_id: str, times: int) -> None:
+                for _ in range(times):
+                    stub.ModelInfer(next(stream_requests(flagged, client_id)), metadata=[("x-client-id", client_id)])
+
+            send("multi", 10)
+            with with_stage(firewall, late):
+                send("multi", 5)
+            send("other", 2)
+            clock.advance(0.5)
+            firewall.alerts.flush()
+    alerts = [line for line in log_lines() if line.get("event.kind") == "alert"]
+    episodes: dict[tuple[str, str], list[tuple[str, int, float]]] = {}
+    for line in alerts:
+        key = (line["user.id"], line["rule.name"])
+        episodes.setdefault(key, []).append((line["firewall.episode"], line["firewall.count"], line["firewall.score"]))
+    assert episodes == {
+        ("multi", "test.a"): [("start", 1, 0.9), ("ongoing", 14, 0.9), ("end", 0, 0.9)],
+        ("multi", "test.b"): [("start", 1, 0.7), ("ongoing", 14, 0.7), ("end", 0, 0.7)],
+        ("multi", "test.c"): [("start", 1, 0.6), ("ongoing", 4, 0.6), ("end", 0, 0.6)],
+        ("other", "test.a"): [("start", 1, 0.9), ("ongoing", 1, 0.9), ("end", 0, 0.9)],
+        ("other", "test.b"): [("start", 1, 0.7), ("ongoing", 1, 0.7), ("end", 0, 0.7)],
+    }

@@ -66,8 +66,13 @@ def test_calibrate_writes_thresholds_the_service_config_accepts(tmp_path: Path, 
     sanitizer = Sanitizer(SanitizerConfig(**document["sanitizer"]), model.input)
     heldout = np.load(FIXTURES / "mnist_heldout.npz")["images"][300:]
     batch = sanitizer([image[:, :, None] for image in heldout])
-    assert np.mean(uncertainty.build(model).scores(batch)["variance"] > uncertainty.threshold) <= 0.1
-    assert np.mean(squeeze_scores(model, batch, squeeze.bit_depth, squeeze.median_size) > squeeze.threshold) <= 0.1
+    # Thresholds are set for a 5 % false-positive rate on the 300 calibration images; on the 700
+    # held-out ones the rate stays near it (measured 2-3 %; MC dropout makes the uncertainty
+    # threshold vary from run to run): neither a threshold no benign image reaches (a detector
+    # switched off) nor one that flags a large share passes.
+    uncertain = np.mean(uncertainty.build(model).scores(batch)["variance"] > uncertainty.threshold)
+    squeezed = np.mean(squeeze_scores(model, batch, squeeze.bit_depth, squeeze.median_size) > squeeze.threshold)
+    assert 0.005 <= uncertain <= 0.1 and 0.005 <= squeezed <= 0.1, (uncertain, squeezed)
     stage = probing.build(model)
     for n, image in enumerate(heldout):
         ctx = RequestContext("r", "mnist", f"client{n % 10}", "peer", [image[:, :, None]], [bytes([n % 256, n // 256])])

@@ -111,6 +111,52 @@ def test_fuzzed_image_bytes_decode_or_raise_invalid_input(payload, prefix):
     assert decoded.images[0].shape[0] * decoded.images[0].shape[1] <= LIMITS.max_pixels
 
 
+BOUNDS = codec.Limits(max_batch=4, max_pixels=30, max_image_bytes=90, max_request_bytes=180)
+
+
+def admits(shape: list[int], datatype: str = "UINT8", limits: codec.Limits = BOUNDS, raw: bytes | None = None) -> bool:
+    itemsize = 4 if datatype == "FP32" else 1
+    payload = bytes(int(np.prod(shape)) * itemsize) if raw is None else raw
+    try:
+        codec.plan_request(request(datatype, shape, payload), limits)
+    except InvalidInput:
+        return False
+    return True
+
+
+def test_every_limit_admits_its_value_and_refuses_beyond_it():
+    assert admits([4, 1, 1]) and not admits([5, 1, 1])  # max_batch 4
+    assert admits([1, 6, 5]) and not admits([1, 31, 1]) and not admits([1, 10, 4])  # max_pixels 30 (H x W)
+    assert admits([1, 6, 5, 3]) and not admits([1, 6, 5, 4])  # max_image_bytes 90
+    assert admits([1, 6, 5, 1]) and not admits([1, 6, 5, 1], "FP32")  # 4 bytes a float sample
+    assert admits([2, 6, 5, 3]) and not admits([3, 6, 5, 3])  # max_request_bytes 180
+    assert all(admits([1, 2, 2, channels]) for channels in (1, 3, 4))
+    assert not any(admits(shape) for shape in ([], [0, 1, 1], [1, 0, 1], [1, 2], [1, 2, 2, 2], [1, 2, 2, 5], [1, 2, 2, 1, 1]))
+    assert not admits([1, 2, 2], raw=bytes(3)) and not admits([1, 2, 2], raw=bytes(5))
+    assert not admits([2, 1, 1], "BYTES") and not admits([1, 1, 1], "INT8")
+
+
+def test_fp32_pixels_must_lie_in_the_unit_interval():
+    def fp32(values: list[float]) -> bool:
+        return admits([1, 1, len(values)], "FP32", raw=np.array(values, "<f4").tobytes())
+
+    assert fp32([0.0, 1.0, 0.5])
+    assert not fp32([0.0, np.nextafter(np.float32(1), np.float32(2))]) and not fp32([np.float32(-1e-7), 0.5])
+    assert not fp32([np.nan, 0.5]) and not fp32([np.inf, 0.5])
+
+
+def test_typed_uint8_contents_must_fit_a_byte_and_the_shape():
+    def typed(values: list[int]) -> bool:
+        contents = pb.InferTensorContents(uint_contents=values)
+        try:
+            codec.plan_request(request("UINT8", [1, 1, 2], contents=contents), BOUNDS)
+        except InvalidInput:
+            return False
+        return True
+
+    assert typed([0, 255]) and not typed([0, 256]) and not typed([0]) and not typed([0, 1, 2])
+
+
 OWN = codec.Signature(input_name="input", channels=3, height=2, width=2, output_name="logits", classes=4)
 
 

@@ -3,8 +3,9 @@
 The firewall here carries a deliberately small probing detector (below) in place of the real
 detectors, so the run exercises refusals, Sybil id rotation and the alert log without depending on
 their thresholds; what is asserted is the report's structure and numbers that must hold for any
-model: the detector's refusals and alerts agree query for query, benign traffic is never refused,
-and the bare model server never refuses anything.
+model: the firewall's refusals and the alerts it logs agree query for query, benign traffic is
+never refused, and the bare model server never refuses anything. The alert log `evaluate --alerts`
+reads is the firewall's own: its structlog output (the service's configuration) written to a file.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from __future__ import annotations
 import json
 import threading
 from collections import defaultdict
-from datetime import datetime, timezone
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import structlog
 
 from firewall.cli import main
+from firewall.logs import logging_config
 from firewall.stage import Finding, RequestContext
 from models.runtime import bundled_model_path
 from tests.conftest import FIXTURES, address, make_settings, running_firewall
@@ -32,12 +35,11 @@ ATTACKS = ("hopskipjump", "boundary", "signopt", "geoda")
 
 class NearDuplicateProbe:
     """Flags a query within RADIUS of one of the same client's earlier queries (byte-identical
-    retries excepted) and appends the alert line the response policy writes, in ECS form."""
+    retries excepted)."""
 
     name = "test-probe"
 
-    def __init__(self, alert_log: Path):
-        self.alert_log = alert_log
+    def __init__(self):
         self.history: dict[str, list[np.ndarray]] = defaultdict(list)
         self.digests: dict[str, set[bytes]] = defaultdict(set)
         self.lock = threading.Lock()
@@ -55,31 +57,22 @@ class NearDuplicateProbe:
                 history.append(pixels)
                 if nearest < RADIUS:
                     findings.append(Finding(self.name, score=RADIUS - nearest, threshold=0.0, item=item))
-                    self._alert(ctx.client_id, RADIUS - nearest)
         return findings
-
-    def _alert(self, client_id: str, score: float) -> None:
-        line = {
-            "@timestamp": datetime.now(timezone.utc).isoformat(),
-            "event.kind": "alert",
-            "event.action": "reject",
-            "rule.name": self.name,
-            "user.id": client_id,
-            "firewall.score": score,
-            "firewall.threshold": 0.0,
-            "firewall.count": 1,
-        }
-        with self.alert_log.open("a") as log:
-            log.write(json.dumps(line) + "\n")
 
 
 @pytest.fixture(scope="module")
-def endpoints(tmp_path_factory) -> tuple[str, str, Path]:
-    alert_log = tmp_path_factory.mktemp("alerts") / "alerts.jsonl"
-    alert_log.write_text('{"event.kind": "event", "message": "server.started"}\nnot json\n')
-    with mlserver("mnist", MNIST) as baseline, running_firewall(make_settings(models={"mnist": {"policy": {"action": "ban"}}}, throttle={"address_refusals": 10_000})) as firewall:
-        firewall.service.pipelines["mnist"].stages.append(NearDuplicateProbe(alert_log))
-        yield address(firewall), baseline, alert_log
+def endpoints(tmp_path_factory) -> Iterator[tuple[str, str, Path]]:
+    alert_log = tmp_path_factory.mktemp("alerts") / "firewall.jsonl"
+    settings = make_settings(models={"mnist": {"policy": {"action": "ban"}}}, throttle={"address_refusals": 10_000})
+    with alert_log.open("w", buffering=1) as stream:
+        stream.write("not json\n")  # a stray line, as log shippers leave them
+        structlog.configure(**logging_config("INFO", stream))  # the firewall's stdout, to a file
+        try:
+            with mlserver("mnist", MNIST) as baseline, running_firewall(settings) as firewall:
+                firewall.service.pipelines["mnist"].stages.append(NearDuplicateProbe())
+                yield address(firewall), baseline, alert_log
+        finally:
+            structlog.reset_defaults()
 
 
 def evaluate(*arguments: str) -> int:
@@ -166,6 +159,8 @@ def test_alert_log_agrees_with_the_client_view(report):
             assert run["first_alert"] is None
     assert set(data["alerts"]["by_rule"]) == {"test-probe"}
     assert set(data["alerts"]["by_rule"]["test-probe"]) == {"attack"}
+    target_runs = [run for run in data["runs"] if run["endpoint"] == "target"]
+    assert data["alerts"]["by_rule"]["test-probe"]["attack"] >= len(target_runs)  # every run's ids were alerted
 
 
 def test_cost_levels(report):

@@ -23,14 +23,13 @@ import pytest
 
 from detectors.sanitizer import decode_image, read_header
 from firewall.protocol import pb, pb_grpc
-from firewall.stage import RequestContext
 from firewall.state import MemoryClientState
 from firewall.errors import Throttled
 from firewall.throttle import Admission
 from firewall.config import ThrottleConfig
 from firewall.bans import BanLog
-from tests.conftest import address, make_settings, running_firewall
-from tests.stages import Flagger, Slow, marked, with_stage
+from tests.conftest import address, make_settings, running_firewall, wait_until
+from tests.stages import Flagger, Gate, Slow, marked, with_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,31 +51,6 @@ def outcome(stub, message: pb.ModelInferRequest, client_id: str) -> grpc.StatusC
     except grpc.RpcError as error:
         return error.code()
     return grpc.StatusCode.OK
-
-
-class Gate:
-    """Holds every request until ``release()``; ``entered`` counts those holding a worker."""
-
-    name = "gate"
-
-    def __init__(self):
-        self.open = threading.Event()
-        self.entered = 0
-
-    def __call__(self, ctx: RequestContext) -> list:
-        self.entered += 1
-        self.open.wait(30)
-        return []
-
-    def release(self) -> None:
-        self.open.set()
-
-
-def wait_for(condition, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -168,12 +142,12 @@ def test_heavy_requests_never_take_every_worker(mnist_heldout):
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             first = threading.Thread(target=lambda: codes.append(outcome(stub, bytes_request([heavy]), "bomber-1")))
             first.start()
-            wait_for(lambda: gate.entered == 1)
+            wait_until(lambda: gate.entered == 1)
             # One heavy request holds the one heavy slot (half of two workers); another is refused at once.
             assert outcome(stub, bytes_request([heavy]), "bomber-2") == grpc.StatusCode.RESOURCE_EXHAUSTED
             normal = threading.Thread(target=lambda: codes.append(outcome(stub, pixels_request(images[:1]), "normal")))
             normal.start()
-            wait_for(lambda: gate.entered == 2)  # the normal client got the other worker
+            wait_until(lambda: gate.entered == 2)  # the normal client got the other worker
             gate.release()
             first.join()
             normal.join()
@@ -265,13 +239,13 @@ def test_one_client_cannot_take_the_whole_server_unary_or_streamed(mnist_heldout
             hogs = [threading.Thread(target=lambda: codes.append(outcome(stub, pixels_request(images[:1]), "hog"))) for _ in range(2)]
             for hog in hogs:
                 hog.start()
-            wait_for(lambda: gate.entered == 2)
+            wait_until(lambda: gate.entered == 2)
             assert outcome(stub, pixels_request(images[:1]), "hog") == grpc.StatusCode.RESOURCE_EXHAUSTED
             streamed = list(stub.ModelStreamInfer(iter([pixels_request(images[:1])]), metadata=[("x-client-id", "hog")], timeout=30))
             assert streamed[0].error_message == "too many requests"  # a stream counts like unary calls
             normal = threading.Thread(target=lambda: codes.append(outcome(stub, pixels_request(images[:1]), "normal")))
             normal.start()
-            wait_for(lambda: gate.entered == 3)
+            wait_until(lambda: gate.entered == 3)
             gate.release()
             for thread in (*hogs, normal):
                 thread.join()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -11,14 +9,19 @@ from tritonclient.utils import InferenceServerException
 
 from firewall.config import BanConfig, ConfigError, load_settings
 from firewall.state import ClientRecord, start_ban
-from tests.conftest import address, make_settings, running_firewall, uint8_input
+from tests.conftest import FakeClock, address, drive_clock, make_settings, running_firewall, uint8_input
 from tests.stages import Flagger, marked, with_stage
 
 BAN = {"first_s": 0.5, "factor": 3.0, "max_s": 60.0}
 
 
 @pytest.fixture(scope="module")
-def firewall():
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(scope="module")
+def firewall(clock):
     onnx = str(make_settings().onnx_path("mnist"))
     models = {
         "reject": {"onnx": onnx, "policy": {"action": "reject"}},
@@ -29,6 +32,7 @@ def firewall():
         "override": {"onnx": onnx, "policy": {"action": "ban", "rules": {"test.flagger": "monitor"}}},
     }
     with running_firewall(make_settings(models=models, throttle={"enabled": False})) as running:
+        drive_clock(running, clock)
         with with_stage(running, Flagger()):
             yield running
 
@@ -59,29 +63,31 @@ def test_reject_refuses_only_the_flagged_request(client, mnist_heldout):
     assert refused(client, "reject", np.concatenate([images[:3], marked(images[3:4])]), "r1")
 
 
-def test_ban_refuses_everything_then_expires_and_escalates(client, mnist_heldout):
+def test_ban_refuses_everything_then_expires_and_escalates(client, clock, mnist_heldout):
     images, _ = mnist_heldout
     clean, flagged = images[:1], marked(images[:1])
     assert refused(client, "ban", flagged, "b1")
-    banned_at = time.monotonic()
     assert refused(client, "ban", clean, "b1") and refused(client, "monitor", clean, "b1")  # every model
     assert not refused(client, "ban", clean, "b2")  # other clients are served
-    time.sleep(max(0.0, banned_at + 0.7 - time.monotonic()))
+    clock.advance(0.375)
+    assert refused(client, "ban", clean, "b1")
+    clock.advance(0.125)
     assert not refused(client, "ban", clean, "b1")  # first ban: 0.5 s
 
     assert refused(client, "ban", flagged, "b1")
-    banned_at = time.monotonic()
-    time.sleep(0.8)
+    clock.advance(1.375)
     assert refused(client, "ban", clean, "b1")  # second ban: 0.5 s x 3
-    time.sleep(max(0.0, banned_at + 1.8 - time.monotonic()))
+    clock.advance(0.125)
     assert not refused(client, "ban", clean, "b1")
 
 
-def test_ban_by_peer_refuses_new_client_ids_from_the_address(client, mnist_heldout):
+def test_ban_by_peer_refuses_new_client_ids_from_the_address(client, clock, mnist_heldout):
     images, _ = mnist_heldout
     assert refused(client, "ban-peer", marked(images[:1]), "p1")
     assert refused(client, "ban-peer", images[:1], "p2")
-    time.sleep(0.7)
+    clock.advance(0.375)
+    assert refused(client, "ban-peer", images[:1], "p3")
+    clock.advance(0.125)
     assert not refused(client, "ban-peer", images[:1], "p2")
 
 
@@ -96,9 +102,12 @@ def test_decoy_answers_a_constant_the_client_cannot_tell_apart(client, mnist_hel
     assert mixed[2] == last
     # The unflagged items of the mixed batch were genuine answers: the next decoy follows them.
     assert infer(client, "decoy", marked(images[33:34]), "d1")[0] == mixed[1]
-    # A client with no genuine answer yet gets a fixed label of its own.
-    fresh = {infer(client, "decoy", marked(images[i : i + 1]), "d3")[0] for i in range(40, 45)}
-    assert len(fresh) == 1 and 0 <= fresh.pop() < 10
+    # A client with no genuine answer yet gets a fixed label of its own: the same on every query,
+    # and not one constant for everybody (ten clients all alike: chance 1e-9 with a keyed hash).
+    fresh = {f"f{n}": {infer(client, "decoy", marked(images[i : i + 1]), f"f{n}")[0] for i in range(40, 43)} for n in range(10)}
+    assert all(len(labels) == 1 for labels in fresh.values())
+    own = [labels.pop() for labels in fresh.values()]
+    assert len(set(own)) > 1 and all(0 <= label < 10 for label in own)
 
 
 def test_a_finding_that_carries_an_answer_decoys_its_item_with_it(firewall, client, mnist_heldout):

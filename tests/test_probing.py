@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import tritonclient.grpc as triton
 import yaml
 
 from detectors.history import EvidenceHistory, QueryHistory
@@ -16,6 +17,7 @@ from detectors.probing import ProbingConfig, ProbingStage
 from detectors.sanitizer import Sanitizer, SanitizerConfig, decode_image
 from firewall.stage import RequestContext
 from models.runtime import InputSpec, OnnxClassifier, bundled_model_path
+from tests.conftest import make_settings, running_firewall
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MNIST_SPEC = InputSpec("input", 1, 28, 28)
@@ -342,3 +344,30 @@ def test_hopskipjump_is_probed_within_ten_queries_and_finds_nothing_within_l2_3(
     first_probed, best = run_hopskipjump(mnist_model, sanitizer, stage, [f"attacker{n}" for n in range(ids)], 600)
     assert first_probed is not None and first_probed <= 10
     assert best > 3.0
+
+
+def test_history_survives_a_server_restart_through_snapshot_dir(tmp_path: Path, digits, sanitizer, mnist_model) -> None:
+    """Through the real server: the history the probing stage built before a restart still decides
+    the answer after it. Without it the last blend is new content, answered with the model's label."""
+    document = yaml.safe_load(MNIST_THRESHOLDS.read_text())
+    probing = next(d for d in document["detectors"] if d["kind"] == "probing")
+    model = {"sanitizer": document["sanitizer"], "detectors": [probing], "policy": {"action": "decoy"}}
+    settings = make_settings(snapshot_dir=str(tmp_path), throttle={"enabled": False}, models={"mnist": model})
+    image = digits[3]
+    label = int(mnist_model.predict(sanitizer([image[:, :, None]]))[0])
+    before, after = (noise_blend(image, mnist_model, sanitizer, seed) for seed in (0, 1))
+    assert int(mnist_model.predict(sanitizer([after]))[0]) != label  # the model alone labels it otherwise
+
+    def answer(firewall, pixels: np.ndarray, client_id: str) -> int:
+        pixels = pixels if pixels.dtype == np.uint8 else pixels.astype(np.float32)
+        tensor = triton.InferInput("image", [1, *pixels.shape], "UINT8" if pixels.dtype == np.uint8 else "FP32")
+        tensor.set_data_from_numpy(pixels[None])
+        with triton.InferenceServerClient(f"127.0.0.1:{firewall.port}") as client:
+            return int(client.infer("mnist", [tensor], headers={"x-client-id": client_id}).as_numpy("label")[0])
+
+    with running_firewall(settings) as firewall:
+        assert answer(firewall, image, "first") == label
+        assert answer(firewall, before, "prober") == label  # decoyed: evidence next to the first query
+    assert (tmp_path / "mnist.probing.snapshot").is_file()
+    with running_firewall(settings) as firewall:
+        assert answer(firewall, after, "fresh-id") == label

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import cv2
@@ -20,10 +18,12 @@ from detectors.sanitizer import (
     SanitizeStage,
     decode_image,
     median_filter,
+    read_header,
     reduce_bit_depth,
 )
 from firewall.stage import RequestContext
 from models.runtime import InputSpec
+from tests.conftest import pixel_bomb
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CIFAR_JPEG = FIXTURES / "cifar10_test" / "cat" / "0134.jpg"
@@ -85,16 +85,60 @@ def test_image_over_the_pixel_limit_is_refused(cifar_rgb: np.ndarray, ext: str) 
         decode_image(data, max_pixels=1023)
 
 
-def png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+HEADER_CASES = {  # (extension, channels given to OpenCV, dtype, encoder flags) -> (channels, sample bytes) read
+    (".png", 1, np.uint8, ()): (1, 1),
+    (".png", 3, np.uint8, ()): (3, 1),
+    (".png", 4, np.uint8, ()): (4, 1),
+    (".png", 3, np.uint16, ()): (3, 2),
+    (".jpg", 1, np.uint8, ()): (1, 1),
+    (".jpg", 3, np.uint8, ()): (3, 1),
+    (".jpg", 3, np.uint8, (cv2.IMWRITE_JPEG_PROGRESSIVE, 1)): (3, 1),
+    (".bmp", 3, np.uint8, ()): (3, 1),
+    (".bmp", 4, np.uint8, ()): (4, 1),
+    (".webp", 3, np.uint8, (cv2.IMWRITE_WEBP_QUALITY, 80)): (4, 1),  # lossy (VP8)
+    (".webp", 3, np.uint8, (cv2.IMWRITE_WEBP_QUALITY, 101)): (4, 1),  # lossless (VP8L)
+    (".webp", 4, np.uint8, (cv2.IMWRITE_WEBP_QUALITY, 80)): (4, 1),  # alpha (VP8X)
+    (".gif", 3, np.uint8, ()): (4, 1),
+}
 
 
-def test_bomb_is_refused_from_its_header_alone() -> None:
-    # A 100,000 x 100,000 PNG header with a tiny compressed body: 10^10 pixels if decoded.
-    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0))
-    body = png_chunk(b"IDAT", zlib.compress(b"\x00" * 100_001 * 16)) + png_chunk(b"IEND", b"")
+@pytest.mark.parametrize("case", sorted(HEADER_CASES, key=str), ids=str)
+def test_header_announces_what_opencv_decodes(case) -> None:
+    ext, channels, dtype, flags = case
+    width, height = 263, 257  # odd, and past one byte: both bytes of a 16-bit field count
+    pixels = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, (height, width, channels), dtype=dtype)
+    ok, buffer = cv2.imencode(ext, pixels, list(flags))
+    assert ok
+    data = buffer.tobytes()
+    header = read_header(data, max_pixels=width * height, max_bytes=width * height * 8)
+    expected_channels, sample_bytes = HEADER_CASES[case]
+    assert (header.width, header.height, header.channels, header.sample_bytes) == (width, height, expected_channels, sample_bytes)
+    assert header.grey == (channels == 1) and header.reduction == 1
+    assert cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED).shape[:2] == (height, width)
+    assert decode_image(data, max_pixels=width * height).shape[:2] == (height, width)
+    with pytest.raises(InvalidImage):  # one pixel too many, or one decoded byte too many
+        read_header(data, max_pixels=width * height - 1)
+    with pytest.raises(InvalidImage):
+        read_header(data, max_pixels=width * height, max_bytes=header.decoded_bytes - 1)
+
+
+def test_large_jpeg_is_decoded_at_a_reduced_size() -> None:
+    data = encode(np.zeros((40 * 28, 33 * 28, 3), np.uint8), ".jpg")
+    header = read_header(data, max_pixels=4096 * 4096, target_side=28)
+    assert header.reduction == 8 and header.decoded_bytes == 140 * 116 * 3  # ceil(1120 / 8), ceil(924 / 8)
+    assert read_header(data, max_pixels=4096 * 4096, target_side=56).reduction == 4
+    assert read_header(data, max_pixels=4096 * 4096, target_side=300).reduction == 1
+    assert decode_image(data, max_pixels=4096 * 4096, header=header).shape == (140, 116, 3)
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg"])
+def test_pixel_bomb_is_refused_from_its_header_though_opencv_would_decode_it(ext: str) -> None:
+    bomb = pixel_bomb(ext)
+    assert len(bomb) < 1_000_000
+    assert cv2.imdecode(np.frombuffer(bomb, np.uint8), cv2.IMREAD_GRAYSCALE).shape == (5000, 5000)
+    assert read_header(bomb, max_pixels=5000 * 5000).pixels == 5000 * 5000
     with pytest.raises(InvalidImage) as caught:
-        decode_image(b"\x89PNG\r\n\x1a\n" + header + body, max_pixels=4096 * 4096)
+        decode_image(bomb, max_pixels=4096 * 4096)
     assert str(caught.value) == "invalid or unsupported image"
 
 
@@ -206,3 +250,19 @@ def test_stage_sets_the_context_tensor(mnist_digits: np.ndarray) -> None:
     ctx = RequestContext("r", "mnist", "c", "peer", [d[:, :, None] for d in mnist_digits[:2]], [b"a", b"b"])
     assert SanitizeStage(Sanitizer(SanitizerConfig(), MNIST))(ctx) == []
     assert ctx.tensor is not None and ctx.tensor.shape == (2, 1, 28, 28)
+
+
+def test_float_pixels_are_made_finite_and_clipped_exactly() -> None:
+    image = np.array([np.nan, np.inf, -np.inf, -0.5, 1.5, 0.25, 0.0, 1.0] * 98, np.float32).reshape(28, 28, 1)
+    batch = Sanitizer(SanitizerConfig(blur_kernel=0), MNIST)([image])
+    np.testing.assert_array_equal(batch[0, 0].ravel()[:8], [0.0, 1.0, 0.0, 0.0, 1.0, 0.25, 0.0, 1.0])
+
+
+def test_blur_is_opencv_gaussian_with_the_configured_kernel_sigma_and_reflected_border(mnist_digits: np.ndarray) -> None:
+    pixels = mnist_digits[0].astype(np.float32) / 255.0
+    for kernel, sigma in ((3, 0.7), (5, 1.5)):
+        blurred = Sanitizer(SanitizerConfig(blur_kernel=kernel, blur_sigma=sigma), MNIST)([mnist_digits[0][:, :, None]])
+        expected = cv2.GaussianBlur(pixels, (kernel, kernel), sigma, borderType=cv2.BORDER_REFLECT)
+        np.testing.assert_allclose(blurred[0, 0], expected, atol=1e-6)
+    unblurred = Sanitizer(SanitizerConfig(blur_kernel=1), MNIST)([mnist_digits[0][:, :, None]])
+    np.testing.assert_allclose(unblurred[0, 0], pixels, atol=1e-6)

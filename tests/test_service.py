@@ -15,7 +15,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from firewall.protocol import pb, pb_grpc
-from tests.conftest import address, make_settings, running_firewall, uint8_input
+from tests.conftest import address, make_settings, pixel_bomb, running_firewall, uint8_input
+from tests.stages import Recorder, with_stage
 
 
 def infer_labels(client, images: np.ndarray, client_id: str = "tester") -> np.ndarray:
@@ -172,15 +173,17 @@ def test_bad_input_gets_its_status_and_a_generic_message(firewall, case):
     assert "Traceback" not in message and "/" not in message and len(message) < 80
 
 
-def test_pixel_bomb_is_refused_from_its_header(client):
-    header = cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1].tobytes()
-    # Rewrite the IHDR to announce 60000 x 60000 pixels; the firewall must refuse before decoding.
-    bomb = header[:16] + (60000).to_bytes(4, "big") * 2 + header[24:]
+@pytest.mark.parametrize("ext", [".png", ".jpg"])
+def test_pixel_bomb_is_refused_from_its_header(client, ext):
+    # Well formed and decodable by OpenCV (25 Mpixels, 25 MB decoded, inside every byte limit), so
+    # only the firewall's own header check against max_pixels (16.7 Mpixels) stands in its way.
     tensor = triton.InferInput("image", [1], "BYTES")
-    tensor.set_data_from_numpy(np.array([bomb], dtype=np.object_))
+    tensor.set_data_from_numpy(np.array([pixel_bomb(ext)], dtype=np.object_))
     with pytest.raises(InferenceServerException) as raised:
         client.infer("mnist", [tensor])
     assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+    tensor.set_data_from_numpy(np.array([pixel_bomb(ext, side=4096)], dtype=np.object_))
+    assert client.infer("mnist", [tensor]).as_numpy("label").shape == (1,)  # at the limit: answered
 
 
 def test_good_client_keeps_being_served_during_bad_input(firewall, mnist_heldout):
@@ -216,3 +219,14 @@ def test_invalid_client_id_is_rejected(client, mnist_heldout):
     with pytest.raises(InferenceServerException) as raised:
         infer_labels(client, images[:1], client_id="x" * 500)
     assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_a_call_without_a_client_id_is_identified_by_its_address(firewall, mnist_heldout):
+    images, _ = mnist_heldout
+    with with_stage(firewall, Recorder()) as recorder:
+        for _ in range(2):  # two connections: two source ports, one address
+            with triton.InferenceServerClient(address(firewall)) as anonymous:
+                anonymous.infer("mnist", [uint8_input(images[:1])])
+        with triton.InferenceServerClient(address(firewall)) as named:
+            infer_labels(named, images[:1], client_id="named")
+    assert recorder.client_ids == ["127.0.0.1", "127.0.0.1", "named"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from detectors.sanitizer import Sanitizer, SanitizerConfig
+from detectors.sanitizer import Sanitizer, SanitizerConfig, squeeze
 from detectors.squeeze import SqueezeConfig, SqueezeStage, squeeze_scores
 from firewall.stage import RequestContext
 from models.runtime import OnnxClassifier, bundled_model_path
@@ -36,7 +36,11 @@ def test_a_squeezer_is_required() -> None:
 
 
 def test_scores_are_l1_distances_between_distributions(model: OnnxClassifier, digits: np.ndarray) -> None:
-    scores = squeeze_scores(model, sanitized(model, digits), 1, 2)
+    batch = sanitized(model, digits)
+    scores = squeeze_scores(model, batch, 1, 2)
+    original = model.probabilities(batch)
+    distances = [np.abs(original - model.probabilities(squeeze(batch, bits, size))).sum(axis=1) for bits, size in ((1, None), (None, 2))]
+    np.testing.assert_allclose(scores, np.maximum(*distances), atol=1e-6)
     assert scores.shape == (100,) and np.all((scores >= 0) & (scores <= 2))
     assert np.median(scores) < 0.05  # squeezing barely moves the model on clean digits
 

@@ -1,10 +1,11 @@
 """Throttling through a real server: the configured rate holds, batches pay per image, suspects
-draw from the tighter bucket, the concurrency cap holds, and the state stays bounded."""
+draw from the tighter bucket (after a reject, and after a ban until ``suspect_s`` has passed), the
+concurrency cap holds, and the state stays bounded. Time is a fake clock the tests advance, so the
+counts asserted do not depend on the machine's speed."""
 
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -12,10 +13,13 @@ import pytest
 
 from firewall.protocol import pb, pb_grpc
 from firewall.state import MemoryClientState, take_tokens
-from tests.conftest import address, make_settings, running_firewall
-from tests.stages import Flagger, Slow, marked, with_stage
+from tests.conftest import FakeClock, address, drive_clock, make_settings, running_firewall
+from tests.stages import Flagger, Gate, marked, with_stage
 
-RATE, BURST = 40.0, 4
+RATE, BURST = 16.0, 4  # binary fractions of a second refill whole tokens exactly
+SUSPECT_S = 600.0
+BAN_S = 10.0
+OK, THROTTLED, REFUSED = grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED
 
 
 def request(images: np.ndarray, model: str = "mnist") -> pb.ModelInferRequest:
@@ -32,14 +36,31 @@ def outcome(stub, message: pb.ModelInferRequest, client_id: str) -> grpc.StatusC
 
 
 @pytest.fixture(scope="module")
-def firewall():
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(scope="module")
+def firewall(clock):
+    onnx = str(make_settings().onnx_path("mnist"))
     settings = make_settings(
-        throttle={"rate": RATE, "burst": BURST, "suspect_rate": 0.5, "suspect_burst": 2},
-        models={"mnist": {"policy": {"action": "reject"}}},
+        throttle={
+            "rate": RATE,
+            "burst": BURST,
+            "suspect_rate": 0.5,
+            "suspect_burst": 2,
+            "suspect_s": SUSPECT_S,
+            "address_rate": 1000.0,  # every test shares the loopback address
+            "address_burst": 1000,
+        },
+        models={
+            "mnist": {"policy": {"action": "reject"}},
+            "ban": {"onnx": onnx, "policy": {"action": "ban", "ban": {"first_s": BAN_S}}},
+        },
     )
-    with running_firewall(settings) as running:
-        with with_stage(running, Flagger()):
-            yield running
+    with running_firewall(settings) as running, with_stage(running, Flagger()):
+        drive_clock(running, clock)
+        yield running
 
 
 @pytest.fixture
@@ -48,29 +69,26 @@ def stub(firewall):
         yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
-def test_rate_holds_within_ten_percent_over_five_seconds(stub, mnist_heldout):
+def test_the_bucket_gives_the_burst_then_refills_at_the_rate_and_no_further(stub, clock, mnist_heldout):
     images, _ = mnist_heldout
     message = request(images[:1])
-    answered = throttled = 0
-    started = time.monotonic()
-    while (elapsed := time.monotonic() - started) < 5.0:
-        code = outcome(stub, message, "steady")
-        if code == grpc.StatusCode.OK:
-            answered += 1
-        else:
-            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            throttled += 1
-            time.sleep(0.002)
-    rate = (answered - BURST) / elapsed
-    assert abs(rate - RATE) / RATE < 0.10, (answered, throttled, elapsed)
-    assert throttled > answered  # the client asked for far more than the rate
+    codes = [outcome(stub, message, "steady") for _ in range(BURST + 3)]
+    assert codes == [OK] * BURST + [THROTTLED] * 3  # while time stands still nothing refills
+    for _ in range(8):
+        clock.advance(2 / RATE)  # two tokens' worth
+        assert [outcome(stub, message, "steady") for _ in range(3)] == [OK, OK, THROTTLED]
+    clock.advance(3600.0)  # a long pause refills to the burst, not beyond
+    assert [outcome(stub, message, "steady") for _ in range(BURST + 1)] == [OK] * BURST + [THROTTLED]
 
 
-def test_a_batch_pays_one_token_per_image(stub, mnist_heldout):
+def test_a_batch_pays_one_token_per_image(stub, clock, mnist_heldout):
     images, _ = mnist_heldout
-    time.sleep(0.2)  # the bucket is full again (4 tokens at 40/s)
-    assert outcome(stub, request(images[:4]), "batcher") == grpc.StatusCode.OK
-    assert outcome(stub, request(images[:4]), "batcher") == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert outcome(stub, request(images[:4]), "batcher") == OK
+    assert outcome(stub, request(images[:1]), "batcher") == THROTTLED
+    clock.advance(3 / RATE)  # three tokens: not enough for a batch of four
+    assert outcome(stub, request(images[:4]), "batcher") == THROTTLED
+    clock.advance(1 / RATE)
+    assert outcome(stub, request(images[:4]), "batcher") == OK
 
 
 def test_invalid_requests_draw_from_the_address_bucket_and_create_no_client_record():
@@ -93,28 +111,47 @@ def test_invalid_requests_draw_from_the_address_bucket_and_create_no_client_reco
 
 def test_a_client_with_a_refused_finding_gets_the_tighter_bucket(stub, mnist_heldout):
     images, _ = mnist_heldout
-    assert outcome(stub, request(marked(images[:1])), "suspect") == grpc.StatusCode.PERMISSION_DENIED
+    assert outcome(stub, request(marked(images[:1])), "suspect") == REFUSED
     codes = [outcome(stub, request(images[i : i + 1]), "suspect") for i in range(4)]
-    assert codes == [grpc.StatusCode.OK] * 2 + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
-    assert outcome(stub, request(images[:1]), "innocent") == grpc.StatusCode.OK
+    assert codes == [OK] * 2 + [THROTTLED] * 2
+    assert outcome(stub, request(images[:1]), "innocent") == OK
+
+
+def test_after_a_ban_ends_the_client_is_a_suspect_until_suspect_s_has_passed(stub, clock, mnist_heldout):
+    images, _ = mnist_heldout
+    clean = request(images[:1], "ban")
+    assert outcome(stub, request(marked(images[:1]), "ban"), "convict") == REFUSED
+    clock.advance(BAN_S - 0.125)
+    assert outcome(stub, clean, "convict") == REFUSED  # still banned
+    clock.advance(0.25)
+    assert [outcome(stub, clean, "convict") for _ in range(3)] == [OK, OK, THROTTLED]  # suspect bucket: 2
+    clock.advance(SUSPECT_S - 0.25)  # the suspect period runs suspect_s from the end of the ban
+    assert [outcome(stub, clean, "convict") for _ in range(3)] == [OK, OK, THROTTLED]
+    clock.advance(0.25)
+    assert [outcome(stub, clean, "convict") for _ in range(BURST + 1)] == [OK] * BURST + [THROTTLED]
 
 
 def test_the_global_concurrency_cap_refuses_beyond_it(mnist_heldout):
     images, _ = mnist_heldout
     settings = make_settings(max_concurrent_requests=2, throttle={"enabled": False})
     codes: list[grpc.StatusCode] = []
-    with running_firewall(settings) as firewall, with_stage(firewall, Slow(0.5)):
+    gate = Gate()
+    with running_firewall(settings) as firewall, with_stage(firewall, gate):
         with grpc.insecure_channel(address(firewall)) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            callers = [
+            held = [
                 threading.Thread(target=lambda i=i: codes.append(outcome(stub, request(images[:1]), f"c{i}")))
-                for i in range(4)
+                for i in range(2)
             ]
-            for caller in callers:
+            for caller in held:
                 caller.start()
-            for caller in callers:
+            gate.wait_entered(2)  # both slots taken
+            beyond = [outcome(stub, request(images[:1]), f"c{i}") for i in range(2, 4)]
+            gate.release()
+            for caller in held:
                 caller.join()
-    assert sorted(code.name for code in codes) == ["OK", "OK", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"]
+            after = outcome(stub, request(images[:1]), "c4")
+    assert beyond == [THROTTLED, THROTTLED] and codes == [OK, OK] and after == OK
 
 
 def test_token_bucket_arithmetic():

@@ -20,8 +20,11 @@ from tritonclient.utils import InferenceServerException
 
 from firewall.config import ListenerTLS
 from firewall.tls import TrustedProxies
+from models.runtime import bundled_model_path
 from tests.conftest import make_settings, running_firewall, uint8_input
 from tests.stages import Recorder, with_stage
+
+ONNX = bundled_model_path("mnist")
 
 
 class Authority:
@@ -140,6 +143,38 @@ def test_trusted_proxies_match_addresses_networks_and_identities():
 def test_trusted_proxies_require_mutual_tls(tmp_path):
     with pytest.raises(ValidationError, match="client_ca"):
         ListenerTLS(cert=tmp_path / "c", key=tmp_path / "k", trusted_proxies=["10.0.0.1"])
+
+
+def test_grpc_upstream_over_mutual_tls_checks_the_ca_the_name_and_presents_a_certificate(pki, mnist_heldout):
+    """A firewall forwarding over gRPC to another firewall's mutual-TLS listener (an OIP server that
+    takes the model's own tensors): answered with alice's certificate under the right CA and server
+    name; refused under another CA, another name, or without a client certificate."""
+    images, _ = mnist_heldout
+    cert, key = pki["alice"]
+    tls = {"ca": str(pki["ca"]), "cert": str(cert), "key": str(key), "server_name": "localhost"}
+    with served(pki, client_ca=True) as upstream, with_stage(upstream, Recorder()) as recorder:
+
+        def backend(**changes) -> dict:
+            return {"kind": "upstream", "address": f"127.0.0.1:{upstream.port}", "model_name": "mnist", "tls": tls | changes}
+
+        models = {
+            "local": {"onnx": str(ONNX)},  # embedded: the reference labels
+            "trusted": {"onnx": str(ONNX), "backend": backend()},
+            "stranger": {"onnx": str(ONNX), "backend": backend(ca=str(pki["stranger"][0]))},  # not the CA that signed it
+            "elsewhere": {"onnx": str(ONNX), "backend": backend(server_name="elsewhere")},  # not named in its certificate
+            "anonymous": {"onnx": str(ONNX), "backend": backend(cert=None, key=None)},
+        }
+        with running_firewall(make_settings(models=models)) as forwarding, triton.InferenceServerClient(f"127.0.0.1:{forwarding.port}") as client:
+            forwarded = client.infer("trusted", [uint8_input(images[:8])]).as_numpy("label")
+            local = client.infer("local", [uint8_input(images[:8])]).as_numpy("label")
+            refused = []
+            for model in ("stranger", "elsewhere", "anonymous"):
+                with pytest.raises(InferenceServerException) as raised:
+                    client.infer(model, [uint8_input(images[:1])])
+                refused.append(raised.value.status())
+    assert forwarded.tolist() == local.tolist()
+    assert set(recorder.client_ids) == {"alice"}  # the upstream saw the client certificate
+    assert refused == ["StatusCode.UNAVAILABLE"] * 3
 
 
 def test_admin_endpoint_with_mutual_tls_serves_operators_with_a_certificate_only(pki, capsys):

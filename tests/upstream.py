@@ -52,15 +52,25 @@ def wait_model_ready(address: str, model: str, timeout_s: float = 60.0) -> None:
 
 @contextmanager
 def mlserver(
-    model: str, onnx: Path, host: str = "127.0.0.1", grpc_port: int | None = None, http_port: int | None = None
+    model: str,
+    onnx: Path,
+    host: str = "127.0.0.1",
+    grpc_port: int | None = None,
+    http_port: int | None = None,
+    others: dict[str, Path] | None = None,
 ) -> Iterator[str]:
-    """Run MLServer with ``onnx`` under the name ``model``; yields its gRPC address (REST: on ``http_port``)."""
+    """Run MLServer with ``onnx`` under the name ``model`` (and each of ``others`` under its name);
+    yields its gRPC address (REST: on ``http_port``)."""
     grpc_port = grpc_port or free_port()
     workdir = Path(tempfile.mkdtemp(prefix="mlserver-"))
+    models = {model: onnx, **(others or {})}
     try:
-        model_dir = workdir / model
-        model_dir.mkdir()
-        shutil.copy(RUNTIME, model_dir / RUNTIME.name)
+        for name, path in models.items():
+            model_dir = workdir / name
+            model_dir.mkdir()
+            shutil.copy(RUNTIME, model_dir / RUNTIME.name)
+            model_settings = {"name": name, "implementation": "onnx_runtime.OnnxRuntime", "parameters": {"uri": str(path)}}
+            (model_dir / "model-settings.json").write_text(json.dumps(model_settings))
         settings = {
             "host": host,
             "http_port": http_port or free_port(),
@@ -70,9 +80,7 @@ def mlserver(
             "debug": False,
         }
         (workdir / "settings.json").write_text(json.dumps(settings))
-        model_settings = {"name": model, "implementation": "onnx_runtime.OnnxRuntime", "parameters": {"uri": str(onnx)}}
-        (model_dir / "model-settings.json").write_text(json.dumps(model_settings))
-        env = {**os.environ, "PYTHONPATH": str(model_dir)}
+        env = {**os.environ, "PYTHONPATH": str(workdir / model)}  # the runtime module (the same file in every model folder)
         process = subprocess.Popen(
             [sys.executable, "-m", "mlserver.cli.main", "start", str(workdir)],
             env=env,
@@ -83,7 +91,8 @@ def mlserver(
         address = f"{host}:{grpc_port}"
         PROCESS_GROUPS[address] = process.pid
         try:
-            wait_model_ready(address, model)
+            for name in models:
+                wait_model_ready(address, name)
             yield address
         finally:
             PROCESS_GROUPS.pop(address, None)
