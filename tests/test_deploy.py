@@ -326,9 +326,6 @@ def test_some_overlay_scales_out_and_some_uses_tls() -> None:
 def test_shared_state_components_add_a_redis_only_the_firewall_pods_reach(tmp_path: Path) -> None:
     """components/shared-state + components/redis on an overlay: replicas without sticky routing,
     the Redis URL from a Secret, and a Redis whose NetworkPolicy admits the firewall pods only."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed: the kustomize overlays cannot be rendered here")
     relative = lambda path: os.path.relpath(path, tmp_path)  # noqa: E731 (kustomize refuses absolute paths)
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
@@ -336,7 +333,7 @@ def test_shared_state_components_add_a_redis_only_the_firewall_pods_reach(tmp_pa
         "resources": [relative(K8S / "overlays" / "mlserver")],
         "components": [relative(K8S / "components" / name) for name in ("shared-state", "redis")],
     }))
-    result = subprocess.run([kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([kubectl(), "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
     for doc in docs:
