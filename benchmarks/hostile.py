@@ -1,16 +1,25 @@
 """Hostile-load measurements against a real `firewall serve` process (issue 12). A script, not a test.
 
     python benchmarks/hostile.py bomb [--root DIR] [--images 16]
+    python benchmarks/hostile.py flood [--callers 500] [--seconds 30] [--one-id]
 
 ``bomb``: one request of N all-zero 4096 x 4096 16-bit RGBA PNGs (131 KB each on the wire, 128 MiB
 each if decoded), then a normal 28x28 request; prints the status, the time, the server's peak RSS
 (VmHWM) and its RSS 2 s later. ``--root`` runs the firewall from another checkout (for a
 before/after comparison: ``--root /path/to/main``).
+
+``flood``: a normal client sends one digit every 0.2 s, alone and then while ``--callers`` hostile
+callers (a process of their own, grpc.aio, each calling in a loop with a fresh id each, or all one
+id with ``--one-id``) keep the server busy; prints the normal client's success share and p99 beside
+its idle p99. Everything runs from 127.0.0.1, so the per-address limits, which would hold the flood
+to one address's share, are lifted here: the figure is for hostile callers from many addresses.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -39,9 +48,17 @@ def bytes_request(items: list[bytes]) -> pb.ModelInferRequest:
     return pb.ModelInferRequest(model_name="mnist", inputs=[tensor])
 
 
-def start(root: Path) -> tuple[subprocess.Popen, str]:
+def start(root: Path, **overrides: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(root), "FIREWALL_METRICS_LISTEN": f"127.0.0.1:{free_port()}", "FIREWALL_HTTP_LISTEN": "127.0.0.1:0", "FIREWALL_THROTTLE__ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "FIREWALL_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
+        "FIREWALL_HTTP_LISTEN": "127.0.0.1:0",
+        "FIREWALL_ADMIN__LISTEN": "127.0.0.1:0",
+        "FIREWALL_THROTTLE__ENABLED": "false",
+        **overrides,
+    }
     process = subprocess.Popen([sys.executable, "-m", "firewall", "serve", "--listen", f"127.0.0.1:{port}"], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     with grpc.insecure_channel(address) as channel:
@@ -80,13 +97,86 @@ def bomb(root: Path, images: int) -> None:
         process.wait(timeout=30)
 
 
+def digit_request() -> pb.ModelInferRequest:
+    pixels = np.zeros((1, 28, 28), np.uint8)
+    pixels[0, 6:22, 12:16] = 255  # a "1"
+    tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=[1, 28, 28])
+    return pb.ModelInferRequest(model_name="mnist", inputs=[tensor], raw_input_contents=[pixels.tobytes()])
+
+
+def normal_client(address: str, seconds: float) -> tuple[int, list[float]]:
+    """Calls every 0.2 s for ``seconds``; returns the calls made and the latencies of those answered."""
+    latencies, calls = [], 0
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            started = time.perf_counter()
+            calls += 1
+            try:
+                stub.ModelInfer(digit_request(), metadata=[("x-client-id", "normal")], timeout=5)
+                latencies.append(time.perf_counter() - started)
+            except grpc.RpcError:
+                pass
+            time.sleep(max(0.0, 0.2 - (time.perf_counter() - started)))
+    return calls, latencies
+
+
+async def hostile_callers(address: str, callers: int, seconds: float, one_id: bool) -> None:
+    request = digit_request()
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        until = time.monotonic() + seconds
+
+        async def caller(k: int) -> None:
+            sent = 0
+            while time.monotonic() < until:
+                client = "hostile" if one_id else f"hostile-{k}-{sent}"
+                sent += 1
+                with contextlib.suppress(grpc.RpcError):
+                    await stub.ModelInfer(request, metadata=[("x-client-id", client)], timeout=10)
+
+        await asyncio.gather(*(caller(k) for k in range(callers)))
+
+
+def flood(root: Path, callers: int, seconds: float, one_id: bool) -> None:
+    lifted = {"FIREWALL_THROTTLE__ENABLED": "true", "FIREWALL_MAX_REQUESTS_PER_ADDRESS": "100000",
+              "FIREWALL_THROTTLE__ADDRESS_RATE": "1000000", "FIREWALL_THROTTLE__ADDRESS_BURST": "1000000"}  # fmt: skip
+    process, address = start(root, **lifted)
+    try:
+        idle_calls, idle = normal_client(address, 10)
+        command = [sys.executable, __file__, "callers", "--address", address, "--callers", str(callers), "--seconds", str(seconds + 4)]
+        hostile = subprocess.Popen([*command, *(["--one-id"] if one_id else [])])
+        time.sleep(3)  # the flood ramps up
+        calls, loaded = normal_client(address, seconds)
+        hostile.wait(timeout=seconds + 60)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    p99 = lambda samples: float(np.percentile(samples, 99)) * 1e3 if samples else float("nan")  # noqa: E731
+    print(
+        f"callers={callers} one_id={one_id} idle: {len(idle)}/{idle_calls} answered, p99 {p99(idle):.1f} ms; "
+        f"flooded: {len(loaded)}/{calls} answered ({len(loaded) / max(calls, 1):.0%}), p99 {p99(loaded):.1f} ms "
+        f"({p99(loaded) / p99(idle):.1f} x idle)"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", choices=["bomb"])
+    parser.add_argument("scenario", choices=["bomb", "flood", "callers"], help="callers: the flood's own process")
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent)
-    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--images", type=int, default=16, help="bomb: images in the request")
+    parser.add_argument("--callers", type=int, default=500, help="flood: hostile callers")
+    parser.add_argument("--seconds", type=float, default=30.0, help="flood: how long the flood lasts")
+    parser.add_argument("--one-id", action="store_true", help="flood: every hostile call under one client id")
+    parser.add_argument("--address", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    bomb(args.root.resolve(), args.images)
+    if args.scenario == "bomb":
+        bomb(args.root.resolve(), args.images)
+    elif args.scenario == "flood":
+        flood(args.root.resolve(), args.callers, args.seconds, args.one_id)
+    else:
+        asyncio.run(hostile_callers(args.address, args.callers, args.seconds, args.one_id))
     return 0
 
 
