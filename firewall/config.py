@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from detectors.registry import DetectorConfig
 from detectors.sanitizer import SanitizerConfig
-from models.runtime import bundled_calibration, bundled_model_path
+from models.runtime import bundled_calibration, bundled_model_path, calibration_beside
 
 
 class Strict(BaseModel):
@@ -121,13 +121,17 @@ class PolicyConfig(Strict):
 class ProtectedModel(Strict):
     """One protected model, by the name clients call it."""
 
-    onnx: Path | None = Field(None, description="local copy of the model; default: the bundled models/<name>/model.onnx")
+    onnx: Path | None = Field(
+        None,
+        description="local copy of the model; default: the bundled models/<name>/model.onnx; without `detectors`, "
+        "X.thresholds.yaml beside X.onnx, if present, gives the sanitizer and detectors",
+    )
     backend: Backend = Field(EmbeddedBackend(), description="where the model runs: embedded or upstream")
     policy: PolicyConfig = Field(PolicyConfig(), description="what findings do to the client")
     limits: InputLimits = Field(InputLimits(), description="input size limits")
     sanitizer: SanitizerConfig = Field(SanitizerConfig(), description="preprocessing before the model")
     detectors: list[DetectorConfig] = Field(
-        [], description="detectors in order; a bundled model without this key gets its calibrated set"
+        [], description="detectors in order; a model without this key gets its calibrated set, if any (see `onnx`)"
     )
 
 
@@ -322,13 +326,15 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _calibrated_defaults(cls, data: Any) -> Any:
-        """A bundled model configured without detectors gets the sanitizer and detectors calibrated for it."""
+        """A model configured without detectors gets the sanitizer and detectors calibrated for it: the
+        bundled model's ``thresholds.yaml``, or ``X.thresholds.yaml`` beside an ``onnx: X.onnx`` file."""
         if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
             return data
         models = {}
         for name, model in data["models"].items():
-            if isinstance(model, dict) and model.get("onnx") is None and "detectors" not in model:
-                calibrated = bundled_calibration(name)
+            if isinstance(model, dict) and "detectors" not in model:
+                onnx = model.get("onnx")
+                calibrated = bundled_calibration(name) if onnx is None else calibration_beside(Path(onnx))
                 model = {**{key: calibrated[key] for key in ("sanitizer", "detectors") if key in calibrated}, **model}
             models[name] = model
         return {**data, "models": models}

@@ -36,7 +36,15 @@ def bundled_model_path(name: str) -> Path:
 
 def bundled_calibration(name: str) -> dict:
     """The sanitizer and detector settings calibrated for a bundled model (``thresholds.yaml``), or {}."""
-    path = Path(str(resources.files("models").joinpath(name, "thresholds.yaml")))
+    return _read_calibration(Path(str(resources.files("models").joinpath(name, "thresholds.yaml"))))
+
+
+def calibration_beside(onnx_path: Path) -> dict:
+    """The settings calibrated for the model file ``X.onnx`` (``X.thresholds.yaml`` beside it), or {}."""
+    return _read_calibration(onnx_path.with_name(f"{onnx_path.stem}.thresholds.yaml"))
+
+
+def _read_calibration(path: Path) -> dict:
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 

@@ -94,8 +94,13 @@ def train_epoch(
     augment: Callable[[torch.Tensor], torch.Tensor],
     generator: torch.Generator,
     label_smoothing: float = 0.0,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
-    """One pass over uint8 ``images`` [N, C, H, W] in a seeded order; returns the mean loss."""
+    """One pass over uint8 ``images`` [N, C, H, W] in a seeded order; returns the mean loss.
+
+    ``loss_fn(logits, batch, labels)`` replaces the cross-entropy on the hard labels when given
+    (distillation scores the logits against a teacher's answer on the same augmented batch).
+    """
     model.train()
     order = torch.randperm(len(images), generator=generator)
     total = 0.0
@@ -103,7 +108,11 @@ def train_epoch(
     for start in batches:  # a progress bar on a terminal only
         index = order[start : start + batch_size]
         batch = augment(to_unit_range(images[index])).contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(model(batch), labels[index], label_smoothing=label_smoothing)
+        logits = model(batch)
+        if loss_fn is None:
+            loss = F.cross_entropy(logits, labels[index], label_smoothing=label_smoothing)
+        else:
+            loss = loss_fn(logits, batch, labels[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,0 +1,83 @@
+"""Defensive distillation (`firewall distill`) and the bundled distilled MNIST model behind the firewall."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import tritonclient.grpc as triton
+
+from firewall.cli import main as firewall_main
+from firewall.config import Settings
+from models.accuracy import measure_accuracy
+from models.distill import distill
+from models.runtime import OnnxClassifier, bundled_model_path
+from models.training import export_onnx, seed_everything
+from tests.conftest import address, make_settings, running_firewall, uint8_input
+
+DISTILLED = bundled_model_path("mnist").with_name("distilled.onnx")
+TRAIN = 640  # fixture digits the test student learns from; the rest of the fixture measures it
+
+
+def test_a_short_distillation_exports_dropout_and_beats_chance_by_far(tmp_path: Path, mnist_heldout):
+    images, labels = mnist_heldout
+    teacher = OnnxClassifier(bundled_model_path("mnist"), max_rows=64)
+    generator = seed_everything(0, threads=1)
+    train = torch.from_numpy(images[:TRAIN]).unsqueeze(1)
+    student = distill(teacher, train, temperature=20.0, epochs=6, lr=0.01, generator=generator, log=lambda _: None)
+    export_onnx(student, (1, 28, 28), tmp_path / "student.onnx")
+
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "student.onnx")).graph.node]
+    assert ops.count("Dropout") == 3  # MC dropout still has its masks to sample
+    accuracy = measure_accuracy(OnnxClassifier(tmp_path / "student.onnx"), images[TRAIN:], labels[TRAIN:])
+    assert accuracy >= 0.6, accuracy  # chance is 0.1
+
+
+@pytest.mark.parametrize(
+    ("teacher", "extra", "message"),
+    [
+        ("mnist", ["--temperature", "0"], "--temperature must be positive"),
+        ("cifar10", [], "distill handles MNIST models"),
+        ("garbage", [], "is not an ONNX model"),
+    ],
+)
+def test_cli_refuses_bad_input_with_exit_2(tmp_path: Path, capsys, teacher: str, extra: list[str], message: str):
+    if teacher == "garbage":
+        (tmp_path / "garbage.onnx").write_bytes(b"not a model")
+        path = tmp_path / "garbage.onnx"
+    else:
+        path = bundled_model_path(teacher)
+    argv = ["distill", str(path), "--data", str(tmp_path), "--out", str(tmp_path / "out.onnx"), *extra]
+    assert firewall_main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_the_bundled_distilled_model_keeps_dropout_and_is_accurate(mnist_heldout):
+    images, labels = mnist_heldout
+    assert [node.op_type for node in onnx.load(str(DISTILLED)).graph.node].count("Dropout") == 3
+    assert measure_accuracy(OnnxClassifier(DISTILLED), images, labels) >= 0.985
+
+
+def test_serving_the_distilled_model_takes_its_calibration_beside_it(tmp_path: Path):
+    served = Settings(models={"mnist": {"onnx": str(DISTILLED)}}).models["mnist"]
+    assert [d.kind for d in served.detectors] == ["probing", "uncertainty", "squeeze"]
+    bundled = Settings(models={"mnist": {}}).models["mnist"]
+    assert served.detectors[1].threshold != bundled.detectors[1].threshold  # its own, not the teacher's
+    copy = shutil.copy(DISTILLED, tmp_path / "copy.onnx")  # nothing calibrated beside it
+    assert Settings(models={"mnist": {"onnx": str(copy)}}).models["mnist"].detectors == []
+
+
+def test_the_firewall_serves_the_distilled_model_accurately(mnist_heldout):
+    images, labels = mnist_heldout
+    settings = make_settings(models={"mnist": {"onnx": str(DISTILLED)}})
+    with running_firewall(settings) as firewall, triton.InferenceServerClient(address(firewall)) as client:
+        answers = [
+            client.infer("mnist", [uint8_input(images[start : start + 64])]).as_numpy("label")
+            for start in range(0, 256, 64)
+        ]
+    assert (np.concatenate(answers) == labels[:256]).mean() >= 0.98
