@@ -32,6 +32,7 @@ from tests.stages import Flagger, marked, with_stage
 CONFIG = {
     "listen": "127.0.0.1:0",
     "metrics_listen": "127.0.0.1:0",
+    "http_listen": "127.0.0.1:0",
     "admin": {"listen": "127.0.0.1:0"},
     "throttle": {"enabled": False},
     "models": {
