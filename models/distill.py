@@ -103,8 +103,8 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=10, help="default: %(default)s")
     parser.add_argument("--lr", type=float, default=0.01, help="peak OneCycle learning rate (default: %(default)s)")
     parser.add_argument("--limit", type=int, default=None, help="train on the first N of images 0-7,999 only")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
