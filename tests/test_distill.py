@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -22,12 +23,20 @@ DISTILLED = bundled_model_path("mnist").with_name("distilled.onnx")
 TRAIN = 640  # fixture digits the test student learns from; the rest of the fixture measures it
 
 
-def test_a_short_distillation_exports_dropout_and_beats_chance_by_far(tmp_path: Path, mnist_heldout):
+@pytest.fixture
+def seeded_torch() -> Iterator[torch.Generator]:
+    """Seeded, deterministic torch for one test; the process's thread count and kernels restored after."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield seed_everything(0, threads=1)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def test_a_short_distillation_exports_dropout_and_beats_chance_by_far(tmp_path: Path, mnist_heldout, seeded_torch):
     images, labels = mnist_heldout
     teacher = OnnxClassifier(bundled_model_path("mnist"), max_rows=64)
-    generator = seed_everything(0, threads=1)
     train = torch.from_numpy(images[:TRAIN]).unsqueeze(1)
-    student = distill(teacher, train, temperature=20.0, epochs=6, lr=0.01, generator=generator, log=lambda _: None)
+    student = distill(teacher, train, temperature=20.0, epochs=6, lr=0.01, generator=seeded_torch, log=lambda _: None)
     export_onnx(student, (1, 28, 28), tmp_path / "student.onnx")
 
     ops = [node.op_type for node in onnx.load(str(tmp_path / "student.onnx")).graph.node]
