@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -13,9 +14,11 @@ from typing import Iterator
 import cv2
 import numpy as np
 import pytest
+import structlog
 import tritonclient.grpc as triton
 
 from firewall.config import Settings
+from firewall.logs import logging_config
 from firewall.server import Firewall
 from models.runtime import OnnxClassifier, bundled_model_path
 
@@ -128,3 +131,15 @@ def firewall() -> Iterator[Firewall]:
 def client(firewall: Firewall) -> Iterator[triton.InferenceServerClient]:
     with triton.InferenceServerClient(address(firewall)) as connected:
         yield connected
+
+
+@pytest.fixture
+def log_lines(tmp_path):
+    """Route structlog (with the service's configuration) to a file; yield a reader of its lines."""
+    path = tmp_path / "stdout.jsonl"
+    with path.open("w", buffering=1) as stream:
+        structlog.configure(**logging_config("INFO", stream))
+        try:
+            yield lambda: [json.loads(line) for line in path.read_text().splitlines()]
+        finally:
+            structlog.reset_defaults()

@@ -15,7 +15,6 @@ import time
 import grpc
 import numpy as np
 import pytest
-import structlog
 import tritonclient.grpc as triton
 import yaml
 from tritonclient.utils import InferenceServerException
@@ -24,7 +23,6 @@ from firewall.admin import SERVICE
 from firewall.bans import BanLog
 from firewall.cli import main
 from firewall.config import AdminConfig, Settings, load_settings
-from firewall.logs import logging_config
 from firewall.state import MemoryClientState
 from tests.conftest import address, running_firewall, uint8_input
 from tests.stages import Flagger, marked, with_stage
@@ -43,16 +41,6 @@ CONFIG = {
     },
 }
 
-
-@pytest.fixture
-def log_lines(tmp_path):
-    path = tmp_path / "stdout.jsonl"
-    with path.open("w", buffering=1) as stream:
-        structlog.configure(**logging_config("INFO", stream))
-        try:
-            yield lambda: [json.loads(line) for line in path.read_text().splitlines()]
-        finally:
-            structlog.reset_defaults()
 
 
 @pytest.fixture

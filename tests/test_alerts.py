@@ -11,11 +11,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import structlog
 
 from firewall.alerts import Alert, AlertAggregator
 from firewall.config import AlertConfig
-from firewall.logs import logging_config
 from firewall.protocol import pb, pb_grpc
 from tests.conftest import FakeClock, address, drive_clock, make_settings, running_firewall
 from tests.stages import Flagger, marked, with_stage
@@ -23,17 +21,6 @@ from tests.stages import Flagger, marked, with_stage
 ECS_ROOTS = {"@timestamp", "message", "log", "ecs", "event", "error", "user", "source", "rule", "file", "firewall"}
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z$")
 
-
-@pytest.fixture
-def log_lines(tmp_path):
-    """Route structlog (with the service's configuration) to a file; yield a reader of its lines."""
-    path = tmp_path / "stdout.jsonl"
-    with path.open("w", buffering=1) as stream:
-        structlog.configure(**logging_config("INFO", stream))
-        try:
-            yield lambda: [json.loads(line) for line in path.read_text().splitlines()]
-        finally:
-            structlog.reset_defaults()
 
 
 def alert(client_id: str = "c1", rule: str = "probing.client", score: float = 0.5) -> Alert:

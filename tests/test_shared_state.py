@@ -4,7 +4,6 @@ answering (degraded metric and alert, then resynchronised) and closed mode answe
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,10 +15,8 @@ from typing import Iterator
 import grpc
 import numpy as np
 import pytest
-import structlog
 import yaml
 
-from firewall.logs import logging_config
 from firewall.protocol import pb, pb_grpc
 from firewall.server import Firewall
 from models.runtime import OnnxClassifier
@@ -245,16 +242,6 @@ def test_two_serve_processes_configured_from_the_environment_share_a_bucket_and_
 
 # -- failure -------------------------------------------------------------------------------------------
 
-
-@pytest.fixture
-def log_lines(tmp_path):
-    path = tmp_path / "stdout.jsonl"
-    with path.open("w", buffering=1) as stream:
-        structlog.configure(**logging_config("INFO", stream))
-        try:
-            yield lambda: [json.loads(line) for line in path.read_text().splitlines()]
-        finally:
-            structlog.reset_defaults()
 
 
 def test_redis_killed_in_open_mode_answers_on_then_resynchronises(redis_server, images, log_lines):
