@@ -19,7 +19,6 @@ from firewall.protocol import pb, pb_grpc
 from models.runtime import bundled_model_path
 from tests.conftest import address, make_settings, running_firewall
 from tests.stages import Flagger, Recorder, marked, with_stage
-from tests.test_alerts import log_lines  # noqa: F401 (a fixture)
 from tests.test_service import BAD_REQUESTS
 
 
