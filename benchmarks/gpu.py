@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.runtime import median_ms  # noqa: E402
 from detectors.sanitizer import squeeze  # noqa: E402
 from models.mc_dropout import McDropoutClassifier, McDropoutHead, repeats  # noqa: E402
 from models.runtime import OnnxClassifier, bundled_model_path  # noqa: E402
@@ -62,17 +62,6 @@ class BoundPath:
         return logits.numpy(), passes.copy_outputs_to_cpu()[0]
 
 
-def timed_ms(function, *args, repeat: int = 50) -> float:
-    for _ in range(5):
-        function(*args)
-    samples = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        function(*args)
-        samples.append(time.perf_counter() - started)
-    return 1000.0 * float(np.median(samples))
-
-
 def model_path_table(batches: list[int]) -> str:
     path = bundled_model_path("mnist")
     rng = np.random.default_rng(0)
@@ -90,13 +79,13 @@ def model_path_table(batches: list[int]) -> str:
         batch = rng.random((size, 1, 28, 28), dtype=np.float32)
         squeezed = np.concatenate([squeeze(batch, 1, None), squeeze(batch, None, 2)])
         for device, (model, head, full) in paths.items():
-            once = timed_ms(model.forward, batch)
+            once = median_ms(model.forward, batch, repeat=50, warmup=5)
             if device == "CUDA":
-                with_head = timed_ms(bound, batch)
+                with_head = median_ms(bound, batch, repeat=50, warmup=5)
             else:
-                with_head = timed_ms(lambda x, m=model, h=head: h.sample_logits(m.forward(x).features, PASSES), batch)
-            with_squeeze = with_head + timed_ms(model.logits, squeezed)
-            all_layers = timed_ms(full.sample_logits, batch, PASSES, repeat=20)
+                with_head = median_ms(lambda x, m=model, h=head: h.sample_logits(m.forward(x).features, PASSES), batch, repeat=50, warmup=5)
+            with_squeeze = with_head + median_ms(model.logits, squeezed, repeat=50, warmup=5)
+            all_layers = median_ms(full.sample_logits, batch, PASSES, repeat=20, warmup=5)
             lines.append(
                 f"| {size} | {device}{' (IO binding)' if device == 'CUDA' else ''} | {once:.3f} | {with_head:.3f} "
                 f"| {with_squeeze:.3f} | {all_layers:.3f} |"

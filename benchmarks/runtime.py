@@ -25,8 +25,8 @@ from detectors.history import QueryHistory  # noqa: E402
 from models.runtime import OnnxClassifier, bundled_model_path  # noqa: E402
 
 
-def median_ms(function, *args, repeat: int) -> float:
-    for _ in range(10):
+def median_ms(function, *args, repeat: int, warmup: int = 10) -> float:
+    for _ in range(warmup):
         function(*args)
     samples = []
     for _ in range(repeat):

@@ -152,19 +152,12 @@ redis.call('HSET', KEYS[1], 'off', offences + 1, 'offat', fmt(now), 'ban', fmt(n
 keep(KEYS[1], now)
 return {1, fmt(duration)}
 """,
-    # KEYS: client. ARGV: seconds, keep.
-    "suspect": """
+    # KEYS: key. ARGV: field ('sus': a suspect period; 'ban': a ban held locally while Redis was away),
+    # seconds, keep. The period lasts at least that long from now; a longer one already there wins.
+    "extend": """
 local now = clock()
-local until_ = math.max(num(redis.call('HGET', KEYS[1], 'sus')), now + tonumber(ARGV[1]))
-redis.call('HSET', KEYS[1], 'sus', fmt(until_))
-keep(KEYS[1], now)
-return 1
-""",
-    # KEYS: key. ARGV: seconds left, keep. A ban held locally while Redis was away; the longer one wins.
-    "hold_ban": """
-local now = clock()
-local until_ = math.max(num(redis.call('HGET', KEYS[1], 'ban')), now + tonumber(ARGV[1]))
-redis.call('HSET', KEYS[1], 'ban', fmt(until_))
+local until_ = math.max(num(redis.call('HGET', KEYS[1], ARGV[1])), now + tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], ARGV[1], fmt(until_))
 keep(KEYS[1], now)
 return 1
 """,
@@ -317,7 +310,7 @@ class RedisClientState:
         for start in range(0, len(bans), 500):
             pipe = self.client.pipeline(transaction=False)
             for key, left in bans[start : start + 500]:
-                await self.scripts["hold_ban"](keys=[self._key(key)], args=[left, self.keep_offences_s], client=pipe)
+                await self.scripts["extend"](keys=[self._key(key)], args=["ban", left, self.keep_offences_s], client=pipe)
             await asyncio.wait_for(pipe.execute(), self.config.timeout_s * 4)
 
     # -- admission (event loop) --------------------------------------------------------------------
@@ -375,7 +368,7 @@ class RedisClientState:
 
     def suspect(self, key: str, seconds: float) -> None:
         try:
-            self._run_blocking("suspect", [self._key(key)], [seconds, self.keep_offences_s])
+            self._run_blocking("extend", [self._key(key)], ["sus", seconds, self.keep_offences_s])
         except _Down:
             self.local.suspect(key, seconds)
 
