@@ -75,8 +75,8 @@ class ResponsePolicy:
             for finding in decoyed:  # an item's own decoy (the probing stage's) first
                 if finding.answer is not None:
                     decoys[finding.item] = finding.answer
-            for finding in decoyed:
-                decoys[finding.item] = fallback if decoys[finding.item] < 0 else decoys[finding.item]
+            items = [finding.item for finding in decoyed]
+            decoys[items] = np.where(decoys[items] < 0, fallback, decoys[items])
         flagged = decoys >= 0
         self._remember(ctx, ctx.labels[~flagged])
         ctx.labels = np.where(flagged, decoys, ctx.labels).astype(np.int64)
