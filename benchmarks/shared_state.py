@@ -50,7 +50,14 @@ UNTHROTTLED = {"rate": 1e9, "burst": 10**9}
 def start(workdir: Path, name: str, state: dict, detectors: bool) -> tuple[subprocess.Popen, str]:
     port = free_port()
     model = {} if detectors else {"detectors": []}
-    config = {"listen": f"127.0.0.1:{port}", "throttle": UNTHROTTLED, "state": state, "models": {"mnist": model}}
+    config = {
+        "listen": f"127.0.0.1:{port}",
+        "http_listen": f"127.0.0.1:{free_port()}",
+        "admin": {"listen": f"127.0.0.1:{free_port()}"},
+        "throttle": UNTHROTTLED,
+        "state": state,
+        "models": {"mnist": model},
+    }
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     environment = {**os.environ, "FIREWALL_METRICS_LISTEN": f"127.0.0.1:{free_port()}"}
