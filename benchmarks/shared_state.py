@@ -10,10 +10,11 @@ real ``redis-server`` on loopback; this process is the load generator.
 (a) latency: one caller sends ``--requests`` distinct held-out digits one after the other to a
     memory-state and a Redis-state firewall, taking turns every round, with pass-through stages
     (admission: two Lua scripts; the answer: the label write) and with the calibrated detectors
-    (plus the probing evidence counts and the query stream). Throttling is on but far above the load.
+    (plus the query stream, which carries the probing evidence; the per-image detectors' CUSUM runs
+    after the answer). Throttling is on but far above the load.
 (b) throughput: ``--callers`` concurrent callers (one client id each) on one Redis-state replica,
     then spread round-robin over three, for ``--seconds``, calibrated detectors.
-(c) sizing: MEMORY USAGE of 1,000 clients' keys (record, banned record, labels, evidence count)
+(c) sizing: MEMORY USAGE of 1,000 clients' keys (record, banned record, labels, CUSUM statistic)
     and of the query stream per entry (what (a) and (b) published).
 """
 
@@ -131,24 +132,24 @@ def percentiles(seconds: list[float]) -> tuple[float, float]:
 
 async def sizing(url: str, clients: int = 1000) -> dict[str, float]:
     """Bytes in Redis per client: its record (bucket, and once banned: ban, offences, suspicion),
-    its last labels, its and its address's probing evidence counts; per query in the stream."""
+    its last labels, a per-image detector's CUSUM statistic; per query in the stream."""
     local = MemoryClientState(clients)
     state = RedisClientState(StateConfig(backend="redis", url=url), local, keep_offences_s=86400.0)
     await state.start()
     slow, suspect = Bucket(0.001, 200), Bucket(1.0, 5)  # a slow refill keeps each bucket's record alive
-    evidence = state.counts("mnist.probing.clients", 3600.0, clients)
+    evidence = state.cusum("mnist.uncertainty", 0.05, 0.5, 13.8, clients, 86400.0)
     for n in range(clients):
         key = f"client-{n:06d}"
         await state.admit_client(key, 1, slow, suspect)
         await asyncio.to_thread(state.remember, key, "mnist", 3)
-        await asyncio.to_thread(evidence.add, key, 1.0, 0.0)
+        await asyncio.to_thread(evidence.add, key, [True], 0.0)
     store = redis.Redis.from_url(url)
     await asyncio.sleep(0.5)  # the label writes land
     usage = lambda pattern: np.mean([store.memory_usage(key, samples=0) for key in store.scan_iter(pattern, count=1000)])  # noqa: E731
     result = {
         "client record (bucket)": usage(b"firewall:c:client-*"),
         "last labels": usage(b"firewall:l:client-*"),
-        "evidence count": usage(b"firewall:e:*client-*"),
+        "CUSUM statistic (one per-image detector)": usage(b"firewall:s:*client-*"),
     }
     for n in range(clients):
         await asyncio.to_thread(state.ban, f"client-{n:06d}", BanConfig(), 600.0)

@@ -21,6 +21,11 @@ client say a lot.
 
 Both keep at most ``max_keys`` keys, least recently updated forgotten first, so a flood of fresh
 ids costs bounded memory (and an id that is forgotten had little evidence or was idle).
+
+Several replicas: a per-image stage's ``share`` takes its CUSUM from the shared state
+(``detectors.shared``), one statistic per client for every replica, so a client spreading its
+images over replicas is tested on all of them in order. The probing counts stay a local
+``DecayingCount`` on each replica, fed with every replica's evidence by the query exchange.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from collections import OrderedDict
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from detectors.shared import ClientTest, SharedState
 from firewall.stage import Finding, RequestContext
 
 
@@ -62,17 +68,16 @@ class DecayingCount(_Bounded):
         self.rate = math.log(2) / half_life_s
 
     def add(self, key: str, count: float, now: float) -> float:
-        """Add ``count`` observations now; return the key's decayed count."""
+        """Add ``count`` observations made at ``now``; return the key's decayed count. An observation
+        older than the key's last one (another replica's, arriving late) is decayed to that time."""
         with self.lock:
             value, then = self.values.get(key, (0.0, now))
-            value = value * math.exp(-self.rate * max(now - then, 0.0)) + count
+            if now >= then:
+                value = value * math.exp(-self.rate * (now - then)) + count
+            else:
+                value, now = value + count * math.exp(-self.rate * (then - now)), then
             self._store(key, value, now)
             return value
-
-    def set(self, key: str, value: float, now: float) -> None:
-        """Take a value counted elsewhere (a shared store's), so that it decays from here on."""
-        with self.lock:
-            self._store(key, value, now)
 
     def current(self, key: str, now: float) -> float:
         """The key's decayed count now, without adding to it."""
@@ -81,11 +86,15 @@ class DecayingCount(_Bounded):
             return value * math.exp(-self.rate * max(now - then, 0.0))
 
 
+def cusum_steps(p0: float, p1: float) -> tuple[float, float]:
+    """The log-likelihood ratio a flagged and a clean image add."""
+    return math.log(p1 / p0), math.log((1 - p1) / (1 - p0))
+
+
 class Cusum(_Bounded):
     def __init__(self, p0: float, p1: float, threshold: float, max_keys: int):
         super().__init__(max_keys)
-        self.flagged_step = math.log(p1 / p0)
-        self.clean_step = math.log((1 - p1) / (1 - p0))
+        self.flagged_step, self.clean_step = cusum_steps(p0, p1)
         self.threshold = threshold
 
     def add(self, key: str, flags: list[bool], now: float) -> float:
@@ -104,6 +113,11 @@ class Cusum(_Bounded):
         with self.lock:
             return self.values.get(key, (0.0, 0.0))[0]
 
+    def set(self, key: str, value: float, now: float) -> None:
+        """Take a statistic computed elsewhere (a shared store's)."""
+        with self.lock:
+            self._store(key, value, now)
+
 
 class ClientRateConfig(BaseModel):
     """When a per-image detector flags a client: its flagged share far above the benign rate (CUSUM)."""
@@ -114,16 +128,24 @@ class ClientRateConfig(BaseModel):
     attack_rate: float = Field(0.5, gt=0, lt=1, description="p1: share of crafted images flagged")
     threshold: float = Field(13.8, gt=0, description="h: log-likelihood ratio that flags the client")
     max_clients: int = Field(100_000, ge=1, description="clients tracked; least recently seen forgotten")
+    keep_s: float = Field(24 * 3600.0, gt=0, description="a shared store forgets a client's statistic this long after its last image")
 
     def build(self) -> Cusum:
         return Cusum(self.benign_rate, self.attack_rate, self.threshold, self.max_clients)
 
+    def shared(self, state: SharedState, name: str) -> ClientTest:
+        return state.cusum(name, self.benign_rate, self.attack_rate, self.threshold, self.max_clients, self.keep_s)
+
 
 class ClientRateStage:
     """The per-image stages' per-client evidence, for the operator to read (``client_evidence``) and reset
-    (``forget_client``)."""
+    (``forget_client``); with several replicas (``share``) one statistic per client for all of them."""
 
-    clients: Cusum
+    clients: ClientTest
+    client_config: ClientRateConfig
+
+    def share(self, state: SharedState, name: str) -> None:
+        self.clients = self.client_config.shared(state, name)
 
     def client_evidence(self, client_id: str) -> dict[str, float]:
         return {"cusum": self.clients.current(client_id), "cusum_threshold": self.clients.threshold}
@@ -133,7 +155,7 @@ class ClientRateStage:
 
 
 def client_rate_findings(
-    rule: str, test: Cusum, ctx: RequestContext, scores: np.ndarray, threshold: float, details: dict
+    rule: str, test: ClientTest, ctx: RequestContext, scores: np.ndarray, threshold: float, details: dict
 ) -> list[Finding]:
     """Feed a request's per-image flags to the client's test; a finding while the client is over it.
 

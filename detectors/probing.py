@@ -45,11 +45,12 @@ The constant answer is a decoy in the sense of Feng, Hooda, Mangaokar, Fawaz, Jh
 CCS 2023): an explicit refusal is an oracle their adaptive attacker (OARS) steers by; a constant
 answer is not.
 
-Several replicas (``share``): the firewall hands the stage its state (``detectors.shared``). The
-evidence counts are then one count per client id and per address across every replica, and each
-replica publishes the queries it placed (embedding, digest key, label, answer, evidence flag, time)
-and adds the other replicas' to its own history, so a search stays local and never waits for the
-network, and an attack spread over replicas lands in one history.
+Several replicas (``share``): the firewall hands the stage its state (``detectors.shared``). Each
+replica publishes the queries it placed (embedding, digest key, label, answer, evidence flag, time,
+client id and address) and adds the other replicas' to its own history and their evidence to its
+own counts, so neither a search nor a count waits for the network, and an attack spread over
+replicas lands in one history and one count per client id and address (as soon as the exchange
+delivers it: milliseconds, the same delay after which its queries become neighbours there).
 
 Memory is bounded: ``window`` queries (embedding, time, key, label, answer, evidence flag) and at
 most ``max_clients`` evidence counters per kind. FAISS runs with one thread. The history is written
@@ -147,14 +148,12 @@ class ProbingStage:
             log.info("probing snapshot loaded", path=str(path), queries=len(self.history))
 
     def share(self, state: SharedState, name: str) -> None:
-        """Count evidence in ``state`` and exchange queries through it (several replicas)."""
-        config = self.config
-        self.clients = state.counts(f"{name}.clients", config.evidence_half_life_s, config.max_clients)
-        self.addresses = state.counts(f"{name}.addresses", config.evidence_half_life_s, config.max_clients)
+        """Exchange queries, and with them evidence, through ``state`` (several replicas)."""
         self.feed = state.feed(name, self._receive)
 
     def _receive(self, rows: QueryRows) -> None:
-        """Add queries other replicas placed to this history (no search: they were placed there)."""
+        """Add queries another replica placed to this history (no search: they were placed there),
+        and their evidence to the sender's counts."""
         if rows.vectors.ndim != 2 or rows.vectors.shape[1] != self.embedder.dim:
             log.warning("probing queries of another embedding ignored", dim=rows.vectors.shape[-1])
             return
@@ -165,6 +164,10 @@ class ProbingStage:
                 self.history.add(vector, int(key), int(label), int(answer), bool(evidence), float(when))
                 if evidence:
                     self.evidence.add(vector, int(answer))
+        evidence = int(rows.evidence.sum())
+        if evidence and len(rows):
+            self.clients.add(rows.client, evidence, float(rows.times.max()))
+            self.addresses.add(rows.address, evidence, float(rows.times.max()))
 
     def __call__(self, ctx: RequestContext) -> Sequence[Finding]:
         if ctx.tensor is None or not len(ctx.tensor):
@@ -179,10 +182,12 @@ class ProbingStage:
             placed = [self._place(vector, key, int(label), now) for vector, key, label in zip(vectors, keys, labels)]
         ctx.scratch["novel"] = [placement.novel for placement in placed]
         if self.feed is not None:
-            self._publish(vectors, keys, labels, placed, now)
+            self._publish(ctx, vectors, keys, labels, placed, now)
         return self._findings(ctx, placed, now)
 
-    def _publish(self, vectors: np.ndarray, keys: list[int], labels: np.ndarray, placed: list[Placement], now: float) -> None:
+    def _publish(
+        self, ctx: RequestContext, vectors: np.ndarray, keys: list[int], labels: np.ndarray, placed: list[Placement], now: float
+    ) -> None:
         stored = [i for i, placement in enumerate(placed) if not placement.repeat]
         if stored:
             answers = [labels[i] if placed[i].answer is None else placed[i].answer for i in stored]
@@ -194,6 +199,8 @@ class ProbingStage:
                     answers=np.array(answers, np.int64),
                     evidence=np.array([placed[i].evidence for i in stored], bool),
                     times=np.full(len(stored), now),
+                    client=ctx.client_id,
+                    address=ctx.peer,
                 )
             )
 

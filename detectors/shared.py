@@ -1,6 +1,6 @@
 """What a stateful detector needs from the state that outlives a request, as interfaces.
 
-The firewall passes an object with ``counts`` and ``feed`` to a stage's ``share`` method: in
+The firewall passes an object with ``cusum`` and ``feed`` to a stage's ``share`` method: in
 process memory (one replica) or in a shared store (several replicas, ``firewall.redis_state``).
 Detectors depend on these interfaces only, so they stay a library.
 """
@@ -14,23 +14,22 @@ from typing import Protocol
 import numpy as np
 
 
-class Counts(Protocol):
-    """Per-key counts that decay with time (``detectors.evidence.DecayingCount`` in memory)."""
+class ClientTest(Protocol):
+    """A sequential test per client over its flagged images (``detectors.evidence.Cusum`` in memory)."""
 
-    def add(self, key: str, count: float, now: float) -> float:
-        """Add ``count`` observations; return the key's decayed count (a shared store uses its own clock)."""
+    threshold: float
 
-    def current(self, key: str, now: float) -> float:
-        """The key's decayed count, without adding to it."""
+    def add(self, key: str, flags: list[bool], now: float) -> float:
+        """Observe a client's images in order; return the statistic after the largest of them."""
+
+    def current(self, key: str) -> float: ...
 
     def forget(self, key: str) -> None: ...
-
-    def __len__(self) -> int: ...
 
 
 @dataclass(frozen=True)
 class QueryRows:
-    """Queries one replica placed in its history, as other replicas add them to theirs."""
+    """Queries one replica placed in its history for one request, as other replicas add them to theirs."""
 
     vectors: np.ndarray  # float32 [n, dim]
     keys: np.ndarray  # uint64 [n], digest keys
@@ -38,6 +37,8 @@ class QueryRows:
     answers: np.ndarray  # int64 [n], what the client got
     evidence: np.ndarray  # bool [n]
     times: np.ndarray  # float64 [n], wall-clock seconds
+    client: str = ""  # who sent them: their evidence counts for this client id
+    address: str = ""  # and for this source address
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -49,8 +50,10 @@ class QueryFeed(Protocol):
 
 
 class SharedState(Protocol):
-    def counts(self, name: str, half_life_s: float, max_keys: int) -> Counts: ...
+    def cusum(self, name: str, p0: float, p1: float, threshold: float, max_keys: int, keep_s: float) -> ClientTest:
+        """Page's CUSUM per client (``detectors.evidence.Cusum``), one statistic per client for every
+        replica; a shared store forgets a statistic ``keep_s`` after its last image."""
 
     def feed(self, name: str, receive: Callable[[QueryRows], None]) -> QueryFeed | None:
-        """Exchange queries with the other replicas: ``receive`` gets theirs, on a worker thread.
-        None when there are no other replicas (process memory)."""
+        """Exchange queries with the other replicas: ``receive`` gets theirs, one request's rows at a
+        time, on a worker thread. None when there are no other replicas (process memory)."""

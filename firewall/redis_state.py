@@ -12,22 +12,34 @@ replicas agree on time and never act on a stale copy:
   it matters, so a fresh id's record lives only until its bucket is full again;
 - a client's last genuine labels, ``<prefix>l:<key>``, kept ``label_ttl_s`` (written in batches
   every 50 ms: no decision of the request depends on it);
-- the stateful detectors' decaying evidence counts, ``<prefix>e:<name>:<key>``, kept until they
-  decay below 0.01;
+- the per-image detectors' CUSUM statistic per client, ``<prefix>s:<name>:<key>``, updated by one
+  script per request (on the monitoring worker, after the answer), kept ``keep_s`` after the
+  client's last image;
 - ``<prefix>secret``: 16 random bytes the first replica writes and all read at start, so that
   the decoy label a client gets before it has a genuine one is the same on every replica;
 - per model, a stream of the queries each replica placed in its history, ``<prefix>q:<name>``,
   trimmed to about ``stream_length`` entries (XADD MAXLEN ~). Each replica reads the others'
   entries (XREAD, blocking on a connection of its own) into its own FAISS index on a worker
-  thread, and publishes its own from a bounded buffer; a search never waits for the network.
+  thread, and publishes its own from a bounded buffer; a search never waits for the network. The
+  entries carry the client id and address, so each replica counts every replica's probing
+  evidence in its own memory: no detector decision before the answer waits for Redis;
+- ``<prefix>ops``: a pub/sub channel on which an operator's lift or reset on one replica reaches
+  the others' in-memory copies.
 
 Failure: every call has a deadline (``timeout_s``) and the connection pool a size; a failed call
 marks the store degraded (metric ``firewall_shared_state_up`` 0, one alert line) and a task
 reconnects with exponential backoff (``retry_s`` doubling to ``max_retry_s``). While degraded, the
 ``open`` fail mode decides from this replica's memory, a ``MemoryClientState`` that mirrors every
-ban seen in Redis, so known bans still hold; ``closed`` answers UNAVAILABLE. Back in Redis, the
-bans this replica holds are written back (the longer one wins) and the query buffer is published.
-Bucket levels, offence counts raised while degraded and evidence counted locally are not merged.
+ban seen in Redis, so known bans still hold; ``closed`` answers UNAVAILABLE. Back in Redis, what
+was counted locally is merged in (``merge``): the tokens each bucket spent while degraded are
+spent in Redis too, bans and suspicion last as long as the longer of the two, the larger offence
+count wins, and each CUSUM statistic counted locally raises Redis's to at least its value; the
+bans this replica holds are written back too (Redis may have lost them), and the query buffer is
+published. The keys counted while degraded are bounded by ``buffer``; beyond, dropped and counted.
+A lift or reset published while a replica was cut off does not reach it.
+
+Redis Cluster is not supported: a decision's keys (a client and its address) hash to different
+slots, and one script must see both.
 
 Redis sees client ids and addresses (as keys). Use TLS (``rediss://``) and a password off the
 pod's network; deploy/k8s/components/redis keeps Redis reachable from firewall pods only.
@@ -50,8 +62,8 @@ import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
-from detectors.evidence import DecayingCount
-from detectors.shared import Counts, QueryFeed, QueryRows
+from detectors.evidence import Cusum
+from detectors.shared import ClientTest, QueryFeed, QueryRows
 from firewall.config import BanConfig, StateConfig
 from firewall.errors import Banned, StoreUnavailable, Throttled
 from firewall.state import Bucket, ClientRecord, MemoryClientState
@@ -62,7 +74,8 @@ T = TypeVar("T")
 FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 READ_BLOCK_MS = 1000  # a stream reader waits this long for new entries before asking again
 READ_COUNT = 512  # entries per read
-SMALLEST_COUNT = 0.01  # an evidence count is forgotten once it has decayed below this
+MERGE_BATCH = 500  # records merged back per pipelined round trip
+LIST_LIMIT = 100_000  # records an operator's listing reads from Redis at most
 LABEL_FLUSH_S = 0.05  # last labels are written to Redis in batches this often
 PUBLISH_DELAY_S = 0.01  # queries are published this long after the first of a batch was placed
 
@@ -161,22 +174,49 @@ redis.call('HSET', KEYS[1], ARGV[1], fmt(until_))
 keep(KEYS[1], now)
 return 1
 """,
-    # KEYS: counter. ARGV: count, decay rate (ln 2 / half-life). -> the decayed count (a string)
-    "count": """
+    # KEYS: statistic. ARGV: flagged step, clean step, flags ('1' flagged, '0' clean, in order), keep.
+    # -> {peak, value}: Page's CUSUM, floored at 0; a statistic at 0 is deleted
+    "cusum": """
+local v = tonumber(redis.call('GET', KEYS[1])) or 0
+local peak = v
+for i = 1, #ARGV[3] do
+  local step = string.sub(ARGV[3], i, i) == '1' and tonumber(ARGV[1]) or tonumber(ARGV[2])
+  v = math.max(0, v + step)
+  peak = math.max(peak, v)
+end
+if #ARGV[3] > 0 then
+  if v > 0 then redis.call('SET', KEYS[1], fmt(v), 'PX', math.ceil(tonumber(ARGV[4]) * 1000)) else redis.call('DEL', KEYS[1]) end
+end
+return {fmt(peak), fmt(v)}
+""",
+    # KEYS: statistic. ARGV: value counted locally, keep. Redis's statistic becomes at least that.
+    "cusum_merge": """
+local v = tonumber(ARGV[1])
+if v > (tonumber(redis.call('GET', KEYS[1])) or 0) then
+  redis.call('SET', KEYS[1], fmt(v), 'PX', math.ceil(tonumber(ARGV[2]) * 1000))
+end
+return 1
+""",
+    # KEYS: record. ARGV: bucket field ('' for none), seconds of refill the tokens spent locally take,
+    # ban left, suspicion left, offences, seconds since the last one, keep. What one replica counted
+    # while Redis was away, merged in: spent tokens add up, the later end and the larger count win.
+    "merge": """
 local now = clock()
-local f = redis.call('HMGET', KEYS[1], 'v', 't')
-local count, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
-if not f[1] then
-  if count == 0 then return '0' end
-  f = {0, now}
+local function later(field, left)
+  if left > 0 then redis.call('HSET', KEYS[1], field, fmt(math.max(num(redis.call('HGET', KEYS[1], field)), now + left))) end
 end
-local v = tonumber(f[1]) * math.exp(-rate * math.max(now - tonumber(f[2]), 0)) + count
-if count > 0 then
-  redis.call('HSET', KEYS[1], 'v', fmt(v), 't', fmt(now))
-  redis.call('PEXPIRE', KEYS[1], math.ceil(1000 * math.max(math.log(v / %(smallest)s), 0) / rate) + 1000)
+if ARGV[1] ~= '' and tonumber(ARGV[2]) > 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], fmt(math.max(num(redis.call('HGET', KEYS[1], ARGV[1])), now) + tonumber(ARGV[2])))
 end
-return fmt(v)
-""".replace("%(smallest)s", repr(SMALLEST_COUNT)),
+later('ban', tonumber(ARGV[3]))
+later('sus', tonumber(ARGV[4]))
+local f = redis.call('HMGET', KEYS[1], 'off', 'offat')
+if tonumber(ARGV[5]) > num(f[1]) then
+  redis.call('HSET', KEYS[1], 'off', ARGV[5], 'offat', fmt(math.max(num(f[2]), now - tonumber(ARGV[6]))))
+end
+keep(KEYS[1], now)
+return 1
+""",
 }
 
 
@@ -200,6 +240,11 @@ class RedisClientState:
         self.up = False  # until the first answer
         self.errors = 0
         self.feeds: list[RedisFeed] = []
+        self.tests: list[RedisCusum] = []
+        self._listener: asyncio.Task | None = None
+        # Keys decided from local memory while Redis was away, with the buckets they drew from
+        # (the client's and the suspect one): merged back at recovery.
+        self._pending: dict[str, tuple[Bucket | None, Bucket | None]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._recovery: asyncio.Task | None = None
         self._lock = threading.Lock()
@@ -304,14 +349,58 @@ class RedisClientState:
             return
 
     async def _resync(self) -> None:
-        """Write back the shared secret and the bans this replica holds (decided while degraded, or seen before)."""
+        """Write back the shared secret, merge what was counted here while degraded, and write back
+        the bans this replica holds (Redis may have lost them)."""
         await self.client.set(f"{self.config.key_prefix}secret", self.secret, nx=True)
-        bans = list(self.local.active_bans().items())
-        for start in range(0, len(bans), 500):
-            pipe = self.client.pipeline(transaction=False)
-            for key, left in bans[start : start + 500]:
-                await self.scripts["extend"](keys=[self._key(key)], args=["ban", left, self.keep_offences_s], client=pipe)
-            await asyncio.wait_for(pipe.execute(), self.config.timeout_s * 4)
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        keys = list(pending) + [key for key in self.local.active_bans() if key not in pending]
+        try:
+            for start in range(0, len(keys), MERGE_BATCH):
+                pipe = self.client.pipeline(transaction=False)
+                for key in keys[start : start + MERGE_BATCH]:
+                    args = self._merge_args(key, *pending.get(key, (None, None)))
+                    if args is not None:
+                        await self.scripts["merge"](keys=[self._key(key)], args=args, client=pipe)
+                await asyncio.wait_for(pipe.execute(), self.config.timeout_s * 4)
+            for test in self.tests:
+                await test.merge()
+        except BaseException:
+            with self._lock:  # tried again at the next recovery: merging is idempotent
+                self._pending = pending | self._pending
+            raise
+        for key in pending:  # spent in Redis now: not again at the next recovery
+            self.local.update(key, lambda record: setattr(record, "tokens", None))
+
+    def _merge_args(self, key: str, bucket: Bucket | None, suspect: Bucket | None) -> list[Any] | None:
+        """The ``merge`` script's arguments for what this replica holds of ``key``."""
+        record = self.local.get(key)
+        if record is None:
+            return None
+        now = self.local.clock()
+        field, spent = "", 0.0
+        current = suspect if suspect is not None and record.suspect_until > now else bucket
+        if current is not None and record.tokens is not None:
+            tokens = min(float(current.burst), record.tokens + (now - record.refilled_at) * current.rate)
+            field, spent = ("stat" if current is suspect else "tat"), (current.burst - tokens) / current.rate
+        return [
+            field,
+            spent,
+            max(record.banned_until - now, 0.0),
+            max(record.suspect_until - now, 0.0),
+            record.offences,
+            max(now - record.last_offence_at, 0.0),
+            self.keep_offences_s,
+        ]
+
+    def _counted_locally(self, key: str, bucket: Bucket | None = None, suspect: Bucket | None = None) -> None:
+        """Remember that ``key`` was decided from local memory, to merge it back at recovery."""
+        with self._lock:
+            if key not in self._pending and len(self._pending) >= self.config.buffer:
+                self.dropped_writes += 1
+                return
+            old_bucket, old_suspect = self._pending.get(key, (None, None))
+            self._pending[key] = (bucket or old_bucket, suspect or old_suspect)
 
     # -- admission (event loop) --------------------------------------------------------------------
 
@@ -321,6 +410,8 @@ class RedisClientState:
             keys = [self._key(client_key), self._key(peer_key)]
             reply = await self._run("admit_address", keys, [cost, rate, burst, self.keep_offences_s])
         except _Down:
+            if bucket is not None:
+                self._counted_locally(peer_key, bucket)
             return await self.local.admit_address(client_key, peer_key, cost, bucket)
         self._verdict(reply, [client_key, peer_key], "address rate limit")
 
@@ -330,6 +421,8 @@ class RedisClientState:
         try:
             reply = await self._run("admit_client", [self._key(key)], args)
         except _Down:
+            if bucket is not None:
+                self._counted_locally(key, bucket, suspect)
             return await self.local.admit_client(key, cost, bucket, suspect)
         self._verdict(reply, [key], "client rate limit")
         return False  # a record is never discarded here: it expires with its bucket
@@ -347,6 +440,7 @@ class RedisClientState:
         try:
             banned = await self._run("count_refusal", [self._key(peer_key)], [budget, window_s, cooldown_s, self.keep_offences_s])
         except _Down:
+            self._counted_locally(peer_key)
             return await self.local.count_refusal(peer_key, budget, window_s, cooldown_s)
         if banned:
             self.local.mirror_ban(peer_key, cooldown_s)
@@ -362,6 +456,7 @@ class RedisClientState:
         try:
             started, seconds = self._run_blocking("ban", [self._key(key)], args)
         except _Down:
+            self._counted_locally(key)
             return self.local.ban(key, config, suspect_s)
         self.local.mirror_ban(key, float(seconds))
         return float(seconds) if started else None
@@ -370,6 +465,7 @@ class RedisClientState:
         try:
             self._run_blocking("extend", [self._key(key)], ["sus", seconds, self.keep_offences_s])
         except _Down:
+            self._counted_locally(key)
             self.local.suspect(key, seconds)
 
     def remember(self, key: str, model: str, label: int) -> None:
@@ -423,37 +519,89 @@ class RedisClientState:
             return self.local.get(key)
         if not fields and not labels:
             return None
-        shift = time.monotonic() - (seconds + micros / 1e6)  # Redis's clock to this process's
-        moment = lambda name: float(fields.get(name, 0)) + shift if name in fields else 0.0  # noqa: E731
-        return ClientRecord(
-            suspect_until=moment(b"sus"),
-            banned_until=moment(b"ban"),
-            offences=int(fields.get(b"off", 0)),
-            last_offence_at=moment(b"offat"),
-            last_labels={model.decode(): int(label) for model, label in labels.items()},
-            refusals=int(fields.get(b"ref", 0)),
-            refusals_until=moment(b"refu"),
-        )
+        record = _record(fields, time.monotonic() - (seconds + micros / 1e6))
+        record.last_labels = {model.decode(): int(label) for model, label in labels.items()}
+        return record
 
     def items(self) -> list[tuple[str, ClientRecord]]:
-        return self.local.items()  # what this replica holds: listing every key in Redis would scan it all
+        """Every replica's records, read from Redis (at most ``LIST_LIMIT``; last labels left out);
+        this replica's own while Redis is away."""
+        prefix = self._key("")
+
+        def read() -> list[tuple[str, ClientRecord]]:
+            names = []
+            for name in self.blocking.scan_iter(match=prefix.replace("*", "\\*") + "*", count=1000):
+                names.append(name)
+                if len(names) >= LIST_LIMIT:
+                    break
+            found = []
+            for start in range(0, len(names), MERGE_BATCH):
+                pipe = self.blocking.pipeline(transaction=False).time()
+                for name in names[start : start + MERGE_BATCH]:
+                    pipe.hgetall(name)
+                (seconds, micros), *records = pipe.execute()
+                shift = time.monotonic() - (seconds + micros / 1e6)
+                found += [(name.decode()[len(prefix) :], _record(fields, shift)) for name, fields in zip(names[start:], records) if fields]
+            return found
+
+        try:
+            return self._blocking(read)
+        except _Down:
+            return self.local.items()
 
     def remove(self, key: str) -> bool:
         tracked = self.local.remove(key)
         try:
-            removed = self._blocking(lambda: self.blocking.delete(self._key(key), f"{self.config.key_prefix}l:{key}"))
+            removed = self._blocking(lambda: self._announce("reset", key, self.blocking.pipeline(transaction=False).delete(self._key(key), f"{self.config.key_prefix}l:{key}")))[0]
         except _Down:
             return tracked
         return tracked or removed > 0
 
     def lift(self, key: str) -> None:
         self.local.lift(key)
-        self._blocking(lambda: self.blocking.hset(self._key(key), mapping={"ban": 0, "sus": 0}))  # _Down: not lifted
+        pipe = self.blocking.pipeline(transaction=False).hset(self._key(key), mapping={"ban": 0, "sus": 0})
+        self._blocking(lambda: self._announce("lift", key, pipe))  # _Down: not lifted
+
+    def _announce(self, action: str, key: str, pipe: Any) -> list:
+        """Run ``pipe`` and tell the other replicas to do the same to their in-memory copy of ``key``."""
+        return pipe.publish(f"{self.config.key_prefix}ops", f"{action}:{self.replica}:{key}").execute()
+
+    async def _listen(self) -> None:
+        """Apply the other replicas' lifts and resets to this replica's in-memory copies."""
+        channel = f"{self.config.key_prefix}ops"
+        listener = Redis(connection_pool=self._pool(1, READ_BLOCK_MS / 1000 + self.config.timeout_s))
+        try:
+            while True:
+                if not self.up:
+                    await asyncio.sleep(self.config.retry_s)
+                    continue
+                try:
+                    async with listener.pubsub() as pubsub:
+                        await pubsub.subscribe(channel)
+                        while self.up:
+                            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=READ_BLOCK_MS / 1000)
+                            if message is not None:
+                                self._apply(message["data"].decode(errors="replace"))
+                except FAILURES as error:
+                    self._degrade(error)
+        finally:
+            await listener.aclose()
+
+    def _apply(self, message: str) -> None:
+        action, replica, key = (message.split(":", 2) + ["", ""])[:3]
+        if replica == self.replica:
+            return
+        if action == "lift":
+            self.local.lift(key)
+        elif action == "reset":
+            self.local.remove(key)
 
     # -- stateful detectors --------------------------------------------------------------------------
 
-    def counts(self, name: str, half_life_s: float, max_keys: int) -> Counts:
-        return RedisCounts(self, f"{self.config.key_prefix}e:{name}:", DecayingCount(half_life_s, max_keys))
+    def cusum(self, name: str, p0: float, p1: float, threshold: float, max_keys: int, keep_s: float) -> ClientTest:
+        test = RedisCusum(self, f"{self.config.key_prefix}s:{name}:", Cusum(p0, p1, threshold, max_keys), keep_s)
+        self.tests.append(test)
+        return test
 
     def feed(self, name: str, receive: Callable[[QueryRows], None]) -> QueryFeed | None:
         feed = RedisFeed(self, f"{self.config.key_prefix}q:{name}", receive)
@@ -474,6 +622,7 @@ class RedisClientState:
         for feed in self.feeds:
             feed.start()
         self._label_writer = asyncio.create_task(self._write_labels())
+        self._listener = asyncio.create_task(self._listen())
 
     async def _share_secret(self) -> None:
         """The first replica's random secret becomes everyone's (one key, no TTL)."""
@@ -484,9 +633,10 @@ class RedisClientState:
     async def close(self) -> None:
         for feed in self.feeds:
             await feed.close()
-        for task in (self._recovery, self._label_writer):
-            if task is not None:
-                task.cancel()
+        tasks = [task for task in (self._recovery, self._label_writer, self._listener) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.client.aclose()
         self.blocking.close()
 
@@ -508,34 +658,69 @@ class RedisClientState:
         }
 
 
-class RedisCounts:
-    """Decaying counts in Redis, one per key for every replica; the last value seen is kept locally
-    (it goes on decaying there) and counting goes on locally while Redis is away."""
+def _record(fields: dict[bytes, bytes], shift: float) -> ClientRecord:
+    """A record's hash in Redis as a ``ClientRecord``; ``shift`` takes Redis's clock to this process's."""
+    def moment(name: bytes) -> float:
+        return float(fields[name]) + shift if name in fields else 0.0
 
-    def __init__(self, state: RedisClientState, prefix: str, local: DecayingCount):
-        self.state, self.prefix, self.local = state, prefix, local
-        self.rate = local.rate
+    return ClientRecord(
+        suspect_until=moment(b"sus"),
+        banned_until=moment(b"ban"),
+        offences=int(fields.get(b"off", 0)),
+        last_offence_at=moment(b"offat"),
+        refusals=int(fields.get(b"ref", 0)),
+        refusals_until=moment(b"refu"),
+    )
 
-    def add(self, key: str, count: float, now: float) -> float:
+
+class RedisCusum:
+    """Page's CUSUM per client in Redis, one statistic for every replica (``detectors.evidence.Cusum``
+    in memory). The last value seen is kept locally, and counting goes on there while Redis is away;
+    those statistics raise Redis's at recovery."""
+
+    def __init__(self, state: RedisClientState, prefix: str, local: Cusum, keep_s: float):
+        self.state, self.prefix, self.local, self.keep_s = state, prefix, local, keep_s
+        self.threshold = local.threshold
+        self._flagged, self._clean = local.flagged_step, local.clean_step
+        self._pending: set[str] = set()  # counted locally while Redis was away
+
+    def add(self, key: str, flags: list[bool], now: float) -> float:
+        args = [self._flagged, self._clean, "".join("1" if flag else "0" for flag in flags), self.keep_s]
         try:
-            value = float(self.state._run_blocking("count", [self.prefix + key], [count, self.rate]))
+            peak, value = self.state._run_blocking("cusum", [self.prefix + key], args)
         except _Down:
-            return self.local.add(key, count, now)
-        self.local.set(key, value, now)
-        return value
+            with self.state._lock:
+                if key in self._pending or len(self._pending) < self.state.config.buffer:
+                    self._pending.add(key)
+                else:
+                    self.state.dropped_writes += 1
+            return self.local.add(key, flags, now)
+        self.local.set(key, float(value), now)
+        return float(peak)
 
-    def current(self, key: str, now: float) -> float:
-        return self.add(key, 0.0, now)  # adding nothing reads without writing
+    def current(self, key: str) -> float:
+        return self.add(key, [], 0.0)  # no image: reads without writing
 
     def forget(self, key: str) -> None:
         self.local.forget(key)
         try:
             self.state._blocking(lambda: self.state.blocking.delete(self.prefix + key))
         except _Down:
-            pass  # it decays and expires on its own
+            pass  # it expires on its own
 
-    def __len__(self) -> int:
-        return len(self.local)
+    async def merge(self) -> None:
+        """Raise Redis's statistics to those counted here while it was away."""
+        with self.state._lock:
+            pending, self._pending = self._pending, set()
+        pipe = self.state.client.pipeline(transaction=False)
+        for key in pending:
+            await self.state.scripts["cusum_merge"](keys=[self.prefix + key], args=[self.local.current(key), self.keep_s], client=pipe)
+        try:
+            await asyncio.wait_for(pipe.execute(), self.state.config.timeout_s * 4)
+        except BaseException:
+            with self.state._lock:
+                self._pending |= pending
+            raise
 
 
 class RedisFeed:
@@ -624,9 +809,13 @@ class RedisFeed:
                         except (KeyError, ValueError):
                             self.dropped += 1
                 if received:
-                    await loop.run_in_executor(None, self.receive, concatenate(received))
+                    await loop.run_in_executor(None, self._receive_all, received)
         finally:
             await reader.aclose()
+
+    def _receive_all(self, received: list[QueryRows]) -> None:
+        for rows in received:
+            self.receive(rows)
 
 
 def encode(rows: QueryRows, replica: str) -> dict[str, bytes | str | int]:
@@ -639,6 +828,8 @@ def encode(rows: QueryRows, replica: str) -> dict[str, bytes | str | int]:
         "a": rows.answers.astype("<i8").tobytes(),
         "e": rows.evidence.astype(np.uint8).tobytes(),
         "t": rows.times.astype("<f8").tobytes(),
+        "c": rows.client,
+        "p": rows.address,
     }
 
 
@@ -653,11 +844,9 @@ def decode(fields: dict[bytes, bytes]) -> QueryRows:
         answers=np.frombuffer(fields[b"a"], "<i8").astype(np.int64),
         evidence=np.frombuffer(fields[b"e"], np.uint8).astype(bool),
         times=np.frombuffer(fields[b"t"], "<f8").astype(np.float64),
+        client=fields[b"c"].decode(errors="replace"),
+        address=fields[b"p"].decode(errors="replace"),
     )
     if dim < 1 or any(len(column) != len(keys) for column in (rows.vectors, rows.labels, rows.answers, rows.evidence, rows.times)):
         raise ValueError("stream entry sizes disagree")
     return rows
-
-
-def concatenate(batches: list[QueryRows]) -> QueryRows:
-    return QueryRows(*(np.concatenate([getattr(rows, name) for rows in batches]) for name in QueryRows.__dataclass_fields__))

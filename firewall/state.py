@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from detectors.evidence import DecayingCount
-from detectors.shared import Counts, QueryFeed, QueryRows
+from detectors.evidence import Cusum
+from detectors.shared import ClientTest, QueryFeed, QueryRows
 from firewall.config import BanConfig
 from firewall.errors import Banned, Throttled
 
@@ -159,7 +159,7 @@ class ClientState(Protocol):
 
     # -- stateful detectors (``detectors.shared.SharedState``) ---------------------------------------
 
-    def counts(self, name: str, half_life_s: float, max_keys: int) -> Counts: ...
+    def cusum(self, name: str, p0: float, p1: float, threshold: float, max_keys: int, keep_s: float) -> ClientTest: ...
 
     def feed(self, name: str, receive: Callable[[QueryRows], None]) -> QueryFeed | None: ...
 
@@ -265,8 +265,8 @@ class MemoryClientState:
         record = self.get(key)
         return None if record is None else record.last_labels.get(model)
 
-    def counts(self, name: str, half_life_s: float, max_keys: int) -> Counts:
-        return DecayingCount(half_life_s, max_keys)
+    def cusum(self, name: str, p0: float, p1: float, threshold: float, max_keys: int, keep_s: float) -> ClientTest:
+        return Cusum(p0, p1, threshold, max_keys)
 
     def feed(self, name: str, receive: Callable[[QueryRows], None]) -> QueryFeed | None:
         return None  # one replica: nobody to exchange queries with
