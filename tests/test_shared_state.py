@@ -17,9 +17,14 @@ import numpy as np
 import pytest
 import yaml
 
+from detectors.evidence import ClientRateConfig, ClientRateStage, client_rate_findings
+from firewall.config import Settings
+from firewall.evaluate.adaptive import onnx_judge, run_adaptive_attack
+from firewall.evaluate.attacks import ATTACKS, run_attack
+from firewall.evaluate.endpoint import Endpoint, Refusal, RoundRobin
 from firewall.protocol import pb, pb_grpc
 from firewall.server import Firewall
-from models.runtime import OnnxClassifier
+from models.runtime import OnnxClassifier, bundled_model_path
 from tests.conftest import address, make_settings, running_firewall
 from tests.redis_server import RedisServer
 from tests.stages import Flagger, marked, with_stage
@@ -238,6 +243,139 @@ def test_two_serve_processes_configured_from_the_environment_share_a_bucket_and_
             process.terminate()
         for process in processes:
             process.wait(timeout=60)
+
+
+# -- three replicas behind a round-robin client (tritonclient) ---------------------------------------------
+
+
+def sent(endpoint: RoundRobin, pixels: np.ndarray, client_id: str) -> str:
+    """What one request through the round-robin client got: OK or the refusal's status."""
+    try:
+        endpoint.send(endpoint.request(pixels), client_id)
+    except Refusal as refusal:
+        return refusal.status
+    return "OK"
+
+
+@contextmanager
+def round_robin(group: list[Firewall]) -> Iterator[RoundRobin]:
+    endpoint = RoundRobin([address(replica) for replica in group], "mnist")
+    try:
+        yield endpoint
+    finally:
+        endpoint.close()
+
+
+def test_a_ban_raised_on_one_of_three_replicas_refuses_the_client_on_the_next_two(redis_server, images):
+    with replicas(redis_server, count=3, models={"mnist": {"policy": {"action": "ban"}}}) as group:
+        with round_robin(group) as endpoint, with_stage(group[0], Flagger()):
+            assert sent(endpoint, marked(images[:1]), "attacker") == "PERMISSION_DENIED"  # banned on the first
+            assert [sent(endpoint, images[:1], "attacker") for _ in range(3)] == ["PERMISSION_DENIED"] * 3
+            assert [sent(endpoint, images[:1], "bystander") for _ in range(3)] == ["OK"] * 3
+
+
+def test_a_bucket_holds_across_three_replicas(redis_server, images):
+    """Nine tokens (a refill too slow to matter) spent round-robin over three replicas, then none left anywhere."""
+    with replicas(redis_server, count=3, throttle={"rate": 0.01, "burst": 9}) as group, round_robin(group) as endpoint:
+        assert [sent(endpoint, images[:1], "c") for _ in range(9)] == ["OK"] * 9
+        assert [sent(endpoint, images[:1], "c") for _ in range(3)] == ["RESOURCE_EXHAUSTED"] * 3
+
+
+class MarkedRate(ClientRateStage):
+    """A per-image stage whose images are flagged when marked (``tests.stages.marked``): the CUSUM of
+    ``detectors.evidence`` over them, shared like the uncertainty and squeeze stages'."""
+
+    name = "marked"
+    rules = ("marked",)
+
+    def __init__(self):
+        self.client_config = ClientRateConfig()
+        self.clients = self.client_config.build()
+
+    def __call__(self, ctx) -> list:
+        scores = np.array([float(image[0, 0].max() >= 255) for image in ctx.images])
+        return client_rate_findings("marked", self.clients, ctx, scores, 0.5, {})
+
+
+@contextmanager
+def marked_rate(group: list[Firewall]) -> Iterator[None]:
+    with ExitStack() as stack:
+        for replica in group:
+            stage = stack.enter_context(with_stage(replica, MarkedRate()))
+            stage.share(replica.state, "mnist.marked")
+        yield
+
+
+def test_a_client_spreading_flagged_images_over_three_replicas_is_refused_as_soon_as_on_one(redis_server, images):
+    """p0 = 0.05, p1 = 0.5, h = 13.8: the sixth flagged image in a row crosses it, on one replica or spread over three."""
+    expected = ["OK"] * 5 + ["PERMISSION_DENIED"]
+    policy = {"mnist": {"policy": {"action": "reject"}}}
+    with replicas(redis_server, count=3, models=policy) as group, round_robin(group) as endpoint, marked_rate(group):
+        assert [sent(endpoint, marked(images[n : n + 1]), "spread") for n in range(6)] == expected
+        assert scrape(group[1], "firewall_shared_state_up") == 1
+    with running_firewall(make_settings(models=policy)) as alone, round_robin([alone]) as endpoint, marked_rate([alone]):
+        assert [sent(endpoint, marked(images[n : n + 1]), "alone") for n in range(6)] == expected
+
+
+def calibrated(state: dict | None, action: str = "reject") -> Settings:
+    """The bundled model's calibrated detectors (no ``detectors`` key), refusing what they find."""
+    listeners = {"listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "admin": {"listen": "127.0.0.1:0"}}
+    return Settings(**listeners, throttle={"enabled": False}, state=state or {}, models={"mnist": {"policy": {"action": action}}})
+
+
+class Delivered(RoundRobin):
+    """A round-robin client whose next request waits until every replica's probing history holds the
+    queries placed so far: each replica then decides on the same history as one replica would, so
+    the comparison is by counts and not by how fast the exchange ran on a loaded machine."""
+
+    def __init__(self, group: list[Firewall]):
+        super().__init__([address(replica) for replica in group], "mnist")
+        self.histories = [next(s for s in replica.service.pipelines["mnist"].chain if s.name == "probing").history for replica in group]
+
+    def send(self, request, client_id):
+        try:
+            return super().send(request, client_id)
+        finally:
+            wait_for(lambda: len({history.total for history in self.histories}) == 1, "every replica holds every query")
+
+
+@contextmanager
+def attacked(redis_server: RedisServer | None) -> Iterator[Endpoint]:
+    """The calibrated firewall as one replica (memory state), or as three on ``redis_server``."""
+    with ExitStack() as stack:
+        if redis_server is None:
+            endpoint: Endpoint = Delivered([stack.enter_context(running_firewall(calibrated(None)))])
+        else:
+            state = {"backend": "redis", "url": redis_server.url, "timeout_s": 5.0}
+            endpoint = Delivered([stack.enter_context(running_firewall(calibrated(state))) for _ in range(3)])
+        stack.callback(endpoint.close)
+        yield endpoint
+
+
+def test_hopskipjump_over_three_replicas_and_20_ids_is_refused_as_soon_as_against_one(redis_server, mnist_heldout):
+    images, labels = mnist_heldout
+    runs = []
+    for server in (None, redis_server):
+        np.random.seed(0)  # ART draws from NumPy's global generator: the same attack both times
+        with attacked(server) as endpoint:
+            ids = [f"hsja-{n}" for n in range(20)]
+            runs.append(run_attack(ATTACKS["hopskipjump"], endpoint, "target", images[5][:, :, None], 5, int(labels[5]), ids, "verifier", 60, 10, 3.0))
+    one, three = runs
+    assert one.first_refusal is not None and three.first_refusal is not None
+    assert three.first_refusal <= one.first_refusal and three.refused_ids >= one.refused_ids, (one.summary(), three.summary())
+
+
+def test_the_adaptive_attacker_does_no_better_against_three_replicas(redis_server, mnist_heldout):
+    images, labels = mnist_heldout
+    judge = onnx_judge(bundled_model_path("mnist"))
+    runs = []
+    for server in (None, redis_server):
+        with attacked(server) as endpoint:
+            runs.append(run_adaptive_attack("adaptive-hsja", endpoint, judge, images[1][..., None], 1, int(labels[1]), max_l2=2.0, id_prefix="oars", query_budget=150))
+    one, three = runs
+    assert one.refused > 0 and three.refused >= one.refused, (one.summary(), three.summary())
+    assert three.success <= one.success
+    assert three.best_l2 is None or (one.best_l2 is not None and three.best_l2 >= one.best_l2), (one.summary(), three.summary())
 
 
 # -- failure -------------------------------------------------------------------------------------------

@@ -191,6 +191,26 @@ class Endpoint:
         self.client.close()
 
 
+class RoundRobin(Endpoint):
+    """Several replicas of one endpoint behind a client that sends each request to the next one in
+    turn (what a round-robin load balancer does), retries included."""
+
+    def __init__(self, addresses: Sequence[str], model: str, kind: Kind = "auto", timeout_s: float = 10.0):
+        self.replicas = [Endpoint(address, model, kind, timeout_s) for address in addresses]
+        self.address, self.model, self.timeout_s = ",".join(addresses), model, timeout_s
+        self.adapter = self.replicas[0].adapter
+        self.turn = 0
+
+    def send(self, request: Request, client_id: str) -> Answer:
+        replica = self.replicas[self.turn % len(self.replicas)]
+        self.turn += 1
+        return replica.send(request, client_id)
+
+    def close(self) -> None:
+        for replica in self.replicas:
+            replica.close()
+
+
 class AsyncEndpoint:
     """The same endpoint through ``tritonclient.grpc.aio``, for many concurrent callers."""
 
