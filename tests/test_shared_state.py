@@ -4,6 +4,7 @@ answering (degraded metric and alert, then resynchronised) and closed mode answe
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -401,6 +402,47 @@ def test_redis_killed_in_open_mode_answers_on_then_resynchronises(redis_server, 
         assert infer(second, images[:1], "attacker") == DENIED  # the first wrote its ban back
         recovered = [line for line in log_lines() if line.get("event.action") == "shared-state-recovered"]
         assert len(recovered) == 2
+
+
+def test_what_one_replica_counted_while_redis_was_away_is_merged_back(redis_server, images):
+    """Redis lost everything (killed, restarted empty); the bucket the first replica drew from while
+    it was away, its ban, offence and CUSUM come back: the second replica decides with them."""
+    policy = {"mnist": {"policy": {"action": "reject", "rules": {"test.flagger": "ban"}}}}
+    with replicas(redis_server, throttle={"rate": 0.01, "burst": 8}, models=policy) as (first, second), marked_rate([first, second]):
+        assert [infer(first, images[:1], "c") for _ in range(2)] == [OK] * 2  # in Redis: 6 tokens left
+        redis_server.kill()
+        assert [infer(first, images[:1], "c") for _ in range(3)] == [OK] * 3  # locally: the bucket starts full, 5 left
+        assert [infer(first, marked(images[n : n + 1]), "tester") for n in range(3)] == [OK] * 3  # CUSUM 6.9 locally
+        with with_stage(first, Flagger(rule="test.flagger")):
+            assert infer(first, marked(images[:1]), "attacker") == DENIED  # a ban and its offence, locally
+        redis_server.start()
+        wait_for(lambda: all(scrape(replica, "firewall_shared_state_up") == 1 for replica in (first, second)), "reconnected")
+        # 8 - 3 spent while away: 5 left (without the merge, 8)
+        assert [infer(second, images[:1], "c") for _ in range(6)] == [OK] * 5 + [THROTTLED]
+        assert infer(second, images[:1], "attacker") == DENIED and second.state.get("attacker").offences == 1
+        # three flagged images more, on the second replica: the sixth in a row crosses h = 13.8
+        assert [infer(second, marked(images[n : n + 1]), "tester") for n in range(3, 6)] == [OK, OK, DENIED]
+
+
+def test_a_lift_reaches_the_other_replicas_memory_and_every_replica_lists_every_record(redis_server, images, capsys):
+    from firewall.cli import main
+
+    with replicas(redis_server, count=3, models={"mnist": {"policy": {"action": "ban"}}}) as group:
+        first, second, third = group
+        with with_stage(first, Flagger()):
+            assert infer(first, marked(images[:1]), "attacker") == DENIED
+        assert infer(second, images[:1], "attacker") == DENIED  # the second now holds a copy of the ban
+        assert infer(third, images[:1], "visitor") == OK
+        capsys.readouterr()
+        assert main(["admin", "--admin", f"127.0.0.1:{second.admin_port}", "--json", "list"]) == 0
+        lines = capsys.readouterr().out.splitlines()  # log lines may come before the document
+        listed = {row["key"]: row for row in json.loads("\n".join(lines[lines.index("{") :]))["clients"]}
+        assert {"attacker", "visitor"} <= set(listed) and listed["attacker"]["banned_s"] > 0  # not only its own
+
+        first.state.lift("attacker")  # what `firewall admin lift` on the first does
+        wait_for(lambda: second.state.local.get("attacker").banned_until == 0.0, "the lift reaches the second's memory")
+        redis_server.kill()  # the second now decides from its memory alone
+        assert infer(second, images[:1], "attacker") == OK
 
 
 def test_redis_down_in_closed_mode_answers_unavailable(redis_server, images):
