@@ -49,8 +49,9 @@ Several replicas (``share``): the firewall hands the stage its state (``detector
 replica publishes the queries it placed (embedding, digest key, label, answer, evidence flag, time,
 client id and address) and adds the other replicas' to its own history and their evidence to its
 own counts, so neither a search nor a count waits for the network, and an attack spread over
-replicas lands in one history and one count per client id and address (as soon as the exchange
-delivers it: milliseconds, the same delay after which its queries become neighbours there).
+replicas lands in one history and one count per client id and address. A replica catches up
+with the others' queries before each search and publishes its own before answering, so a query
+finds every query answered before it was sent, as it would on one replica.
 
 Memory is bounded: ``window`` queries (embedding, time, key, label, answer, evidence flag) and at
 most ``max_clients`` evidence counters per kind. FAISS runs with one thread. The history is written
@@ -177,6 +178,8 @@ class ProbingStage:
         ctx.scratch["embeddings"] = vectors
         received = ctx.digests if len(ctx.digests) == len(vectors) else [row.tobytes() for row in ctx.tensor]
         keys = [digest_key(digest) for digest in received]
+        if self.feed is not None:
+            self.feed.catch_up()  # every query answered before this one was sent, by any replica
         now = time.time()
         with self.history.lock:
             placed = [self._place(vector, key, int(label), now) for vector, key, label in zip(vectors, keys, labels)]

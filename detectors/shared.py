@@ -45,8 +45,12 @@ class QueryRows:
 
 
 class QueryFeed(Protocol):
+    def catch_up(self) -> None:
+        """Receive the queries the other replicas published so far (before a search)."""
+
     def publish(self, rows: QueryRows) -> None:
-        """Hand this replica's queries to the others; never blocks (a full buffer drops and counts)."""
+        """Hand one request's queries to the others (before its answer). Never fails: while the store
+        is away they wait in a bounded buffer (beyond, dropped and counted)."""
 
 
 class SharedState(Protocol):
@@ -56,4 +60,5 @@ class SharedState(Protocol):
 
     def feed(self, name: str, receive: Callable[[QueryRows], None]) -> QueryFeed | None:
         """Exchange queries with the other replicas: ``receive`` gets theirs, one request's rows at a
-        time, on a worker thread. None when there are no other replicas (process memory)."""
+        time, on a worker thread (``catch_up``'s or the store's reader). None when there are no
+        other replicas (process memory)."""

@@ -18,11 +18,13 @@ replicas agree on time and never act on a stale copy:
 - ``<prefix>secret``: 16 random bytes the first replica writes and all read at start, so that
   the decoy label a client gets before it has a genuine one is the same on every replica;
 - per model, a stream of the queries each replica placed in its history, ``<prefix>q:<name>``,
-  trimmed to about ``stream_length`` entries (XADD MAXLEN ~). Each replica reads the others'
-  entries (XREAD, blocking on a connection of its own) into its own FAISS index on a worker
-  thread, and publishes its own from a bounded buffer; a search never waits for the network. The
-  entries carry the client id and address, so each replica counts every replica's probing
-  evidence in its own memory: no detector decision before the answer waits for Redis;
+  trimmed to about ``stream_length`` entries (XADD MAXLEN ~), one entry per request. A replica
+  writes a request's entry before its answer leaves and reads the entries published since its
+  last read before each search (two round trips on the worker thread), so a query finds every
+  query answered before it was sent, whichever replica answered it; the search itself is in the
+  replica's own FAISS index. A background reader (XREAD, blocking on a connection of its own)
+  keeps an idle replica current and warms a new one. The entries carry the client id and
+  address, so each replica counts every replica's probing evidence in its own memory;
 - ``<prefix>ops``: a pub/sub channel on which an operator's lift or reset on one replica reaches
   the others' in-memory copies.
 
@@ -34,8 +36,8 @@ ban seen in Redis, so known bans still hold; ``closed`` answers UNAVAILABLE. Bac
 was counted locally is merged in (``merge``): the tokens each bucket spent while degraded are
 spent in Redis too, bans and suspicion last as long as the longer of the two, the larger offence
 count wins, and each CUSUM statistic counted locally raises Redis's to at least its value; the
-bans this replica holds are written back too (Redis may have lost them), and the query buffer is
-published. The keys counted while degraded are bounded by ``buffer``; beyond, dropped and counted.
+bans this replica holds are written back too (Redis may have lost them), and the queries placed
+meanwhile (a bounded buffer) are published. The keys counted while degraded are bounded by ``buffer``; beyond, dropped and counted.
 A lift or reset published while a replica was cut off does not reach it.
 
 Redis Cluster is not supported: a decision's keys (a client and its address) hash to different
@@ -77,7 +79,6 @@ READ_COUNT = 512  # entries per read
 MERGE_BATCH = 500  # records merged back per pipelined round trip
 LIST_LIMIT = 100_000  # records an operator's listing reads from Redis at most
 LABEL_FLUSH_S = 0.05  # last labels are written to Redis in batches this often
-PUBLISH_DELAY_S = 0.01  # queries are published this long after the first of a batch was placed
 
 PRELUDE = """
 local function clock()
@@ -344,8 +345,6 @@ class RedisClientState:
                 continue
             self.up = True
             self._alert("shared-state-recovered", "info")
-            for feed in self.feeds:
-                feed.wake()
             return
 
     async def _resync(self) -> None:
@@ -365,6 +364,8 @@ class RedisClientState:
                 await asyncio.wait_for(pipe.execute(), self.config.timeout_s * 4)
             for test in self.tests:
                 await test.merge()
+            for feed in self.feeds:
+                await feed.flush()
         except BaseException:
             with self._lock:  # tried again at the next recovery: merging is idempotent
                 self._pending = pending | self._pending
@@ -724,69 +725,94 @@ class RedisCusum:
 
 
 class RedisFeed:
-    """One model's query stream: publish this replica's queries, receive the others'."""
+    """One model's query stream. ``publish`` writes this replica's queries before the answer leaves,
+    and ``catch_up`` reads the others' before a search, so a query sent after another one was
+    answered, by any replica, finds it in the history: a client spreading an attack over replicas
+    meets the history one replica would have. A background reader keeps an idle replica current
+    (and warms a new one from the whole stream)."""
 
     def __init__(self, state: RedisClientState, stream: str, receive: Callable[[QueryRows], None]):
         self.state, self.stream, self.receive = state, stream, receive
-        self.outbox: deque[QueryRows] = deque()
+        self.outbox: deque[QueryRows] = deque()  # written while Redis was away, published at recovery
         self.waiting = 0  # rows in the outbox
         self.dropped = 0  # rows not exchanged: dropped from a full outbox, a failed write, a bad entry
+        self.last = "0-0"  # the newest entry delivered to ``receive``
         self.lock = threading.Lock()
-        self._wake: asyncio.Event | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._reader: asyncio.Task | None = None
 
     def publish(self, rows: QueryRows) -> None:
-        with self.lock:
-            self.outbox.append(rows)
-            self.waiting += len(rows)
-            while self.waiting > self.state.config.buffer:  # the oldest go first
-                self.waiting -= len(old := self.outbox.popleft())
-                self.dropped += len(old)
-        loop = self.state.loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self.wake)
+        fields = encode(rows, self.state.replica)
+        config = self.state.config
+        try:
+            self.state._blocking(lambda: self.state.blocking.xadd(self.stream, fields, maxlen=config.stream_length, approximate=True))
+        except _Down:
+            with self.lock:
+                self.outbox.append(rows)
+                self.waiting += len(rows)
+                while self.waiting > config.buffer:  # the oldest go first
+                    self.waiting -= len(old := self.outbox.popleft())
+                    self.dropped += len(old)
 
-    def wake(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
+    def catch_up(self) -> None:
+        """Receive every entry the other replicas published so far (a worker thread, before a search)."""
+        while True:
+            try:
+                reply = self.state._blocking(lambda: self.state.blocking.xread({self.stream: self.last}, count=READ_COUNT))
+            except _Down:
+                return  # the local history goes on alone
+            if self._deliver(reply) < READ_COUNT:
+                return
+
+    def _deliver(self, reply: list) -> int:
+        """Hand the entries newer than ``last`` to ``receive``, in order; return how many the reply held."""
+        entries = [entry for _, found in reply for entry in found]
+        with self.lock:  # two readers may have read the same entries: each is delivered once
+            for entry_id, fields in entries:
+                if _entry_order(entry_id) <= _entry_order(self.last):
+                    continue
+                self.last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                if fields.get(b"r") == self.state.replica.encode():
+                    continue
+                try:
+                    rows = decode(fields)
+                except (KeyError, ValueError):
+                    self.dropped += 1
+                    continue
+                self.receive(rows)
+        return len(entries)
 
     def start(self) -> None:
-        self._wake = asyncio.Event()
-        self._tasks = [asyncio.create_task(self._write()), asyncio.create_task(self._read())]
+        self._reader = asyncio.create_task(self._read())
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
 
-    async def _write(self) -> None:
+    async def flush(self) -> None:
+        """Publish what was written while Redis was away (at recovery)."""
+        with self.lock:
+            batch, self.waiting = list(self.outbox), 0
+            self.outbox.clear()
+        if not batch:
+            return
         state = self.state
-        while True:
-            await self._wake.wait()
-            await asyncio.sleep(PUBLISH_DELAY_S)  # after the responses being sent, and in batches
-            self._wake.clear()
-            if not state.up:
-                continue  # the outbox keeps the newest rows; recovery wakes this task
-            with self.lock:
-                batch, self.waiting = list(self.outbox), 0
-                self.outbox.clear()
-            if not batch:
-                continue
-            pipe = state.client.pipeline(transaction=False)
-            for rows in batch:
-                pipe.xadd(self.stream, encode(rows, state.replica), maxlen=state.config.stream_length, approximate=True)
-            try:
-                await asyncio.wait_for(pipe.execute(), state.config.timeout_s)
-            except FAILURES as error:
-                self.dropped += sum(len(rows) for rows in batch)
-                state._degrade(error)
+        pipe = state.client.pipeline(transaction=False)
+        for rows in batch:
+            pipe.xadd(self.stream, encode(rows, state.replica), maxlen=state.config.stream_length, approximate=True)
+        try:
+            await asyncio.wait_for(pipe.execute(), state.config.timeout_s * 4)
+        except FAILURES:
+            with self.lock:  # published at the next recovery (entries written twice are two queries)
+                self.outbox.extendleft(reversed(batch))
+                self.waiting += sum(len(rows) for rows in batch)
+            raise
 
     async def _read(self) -> None:
-        """Read every entry after the last one seen (at start: the whole stream, a warm history)."""
+        """Wait for new entries and deliver them (a worker thread), whether or not requests come."""
         state = self.state
         timeout = READ_BLOCK_MS / 1000 + state.config.timeout_s
         reader = Redis(connection_pool=state._pool(1, timeout))  # a blocked read holds its connection
-        last = "0-0"
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -794,28 +820,19 @@ class RedisFeed:
                     await asyncio.sleep(state.config.retry_s)
                     continue
                 try:
-                    reply = await reader.xread({self.stream: last}, count=READ_COUNT, block=READ_BLOCK_MS)
+                    reply = await reader.xread({self.stream: self.last}, count=READ_COUNT, block=READ_BLOCK_MS)
                 except FAILURES as error:
                     state._degrade(error)
                     continue
-                received = []
-                for _, entries in reply:
-                    for entry_id, fields in entries:
-                        last = entry_id
-                        if fields.get(b"r") == state.replica.encode():
-                            continue
-                        try:
-                            received.append(decode(fields))
-                        except (KeyError, ValueError):
-                            self.dropped += 1
-                if received:
-                    await loop.run_in_executor(None, self._receive_all, received)
+                if reply:
+                    await loop.run_in_executor(None, self._deliver, reply)
         finally:
             await reader.aclose()
 
-    def _receive_all(self, received: list[QueryRows]) -> None:
-        for rows in received:
-            self.receive(rows)
+
+def _entry_order(entry_id: bytes | str) -> tuple[int, int]:
+    milliseconds, _, sequence = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
+    return int(milliseconds), int(sequence or 0)
 
 
 def encode(rows: QueryRows, replica: str) -> dict[str, bytes | str | int]:
