@@ -10,8 +10,10 @@ real ``redis-server`` on loopback; this process is the load generator.
 (a) latency: one caller sends ``--requests`` distinct held-out digits one after the other to a
     memory-state and a Redis-state firewall, taking turns every round, with pass-through stages
     (admission: two Lua scripts; the answer: the label write) and with the calibrated detectors
-    (plus the query stream, which carries the probing evidence; the per-image detectors' CUSUM runs
-    after the answer). Throttling is on but far above the load.
+    (plus the query exchange: the probing stage reads the stream before its search and writes the
+    request's entry before the answer; the per-image detectors' CUSUM scripts run after the
+    answer). Throttling is on but far above the load. The mean time each stage took per request,
+    from the firewalls' own ``firewall_stage_seconds``, says where the added time goes.
 (b) throughput: ``--callers`` concurrent callers (one client id each) on one Redis-state replica,
     then spread round-robin over three, for ``--seconds``, calibrated detectors.
 (c) sizing: MEMORY USAGE of 1,000 clients' keys (record, banned record, labels, CUSUM statistic)
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -48,8 +51,9 @@ IMAGES = np.load(ROOT / "tests" / "fixtures" / "mnist_heldout.npz")["images"]
 UNTHROTTLED = {"rate": 1e9, "burst": 10**9}
 
 
-def start(workdir: Path, name: str, state: dict, detectors: bool) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start(workdir: Path, name: str, state: dict, detectors: bool) -> tuple[subprocess.Popen, str, str]:
+    """A ``firewall serve`` process; returns it, its gRPC address and its metrics address."""
+    port, metrics = free_port(), f"127.0.0.1:{free_port()}"
     model = {} if detectors else {"detectors": []}
     config = {
         "listen": f"127.0.0.1:{port}",
@@ -61,10 +65,23 @@ def start(workdir: Path, name: str, state: dict, detectors: bool) -> tuple[subpr
     }
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    environment = {**os.environ, "FIREWALL_METRICS_LISTEN": f"127.0.0.1:{free_port()}"}
+    environment = {**os.environ, "FIREWALL_METRICS_LISTEN": metrics}
     command = [sys.executable, "-m", "firewall", "serve", "--config", str(path), "--log-level", "ERROR"]
     process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL)
-    return process, f"127.0.0.1:{port}"
+    return process, f"127.0.0.1:{port}", metrics
+
+
+def stage_seconds(metrics: str) -> dict[str, tuple[float, float]]:
+    """Stage -> (seconds in it so far, calls so far), from the firewall's own histogram."""
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as reply:
+        lines = reply.read().decode().splitlines()
+    found: dict[str, list[float]] = {}
+    for line in lines:
+        for suffix, slot in (("_sum", 0), ("_count", 1)):
+            if line.startswith(f"firewall_stage_seconds{suffix}{{"):
+                stage = line.split('stage="')[1].split('"')[0]
+                found.setdefault(stage, [0.0, 0.0])[slot] = float(line.split()[-1])
+    return {stage: (total, count) for stage, (total, count) in found.items()}
 
 
 def wait_ready(address: str, timeout_s: float = 120.0) -> None:
@@ -175,22 +192,32 @@ def main() -> int:
     processes = []
     try:
         with tempfile.TemporaryDirectory() as workdir:
-            servers = {}
+            servers, metrics_of = {}, {}
             for detectors in (False, True):
                 for backend, state in (("memory", {}), ("redis", shared)):
-                    process, address = start(Path(workdir), f"{backend}-{detectors}", state, detectors)
+                    process, address, metrics = start(Path(workdir), f"{backend}-{detectors}", state, detectors)
                     processes.append(process)
                     servers[(backend, detectors)] = address
+                    metrics_of[address] = metrics
             for address in servers.values():
                 wait_ready(address)
 
             print("| stages | state | p50 ms | p99 ms | added p50 ms | added p99 ms |")
             print("| --- | --- | ---: | ---: | ---: | ---: |")
+            stage_means: dict[str, dict[str, float]] = {}
             for detectors in (False, True):
                 samples: dict[str, list[float]] = {"memory": [], "redis": []}
+                before = {backend: stage_seconds(metrics_of[servers[(backend, detectors)]]) for backend in samples}
                 for round_ in range(args.rounds):
                     for backend in samples:
                         samples[backend] += latencies(servers[(backend, detectors)], args.requests, round_ * args.requests)
+                if detectors:
+                    for backend in samples:
+                        after = stage_seconds(metrics_of[servers[(backend, detectors)]])
+                        stage_means[backend] = {
+                            stage: (total - before[backend].get(stage, (0.0, 0.0))[0]) / max(count - before[backend].get(stage, (0.0, 0.0))[1], 1) * 1000
+                            for stage, (total, count) in after.items()
+                        }
                 memory = percentiles(samples["memory"])
                 for backend, seconds in samples.items():
                     p50, p99 = percentiles(seconds)
@@ -198,14 +225,21 @@ def main() -> int:
                     stages = "calibrated detectors" if detectors else "pass-through"
                     print(f"| {stages} | {backend} | {p50:.3f} | {p99:.3f} | {added} |")
 
+            stages = sorted(stage_means["memory"])
+            print("\nmean ms per request in each stage, calibrated detectors (uncertainty and squeeze run after the answer):")
+            print("| state | " + " | ".join(stages) + " |")
+            print("| --- |" + " ---: |" * len(stages))
+            for backend, means in stage_means.items():
+                print(f"| {backend} | " + " | ".join(f"{means.get(stage, 0.0):.3f}" for stage in stages) + " |")
+
             # Started only now: each replica indexes every replica's queries, which on a shared
             # machine would have taken CPU from the latency run.
             extra = [start(Path(workdir), f"replica-{n}", shared, True) for n in range(2)]
-            processes += [process for process, _ in extra]
-            for _, address in extra:
+            processes += [process for process, _, _ in extra]
+            for _, address, _ in extra:
                 wait_ready(address)
             one = asyncio.run(throughput([servers[("redis", True)]], args.callers, args.seconds))
-            three = asyncio.run(throughput([servers[("redis", True)], *(a for _, a in extra)], args.callers, args.seconds))
+            three = asyncio.run(throughput([servers[("redis", True)], *(a for _, a, _ in extra)], args.callers, args.seconds))
             print(f"\nthroughput, {args.callers} callers, calibrated detectors, Redis state: one replica {one:.0f}/s, "
                   f"three replicas {three:.0f}/s (ratio {three / one:.2f}) on {os.cpu_count()} cores")
 

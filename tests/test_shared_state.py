@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import Iterator
 
 import grpc
@@ -324,32 +325,15 @@ def calibrated(state: dict | None, action: str = "reject") -> Settings:
     return Settings(**listeners, throttle={"enabled": False}, state=state or {}, models={"mnist": {"policy": {"action": action}}})
 
 
-class Delivered(RoundRobin):
-    """A round-robin client whose next request waits until every replica's probing history holds the
-    queries placed so far: each replica then decides on the same history as one replica would, so
-    the comparison is by counts and not by how fast the exchange ran on a loaded machine."""
-
-    def __init__(self, group: list[Firewall]):
-        super().__init__([address(replica) for replica in group], "mnist")
-        self.histories = [next(s for s in replica.service.pipelines["mnist"].chain if s.name == "probing").history for replica in group]
-
-    def send(self, request, client_id):
-        try:
-            return super().send(request, client_id)
-        finally:
-            wait_for(lambda: len({history.total for history in self.histories}) == 1, "every replica holds every query")
-
-
 @contextmanager
-def attacked(redis_server: RedisServer | None) -> Iterator[Endpoint]:
-    """The calibrated firewall as one replica (memory state), or as three on ``redis_server``."""
+def attacked(redis_server: RedisServer | None, action: str) -> Iterator[Endpoint]:
+    """The calibrated firewall as one replica (memory state), or as three on ``redis_server``, behind
+    a round-robin client. Nothing waits for the query exchange: each request finds the queries
+    answered before it was sent, whichever replica answered them."""
     with ExitStack() as stack:
-        if redis_server is None:
-            endpoint: Endpoint = Delivered([stack.enter_context(running_firewall(calibrated(None)))])
-        else:
-            state = {"backend": "redis", "url": redis_server.url, "timeout_s": 5.0}
-            endpoint = Delivered([stack.enter_context(running_firewall(calibrated(state))) for _ in range(3)])
-        stack.callback(endpoint.close)
+        state = None if redis_server is None else {"backend": "redis", "url": redis_server.url, "timeout_s": 5.0}
+        group = [stack.enter_context(running_firewall(calibrated(state, action))) for _ in range(1 if state is None else 3)]
+        endpoint = stack.enter_context(round_robin(group))
         yield endpoint
 
 
@@ -358,7 +342,7 @@ def test_hopskipjump_over_three_replicas_and_20_ids_is_refused_as_soon_as_agains
     runs = []
     for server in (None, redis_server):
         np.random.seed(0)  # ART draws from NumPy's global generator: the same attack both times
-        with attacked(server) as endpoint:
+        with attacked(server, "reject") as endpoint:
             ids = [f"hsja-{n}" for n in range(20)]
             runs.append(run_attack(ATTACKS["hopskipjump"], endpoint, "target", images[5][:, :, None], 5, int(labels[5]), ids, "verifier", 60, 10, 3.0))
     one, three = runs
@@ -367,16 +351,18 @@ def test_hopskipjump_over_three_replicas_and_20_ids_is_refused_as_soon_as_agains
 
 
 def test_the_adaptive_attacker_does_no_better_against_three_replicas(redis_server, mnist_heldout):
+    """The default policy (decoys), the OARS-style Boundary attacker (the one that won against three
+    replicas while they exchanged queries asynchronously, in benchmarks/replicas.py)."""
     images, labels = mnist_heldout
     judge = onnx_judge(bundled_model_path("mnist"))
     runs = []
     for server in (None, redis_server):
-        with attacked(server) as endpoint:
-            runs.append(run_adaptive_attack("adaptive-hsja", endpoint, judge, images[1][..., None], 1, int(labels[1]), max_l2=2.0, id_prefix="oars", query_budget=150))
+        with attacked(server, "decoy") as endpoint:
+            attack = partial(run_adaptive_attack, "adaptive-boundary", endpoint, judge, max_l2=2.0, query_budget=150)
+            runs.append(attack(images[0][..., None], 0, int(labels[0]), id_prefix="oars"))
     one, three = runs
-    assert one.refused > 0 and three.refused >= one.refused, (one.summary(), three.summary())
     assert three.success <= one.success
-    assert three.best_l2 is None or (one.best_l2 is not None and three.best_l2 >= one.best_l2), (one.summary(), three.summary())
+    assert three.best_l2 is None or (one.best_l2 is not None and three.best_l2 >= one.best_l2 * 0.99), (one.summary(), three.summary())
 
 
 # -- failure -------------------------------------------------------------------------------------------
