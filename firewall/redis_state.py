@@ -19,10 +19,10 @@ replicas agree on time and never act on a stale copy:
   the decoy label a client gets before it has a genuine one is the same on every replica;
 - per model, a stream of the queries each replica placed in its history, ``<prefix>q:<name>``,
   trimmed to about ``stream_length`` entries (XADD MAXLEN ~), one entry per request. A replica
-  writes a request's entry before its answer leaves and reads the entries published since its
-  last read before each search (two round trips on the worker thread), so a query finds every
-  query answered before it was sent, whichever replica answered it; the search itself is in the
-  replica's own FAISS index. A background reader (XREAD, blocking on a connection of its own)
+  reads the entries published since its last read in the round trip that admits a request (the
+  probing stage adds them before its search) and writes the request's entry before its answer
+  leaves (one round trip on the worker thread), so a query finds every query answered before it
+  was sent, whichever replica answered it; the search itself is in the replica's own FAISS index. A background reader (XREAD, blocking on a connection of its own)
   keeps an idle replica current and warms a new one. The entries carry the client id and
   address, so each replica counts every replica's probing evidence in its own memory;
 - ``<prefix>ops``: a pub/sub channel on which an operator's lift or reset on one replica reaches
@@ -419,12 +419,19 @@ class RedisClientState:
     async def admit_client(self, key: str, cost: int, bucket: Bucket | None, suspect: Bucket) -> bool:
         rate, burst = (bucket.rate, bucket.burst) if bucket else (0, 0)
         args = [cost, rate, burst, suspect.rate, suspect.burst, self.keep_offences_s]
+        # In the same round trip, the queries the other replicas published so far: the probing
+        # stage adds them before its search (EVAL: a pipelined EVALSHA would cost a SCRIPT EXISTS).
+        pipe = self.client.pipeline(transaction=False).eval(self.scripts["admit_client"].script, 1, self._key(key), *args)
+        if self.feeds:
+            pipe.xread({feed.stream: feed.last for feed in self.feeds}, count=READ_COUNT)
         try:
-            reply = await self._run("admit_client", [self._key(key)], args)
+            reply, *published = await self._call(pipe.execute())
         except _Down:
             if bucket is not None:
                 self._counted_locally(key, bucket, suspect)
             return await self.local.admit_client(key, cost, bucket, suspect)
+        for feed in self.feeds:
+            feed.prefetched(published[0] or [] if published else [])
         self._verdict(reply, [key], "client rate limit")
         return False  # a record is never discarded here: it expires with its bucket
 
@@ -737,7 +744,9 @@ class RedisFeed:
         self.waiting = 0  # rows in the outbox
         self.dropped = 0  # rows not exchanged: dropped from a full outbox, a failed write, a bad entry
         self.last = "0-0"  # the newest entry delivered to ``receive``
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
+        self._prefetched: list[list] = []  # entries read at admission, not delivered yet
+        self._gap = False  # some were let go (too many waiting): the next catch-up reads Redis
         self._reader: asyncio.Task | None = None
 
     def publish(self, rows: QueryRows) -> None:
@@ -753,15 +762,32 @@ class RedisFeed:
                     self.waiting -= len(old := self.outbox.popleft())
                     self.dropped += len(old)
 
+    def prefetched(self, reply: list) -> None:
+        """Entries read at a request's admission (every stream's), for ``catch_up`` to deliver."""
+        entries = [found for stream, found in reply if stream.decode() == self.stream]
+        with self.lock:
+            self._prefetched += entries
+            while sum(map(len, self._prefetched)) > self.state.config.buffer:
+                self._prefetched.pop(0)
+                self._gap = True
+            self._gap |= any(len(found) >= READ_COUNT for found in entries)  # more than one read held
+
     def catch_up(self) -> None:
-        """Receive every entry the other replicas published so far (a worker thread, before a search)."""
-        while True:
-            try:
-                reply = self.state._blocking(lambda: self.state.blocking.xread({self.stream: self.last}, count=READ_COUNT))
-            except _Down:
-                return  # the local history goes on alone
-            if self._deliver(reply) < READ_COUNT:
-                return
+        """Receive every entry the other replicas had published when this request was admitted (a
+        worker thread, before a search): what the admission read, and Redis itself only when that
+        was not all. The lock is held throughout, so no search starts while another request's
+        catch-up is delivering what this one needs."""
+        with self.lock:
+            waiting, self._prefetched = self._prefetched, []
+            gap, self._gap = self._gap, False
+            for found in waiting:
+                self._deliver([(self.stream, found)])
+            while gap:
+                try:
+                    reply = self.state._blocking(lambda: self.state.blocking.xread({self.stream: self.last}, count=READ_COUNT))
+                except _Down:
+                    return  # the local history goes on alone
+                gap = self._deliver(reply) >= READ_COUNT
 
     def _deliver(self, reply: list) -> int:
         """Hand the entries newer than ``last`` to ``receive``, in order; return how many the reply held."""
