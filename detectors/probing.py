@@ -150,7 +150,7 @@ class ProbingStage:
 
     def share(self, state: SharedState, name: str) -> None:
         """Exchange queries, and with them evidence, through ``state`` (several replicas)."""
-        self.feed = state.feed(name, self._receive)
+        self.feed = state.feed(name, self._receive, self.forget_client)
 
     def _receive(self, rows: QueryRows) -> None:
         """Add queries another replica placed to this history (no search: they were placed there),

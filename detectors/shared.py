@@ -58,7 +58,8 @@ class SharedState(Protocol):
         """Page's CUSUM per client (``detectors.evidence.Cusum``), one statistic per client for every
         replica; a shared store forgets a statistic ``keep_s`` after its last image."""
 
-    def feed(self, name: str, receive: Callable[[QueryRows], None]) -> QueryFeed | None:
+    def feed(self, name: str, receive: Callable[[QueryRows], None], forget: Callable[[str], None]) -> QueryFeed | None:
         """Exchange queries with the other replicas: ``receive`` gets theirs, one request's rows at a
-        time, on a worker thread (``catch_up``'s or the store's reader). None when there are no
-        other replicas (process memory)."""
+        time, on a worker thread (``catch_up``'s or the store's reader); ``forget`` gets the client
+        ids and addresses an operator reset on another replica. None when there are no other
+        replicas (process memory)."""

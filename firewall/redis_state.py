@@ -26,7 +26,7 @@ replicas agree on time and never act on a stale copy:
   keeps an idle replica current and warms a new one. The entries carry the client id and
   address, so each replica counts every replica's probing evidence in its own memory;
 - ``<prefix>ops``: a pub/sub channel on which an operator's lift or reset on one replica reaches
-  the others' in-memory copies.
+  the others' in-memory copies (and, for a reset, the probing evidence they counted).
 
 Failure: every call has a deadline (``timeout_s``) and the connection pool a size; a failed call
 marks the store degraded (metric ``firewall_shared_state_up`` 0, one alert line) and a task
@@ -603,6 +603,8 @@ class RedisClientState:
             self.local.lift(key)
         elif action == "reset":
             self.local.remove(key)
+            for feed in self.feeds:  # the evidence each replica counted from the stream
+                feed.forget(key)
 
     # -- stateful detectors --------------------------------------------------------------------------
 
@@ -611,8 +613,8 @@ class RedisClientState:
         self.tests.append(test)
         return test
 
-    def feed(self, name: str, receive: Callable[[QueryRows], None]) -> QueryFeed | None:
-        feed = RedisFeed(self, f"{self.config.key_prefix}q:{name}", receive)
+    def feed(self, name: str, receive: Callable[[QueryRows], None], forget: Callable[[str], None]) -> QueryFeed | None:
+        feed = RedisFeed(self, f"{self.config.key_prefix}q:{name}", receive, forget)
         self.feeds.append(feed)
         return feed
 
@@ -738,8 +740,8 @@ class RedisFeed:
     meets the history one replica would have. A background reader keeps an idle replica current
     (and warms a new one from the whole stream)."""
 
-    def __init__(self, state: RedisClientState, stream: str, receive: Callable[[QueryRows], None]):
-        self.state, self.stream, self.receive = state, stream, receive
+    def __init__(self, state: RedisClientState, stream: str, receive: Callable[[QueryRows], None], forget: Callable[[str], None]):
+        self.state, self.stream, self.receive, self.forget = state, stream, receive, forget
         self.outbox: deque[QueryRows] = deque()  # written while Redis was away, published at recovery
         self.waiting = 0  # rows in the outbox
         self.dropped = 0  # rows not exchanged: dropped from a full outbox, a failed write, a bad entry

@@ -161,7 +161,7 @@ class ClientState(Protocol):
 
     def cusum(self, name: str, p0: float, p1: float, threshold: float, max_keys: int, keep_s: float) -> ClientTest: ...
 
-    def feed(self, name: str, receive: Callable[[QueryRows], None]) -> QueryFeed | None: ...
+    def feed(self, name: str, receive: Callable[[QueryRows], None], forget: Callable[[str], None]) -> QueryFeed | None: ...
 
     # -- life cycle and metrics ----------------------------------------------------------------------
 
@@ -268,7 +268,7 @@ class MemoryClientState:
     def cusum(self, name: str, p0: float, p1: float, threshold: float, max_keys: int, keep_s: float) -> ClientTest:
         return Cusum(p0, p1, threshold, max_keys)
 
-    def feed(self, name: str, receive: Callable[[QueryRows], None]) -> QueryFeed | None:
+    def feed(self, name: str, receive: Callable[[QueryRows], None], forget: Callable[[str], None]) -> QueryFeed | None:
         return None  # one replica: nobody to exchange queries with
 
     async def start(self) -> None:

@@ -191,6 +191,10 @@ def test_an_attack_spread_over_two_replicas_is_seen_as_one(redis_server, images,
         assert codes == [OK, OK, DENIED]  # decoys, then the shared evidence crosses the threshold
         assert infer(pair[0], images[100:101], "prober") == DENIED  # on both replicas, while it lasts
         assert infer(pair[1], images[101:102], "prober") == DENIED
+        pair[0].state.remove("prober")  # what `firewall admin reset` on the first does, with:
+        stages[0].forget_client("prober")
+        wait_for(lambda: stages[1].clients.current("prober", time.time()) == 0.0, "the reset reaches the other replica's counts")
+        assert infer(pair[1], images[102:103], "prober") == OK
 
 
 def listeners(metrics_port: int, http_port: int, admin_port: int) -> dict[str, str]:
