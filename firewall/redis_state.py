@@ -56,7 +56,7 @@ import time
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 import numpy as np
 import redis
@@ -339,21 +339,31 @@ class RedisClientState:
             try:
                 await asyncio.wait_for(self.client.ping(), self.config.timeout_s)
                 await self._resync()
+                self.up = True
+                await self._merge()  # what was decided from memory while the resynchronisation ran
             except FAILURES:
+                self.up = False
                 self.errors += 1
                 delay = min(2 * delay, self.config.max_retry_s)
                 continue
-            self.up = True
             self._alert("shared-state-recovered", "info")
             return
 
     async def _resync(self) -> None:
-        """Write back the shared secret, merge what was counted here while degraded, and write back
-        the bans this replica holds (Redis may have lost them)."""
+        """Write back the shared secret, merge what was counted here while degraded, write back
+        the bans this replica holds (Redis may have lost them), publish the queries placed meanwhile."""
         await self.client.set(f"{self.config.key_prefix}secret", self.secret, nx=True)
+        await self._merge(self.local.active_bans())
+        for test in self.tests:
+            await test.merge()
+        for feed in self.feeds:
+            await feed.flush()
+
+    async def _merge(self, bans: Iterable[str] = ()) -> None:
+        """Merge the records decided from memory while degraded, and ``bans`` held here, into Redis."""
         with self._lock:
             pending, self._pending = self._pending, {}
-        keys = list(pending) + [key for key in self.local.active_bans() if key not in pending]
+        keys = list(pending) + [key for key in bans if key not in pending]
         try:
             for start in range(0, len(keys), MERGE_BATCH):
                 pipe = self.client.pipeline(transaction=False)
@@ -362,12 +372,10 @@ class RedisClientState:
                     if args is not None:
                         await self.scripts["merge"](keys=[self._key(key)], args=args, client=pipe)
                 await asyncio.wait_for(pipe.execute(), self.config.timeout_s * 4)
-            for test in self.tests:
-                await test.merge()
-            for feed in self.feeds:
-                await feed.flush()
         except BaseException:
-            with self._lock:  # tried again at the next recovery: merging is idempotent
+            # Tried again at the next recovery; a batch that reached Redis before the failure is
+            # charged twice then (stricter, never looser).
+            with self._lock:
                 self._pending = pending | self._pending
             raise
         for key in pending:  # spent in Redis now: not again at the next recovery
