@@ -345,13 +345,14 @@ def test_hopskipjump_over_three_replicas_and_20_ids_is_refused_as_soon_as_agains
     images, labels = mnist_heldout
     runs = []
     for server in (None, redis_server):
-        np.random.seed(0)  # ART draws from NumPy's global generator: the same attack both times
+        np.random.seed(0)  # ART's steps draw from NumPy's global generator; its start from an unseeded one
         with attacked(server, "reject") as endpoint:
             ids = [f"hsja-{n}" for n in range(20)]
             runs.append(run_attack(ATTACKS["hopskipjump"], endpoint, "target", images[5][:, :, None], 5, int(labels[5]), ids, "verifier", 60, 10, 3.0))
     one, three = runs
-    assert one.first_refusal is not None and three.first_refusal is not None
-    assert three.first_refusal <= one.first_refusal and three.refused_ids >= one.refused_ids, (one.summary(), three.summary())
+    assert one.ended == three.ended == "refused" and one.refused_ids == three.refused_ids == 20, (one.summary(), three.summary())
+    # the unseeded start moves the first refusal by a query either way (5 or 6 here, on one replica or three)
+    assert three.first_refusal <= one.first_refusal + 1 and three.queries <= one.queries + 1, (one.summary(), three.summary())
 
 
 def test_the_adaptive_attacker_does_no_better_against_three_replicas(redis_server, mnist_heldout):
