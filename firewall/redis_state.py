@@ -22,9 +22,10 @@ replicas agree on time and never act on a stale copy:
   reads the entries published since its last read in the round trip that admits a request (the
   probing stage adds them before its search) and writes the request's entry before its answer
   leaves (one round trip on the worker thread), so a query finds every query answered before it
-  was sent, whichever replica answered it; the search itself is in the replica's own FAISS index. A background reader (XREAD, blocking on a connection of its own)
-  keeps an idle replica current and warms a new one. The entries carry the client id and
-  address, so each replica counts every replica's probing evidence in its own memory;
+  was sent, whichever replica answered it; the search itself is in the replica's own FAISS
+  index. A background reader (XREAD, blocking on a connection of its own) keeps an idle replica
+  current and warms a new one. The entries carry the client id and address, so each replica
+  counts every replica's probing evidence in its own memory;
 - ``<prefix>ops``: a pub/sub channel on which an operator's lift or reset on one replica reaches
   the others' in-memory copies (and, for a reset, the probing evidence they counted).
 
@@ -37,8 +38,9 @@ was counted locally is merged in (``merge``): the tokens each bucket spent while
 spent in Redis too, bans and suspicion last as long as the longer of the two, the larger offence
 count wins, and each CUSUM statistic counted locally raises Redis's to at least its value; the
 bans this replica holds are written back too (Redis may have lost them), and the queries placed
-meanwhile (a bounded buffer) are published. The keys counted while degraded are bounded by ``buffer``; beyond, dropped and counted.
-A lift or reset published while a replica was cut off does not reach it.
+meanwhile (a bounded buffer) are published. The keys counted while degraded are bounded by
+``buffer``; beyond, dropped and counted. A lift or reset published while a replica was cut off
+does not reach it.
 
 Redis Cluster is not supported: a decision's keys (a client and its address) hash to different
 slots, and one script must see both.
