@@ -68,8 +68,7 @@ def test_hopskipjump_is_decoyed_within_10_queries_and_fails(endpoint_and_firewal
     assert first.queries == 10 and findings(firewall, "probing.region") >= 1 and decoyed(firewall) >= 1
     run = attack(endpoint, images, labels, 5, [f"hsja-long-{n}" for n in range(ids)], budget=300)
     assert run.ended == "budget" and run.first_refusal is None  # decoys, never a refusal to steer by
-    if ids == 1:  # over 20 ids no id reaches the client evidence threshold: see the README's figures
-        assert not run.success  # nothing misclassified within L2 3.0
+    assert not run.success  # nothing misclassified within L2 3.0, from one id or spread over 20
 
 
 def test_1000_distinct_benign_images_from_10_clients_raise_no_probing_finding(endpoint_and_firewall, mnist_heldout):
