@@ -97,7 +97,7 @@ def test_decoy_answers_a_constant_the_client_cannot_tell_apart(client, mnist_hel
     first = genuine[0]
     assert len(set(genuine.tolist())) > 1  # the genuine answers vary
     decoys = [infer(client, "decoy", marked(images[i : i + 1]), "d1")[0] for i in range(20, 30)]
-    assert decoys == [first] * 10  # no signal: every flagged query gets the first genuine label
+    assert decoys == [first] * 10  # no signal: every flagged query gets the first label answered
     mixed = infer(client, "decoy", np.concatenate([images[30:32], marked(images[32:33])]), "d1")
     assert mixed[:2].tolist() == infer(client, "decoy", images[30:32], "d2").tolist()
     assert mixed[2] == first
