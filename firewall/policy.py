@@ -21,6 +21,12 @@ A request without findings is predicted and answered. With findings, the model's
   attacks exploit (Feng, Hooda, Mangaokar, Fawaz, Jha & Prakash, "Stateful Defenses for Machine
   Learning Models Are Not Yet Secure Against Black-box Attacks", CCS 2023); a decoy keeps the
   attacker unaware while the alerts go on.
+- ``noise``: the flagged images are answered with the model's label for the image plus Gaussian
+  noise of ``noise_sigma``, drawn anew for every query: the Random Noise Defense of Qin, Fan, Zha
+  & Wu ("Random Noise Defense Against Query-Based Black-Box Attacks", NeurIPS 2021; sigma 0.02 on
+  [0, 1] images there). Near the boundary the answers are coin flips, so an attack's comparisons
+  and gradient estimates drown in noise; far from it the answer stays right. Measured against
+  ``decoy`` in the README (Detection), which chose the default.
 - ``monitor``: the genuine answer; alerts only.
 
 Every finding becomes an alert. Refusals all carry the same generic message. After a refused
@@ -41,7 +47,7 @@ from firewall.pipeline import ModelPipeline
 from firewall.stage import Finding, RequestContext
 from firewall.state import ClientState
 
-SEVERITY = ("monitor", "decoy", "reject", "ban")
+SEVERITY = ("monitor", "noise", "decoy", "reject", "ban")
 
 
 class ResponsePolicy:
@@ -50,6 +56,7 @@ class ResponsePolicy:
         self.state = state
         self.alerts = alerts
         self.bans = bans
+        self.rng = np.random.default_rng()  # unseeded: a client must not replay the noise
 
     def decide(self, ctx: RequestContext, pipeline: ModelPipeline) -> str:
         """Set ``ctx.labels`` to the answer and return the outcome, or raise the rejection the client gets."""
@@ -70,6 +77,10 @@ class ResponsePolicy:
         if action == "monitor":
             self._remember(ctx, ctx.labels)
             return "monitored"
+        if action == "noise":
+            self._noisy(ctx, pipeline, policy.noise_sigma)
+            self._remember(ctx, ctx.labels)
+            return "noised"
         decoyed = [f for f in ctx.findings if policy.rules.get(f.rule, policy.action) != "monitor"]
         fallback = self._decoy_label(ctx, pipeline)
         if any(finding.item is None for finding in decoyed):  # about the client: one constant for all
@@ -84,6 +95,16 @@ class ResponsePolicy:
         ctx.labels = np.where(decoys >= 0, decoys, ctx.labels).astype(np.int64)
         self._remember(ctx, ctx.labels)
         return "decoyed"
+
+    def _noisy(self, ctx: RequestContext, pipeline: ModelPipeline, sigma: float) -> None:
+        """Answer the flagged images (every image, for a finding about the client) from noisy copies."""
+        items = list(range(ctx.batch_size))
+        if all(finding.item is not None for finding in ctx.findings):
+            items = sorted({finding.item for finding in ctx.findings})
+        noisy = ctx.tensor[items] + self.rng.normal(0.0, sigma, ctx.tensor[items].shape).astype(np.float32)
+        labels = ctx.labels.copy()
+        labels[items] = pipeline.classifier.predict(np.clip(noisy, 0.0, 1.0))
+        ctx.labels = labels
 
     def alert(self, ctx: RequestContext, findings: list[Finding], action: str) -> None:
         """Every finding becomes an alert; also for the findings of stages run after the answer (monitor)."""
