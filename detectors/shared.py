@@ -39,6 +39,7 @@ class QueryRows:
     times: np.ndarray  # float64 [n], wall-clock seconds
     client: str = ""  # who sent them: their evidence counts for this client id
     address: str = ""  # and for this source address
+    weight: float = 0.0  # what they added to that client's and address's evidence
 
     def __len__(self) -> int:
         return len(self.keys)

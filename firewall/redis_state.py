@@ -10,8 +10,8 @@ replicas agree on time and never act on a stale copy:
   ``firewall.state.take_tokens`` exactly), the suspect bucket's, the suspect and ban ends, offence
   count and time, the refusal budget's count and window. Its TTL is the latest moment anything in
   it matters, so a fresh id's record lives only until its bucket is full again;
-- a client's last genuine labels, ``<prefix>l:<key>``, kept ``label_ttl_s`` (written in batches
-  every 50 ms: no decision of the request depends on it);
+- the first label a client was answered per model, ``<prefix>l:<key>`` (HSETNX), kept ``label_ttl_s``
+  after its last answer (written in batches every 50 ms: no decision of the request depends on it);
 - the per-image detectors' CUSUM statistic per client, ``<prefix>s:<name>:<key>``, updated by one
   script per request (on the monitoring worker, after the answer), kept ``keep_s`` after the
   client's last image;
@@ -80,7 +80,7 @@ READ_BLOCK_MS = 1000  # a stream reader waits this long for new entries before a
 READ_COUNT = 512  # entries per read
 MERGE_BATCH = 500  # records merged back per pipelined round trip
 LIST_LIMIT = 100_000  # records an operator's listing reads from Redis at most
-LABEL_FLUSH_S = 0.05  # last labels are written to Redis in batches this often
+LABEL_FLUSH_S = 0.05  # first labels are written to Redis in batches this often
 
 PRELUDE = """
 local function clock()
@@ -495,7 +495,7 @@ class RedisClientState:
             if len(self._labels) >= self.config.buffer and (key, model) not in self._labels:
                 self.dropped_writes += 1
                 return
-            self._labels[(key, model)] = label
+            self._labels.setdefault((key, model), label)
 
     async def _write_labels(self) -> None:
         prefix, ttl = f"{self.config.key_prefix}l:", math.ceil(self.config.label_ttl_s)
@@ -507,19 +507,19 @@ class RedisClientState:
                 labels, self._labels = self._labels, {}
             pipe = self.client.pipeline(transaction=False)
             for (key, model), label in labels.items():
-                pipe.hset(prefix + key, model, label).expire(prefix + key, ttl)
+                pipe.hsetnx(prefix + key, model, label).expire(prefix + key, ttl)
             try:
                 await pipe.execute()
             except FAILURES as error:
                 self.dropped_writes += len(labels)
                 self._degrade(error)
 
-    def last_label(self, key: str, model: str) -> int | None:
+    def first_label(self, key: str, model: str) -> int | None:
         try:
             label = self._blocking(lambda: self.blocking.hget(f"{self.config.key_prefix}l:{key}", model))
         except _Down:
-            return self.local.last_label(key, model)
-        return self.local.last_label(key, model) if label is None else int(label)  # local: not written yet
+            return self.local.first_label(key, model)
+        return self.local.first_label(key, model) if label is None else int(label)  # local: not written yet
 
     # -- operators -------------------------------------------------------------------------------------
 
@@ -538,11 +538,11 @@ class RedisClientState:
         if not fields and not labels:
             return None
         record = _record(fields, time.monotonic() - (seconds + micros / 1e6))
-        record.last_labels = {model.decode(): int(label) for model, label in labels.items()}
+        record.first_labels = {model.decode(): int(label) for model, label in labels.items()}
         return record
 
     def items(self) -> list[tuple[str, ClientRecord]]:
-        """Every replica's records, read from Redis (at most ``LIST_LIMIT``; last labels left out);
+        """Every replica's records, read from Redis (at most ``LIST_LIMIT``; first labels left out);
         this replica's own while Redis is away."""
         prefix = self._key("")
 
@@ -885,6 +885,7 @@ def encode(rows: QueryRows, replica: str) -> dict[str, bytes | str | int]:
         "t": rows.times.astype("<f8").tobytes(),
         "c": rows.client,
         "p": rows.address,
+        "w": str(float(rows.weight)),
     }
 
 
@@ -901,7 +902,10 @@ def decode(fields: dict[bytes, bytes]) -> QueryRows:
         times=np.frombuffer(fields[b"t"], "<f8").astype(np.float64),
         client=fields[b"c"].decode(errors="replace"),
         address=fields[b"p"].decode(errors="replace"),
+        weight=float(fields[b"w"]),
     )
     if dim < 1 or any(len(column) != len(keys) for column in (rows.vectors, rows.labels, rows.answers, rows.evidence, rows.times)):
         raise ValueError("stream entry sizes disagree")
+    if not 0.0 <= rows.weight <= len(keys):  # NaN fails too
+        raise ValueError("stream entry weight out of range")
     return rows
