@@ -26,8 +26,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -42,6 +42,7 @@ from firewall.evaluate.adaptive import ADAPTIVE_ATTACKS, onnx_judge, run_adaptiv
 from firewall.evaluate.attacks import ATTACKS, run_attack  # noqa: E402
 from firewall.evaluate.endpoint import Refusal, RoundRobin  # noqa: E402
 from firewall.logs import configure_logging  # noqa: E402
+from firewall.server import Firewall  # noqa: E402
 from models.runtime import bundled_model_path  # noqa: E402
 from tests.conftest import address, running_firewall  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
@@ -60,15 +61,14 @@ def settings(state: dict, calibrated: bool, **overrides) -> Settings:
 
 
 @contextmanager
-def group(server: RedisServer | None, count: int, calibrated: bool, **overrides) -> Iterator[RoundRobin]:
-    """``count`` replicas on ``server`` (None: one replica, memory state) behind a round-robin client."""
+def group(server: RedisServer | None, count: int, calibrated: bool, **overrides) -> Iterator[tuple[list[Firewall], RoundRobin]]:
+    """``count`` replicas on ``server`` (None: one replica, memory state) and a round-robin client."""
     state = {} if server is None else {"backend": "redis", "url": server.url}
     with ExitStack() as stack:
         replicas = [stack.enter_context(running_firewall(settings(state, calibrated, **overrides))) for _ in range(count)]
         endpoint = RoundRobin([address(replica) for replica in replicas], "mnist")
-        endpoint.firewalls = replicas
         stack.callback(endpoint.close)
-        yield endpoint
+        yield replicas, endpoint
 
 
 def status(endpoint: RoundRobin, pixels: np.ndarray, client_id: str) -> str:
@@ -80,9 +80,9 @@ def status(endpoint: RoundRobin, pixels: np.ndarray, client_id: str) -> str:
 
 
 def ban_delay(server: RedisServer, trials: int) -> None:
-    with group(server, 3, False, throttle={"enabled": False}, model={"policy": {"action": "ban"}}) as endpoint:
+    with group(server, 3, False, throttle={"enabled": False}, model={"policy": {"action": "ban"}}) as (replicas, endpoint):
         delays, refused_first = [], 0
-        with with_stage(endpoint.firewalls[0], Flagger()):
+        with with_stage(replicas[0], Flagger()):
             for n in range(trials):
                 endpoint.turn = 0  # the marked request goes to the first replica, the next to the second
                 assert status(endpoint, marked(IMAGES[n : n + 1]), f"banned-{n}") == "PERMISSION_DENIED"
@@ -94,34 +94,32 @@ def ban_delay(server: RedisServer, trials: int) -> None:
           f"time from the ban to that refusal: median {statistics.median(delays) * 1000:.2f} ms, max {max(delays) * 1000:.2f} ms")
 
 
+def one_caller(addresses: list[str], turn: int, deadline: float) -> tuple[int, int]:
+    """One of several callers of one client id, round-robin from replica ``turn``: (sent, allowed)."""
+    endpoint = RoundRobin(addresses, "mnist")
+    endpoint.turn = turn
+    sent = allowed = 0
+    while time.perf_counter() < deadline:
+        allowed += status(endpoint, IMAGES[:1], "one-client") == "OK"
+        sent += 1
+    endpoint.close()
+    return sent, allowed
+
+
 def bucket_rate(server: RedisServer, seconds: float) -> None:
     rate, burst, callers = 50.0, 50, 4  # a burst of a second: a caller stalled by the loaded machine loses no tokens
     for count, store in ((1, None), (1, server), (3, server)):
-        with group(store, count, False, throttle={"rate": rate, "burst": burst}) as endpoint:
-            allowed, tries, lock = [0], [0], threading.Lock()
-            deadline = time.perf_counter() + seconds
+        with group(store, count, False, throttle={"rate": rate, "burst": burst}) as (replicas, _):
+            addresses = [address(replica) for replica in replicas]
             started = time.perf_counter()
-
-            def call(n: int) -> None:
-                own = RoundRobin([address(replica) for replica in endpoint.firewalls], "mnist")
-                own.turn = n
-                while time.perf_counter() < deadline:
-                    answer = status(own, IMAGES[:1], "one-client")
-                    with lock:
-                        allowed[0] += answer == "OK"
-                        tries[0] += 1
-                own.close()
-
-            threads = [threading.Thread(target=call, args=(n,)) for n in range(callers)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            with ThreadPoolExecutor(callers) as pool:
+                counts = list(pool.map(one_caller, [addresses] * callers, range(callers), [started + seconds] * callers))
             elapsed = time.perf_counter() - started
+            sent, allowed = (sum(column) for column in zip(*counts))
             expected = burst + rate * elapsed
             where = f"{count} replica(s), {'memory' if store is None else 'Redis'}"
-            print(f"(b) bucket {rate:.0f}/s burst {burst}, {callers} callers, {where}, {elapsed:.1f} s: {tries[0]} sent, "
-                  f"{allowed[0]} allowed, burst + rate x time = {expected:.0f} ({allowed[0] / expected - 1:+.1%})")
+            print(f"(b) bucket {rate:.0f}/s burst {burst}, {callers} callers, {where}, {elapsed:.1f} s: {sent} sent, "
+                  f"{allowed} allowed, burst + rate x time = {expected:.0f} ({allowed / expected - 1:+.1%})")
         server.client().flushall()
 
 
@@ -130,7 +128,7 @@ def hopskipjump(server: RedisServer, images: int, budget: int) -> None:
     print("| replicas | image | queries | first refused query | ids refused | success |")
     print("| ---: | ---: | ---: | ---: | ---: | --- |")
     for count, store in ((1, None), (3, server)):
-        with group(store, count, True, throttle={"enabled": False}, model={"policy": {"action": "reject"}}) as endpoint:
+        with group(store, count, True, throttle={"enabled": False}, model={"policy": {"action": "reject"}}) as (_, endpoint):
             for index in range(images):
                 np.random.seed(index)
                 ids = [f"hsja-{index}-{n}" for n in range(20)]
@@ -147,7 +145,7 @@ def adaptive(server: RedisServer, images: int, budget: int) -> None:
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for name in ADAPTIVE_ATTACKS:
         for count, store in ((1, None), (3, server)):
-            with group(store, count, True, throttle={"enabled": False}) as endpoint:
+            with group(store, count, True, throttle={"enabled": False}) as (_, endpoint):
                 for index in range(images):
                     run = run_adaptive_attack(name, endpoint, judge, IMAGES[index][..., None], index, int(LABELS[index]),
                                               max_l2=2.0, id_prefix=f"{name}-{index}", query_budget=budget)

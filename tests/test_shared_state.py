@@ -273,11 +273,11 @@ def round_robin(group: list[Firewall]) -> Iterator[RoundRobin]:
 
 
 def test_a_ban_raised_on_one_of_three_replicas_refuses_the_client_on_the_next_two(redis_server, images):
-    with replicas(redis_server, count=3, models={"mnist": {"policy": {"action": "ban"}}}) as group:
-        with round_robin(group) as endpoint, with_stage(group[0], Flagger()):
-            assert sent(endpoint, marked(images[:1]), "attacker") == "PERMISSION_DENIED"  # banned on the first
-            assert [sent(endpoint, images[:1], "attacker") for _ in range(3)] == ["PERMISSION_DENIED"] * 3
-            assert [sent(endpoint, images[:1], "bystander") for _ in range(3)] == ["OK"] * 3
+    policy = {"mnist": {"policy": {"action": "ban"}}}
+    with replicas(redis_server, count=3, models=policy) as group, round_robin(group) as endpoint, with_stage(group[0], Flagger()):
+        assert sent(endpoint, marked(images[:1]), "attacker") == "PERMISSION_DENIED"  # banned on the first
+        assert [sent(endpoint, images[:1], "attacker") for _ in range(3)] == ["PERMISSION_DENIED"] * 3
+        assert [sent(endpoint, images[:1], "bystander") for _ in range(3)] == ["OK"] * 3
 
 
 def test_a_bucket_holds_across_three_replicas(redis_server, images):
