@@ -16,7 +16,9 @@ real ``redis-server`` on loopback; this process is the load generator.
     from the firewalls' own ``firewall_stage_seconds``, says where the added time goes.
 (b) throughput: ``--callers`` concurrent callers (one client id each) on one Redis-state replica,
     then spread round-robin over three, for ``--seconds``, calibrated detectors.
-(c) sizing: MEMORY USAGE of 1,000 clients' keys (record, banned record, labels, CUSUM statistic)
+(c) round trips: the median time of each Redis call a request makes, alone, one after another on
+    an idle connection (the floor under the added latency).
+(d) sizing: MEMORY USAGE of 1,000 clients' keys (record, banned record, labels, CUSUM statistic)
     and of the query stream per entry (what (a) and (b) published).
 """
 
@@ -40,6 +42,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from detectors.shared import QueryRows  # noqa: E402
 from firewall.config import BanConfig, StateConfig  # noqa: E402
 from firewall.protocol import pb, pb_grpc  # noqa: E402
 from firewall.redis_state import RedisClientState  # noqa: E402
@@ -178,6 +181,34 @@ async def sizing(url: str, clients: int = 1000) -> dict[str, float]:
     return result
 
 
+async def round_trips(url: str, calls: int = 2000) -> dict[str, float]:
+    """Median microseconds of the calls a request makes to Redis, alone on an idle connection: the
+    floor under what shared state adds, whatever the load on the machine."""
+    state = RedisClientState(StateConfig(backend="redis", url=url), MemoryClientState(10), keep_offences_s=86400.0)
+    feed = state.feed("bench.probing", lambda rows: None, lambda key: None)
+    await state.start()
+    bucket, suspect = Bucket(1e9, 10**9), Bucket(1.0, 5)
+    rows = QueryRows(np.zeros((1, 64), np.float32), np.zeros(1, np.uint64), np.zeros(1, np.int64), np.zeros(1, np.int64),
+                     np.zeros(1, bool), np.zeros(1), client="c", address="a")
+
+    async def timed(call) -> float:
+        seconds = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            await call()
+            seconds.append(time.perf_counter() - started)
+        return float(np.median(seconds) * 1e6)
+
+    result = {
+        "admit_address (script)": await timed(lambda: state.admit_address("c", "a", 1, bucket)),
+        "admit_client (script, and the stream read in the same round trip)": await timed(lambda: state.admit_client("c", 1, bucket, suspect)),
+        "publish (XADD from a worker thread)": await timed(lambda: asyncio.to_thread(feed.publish, rows)),
+        "a worker thread's hop alone (no Redis)": await timed(lambda: asyncio.to_thread(lambda: None)),
+    }
+    await state.close()
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=1000)
@@ -242,6 +273,10 @@ def main() -> int:
             three = asyncio.run(throughput([servers[("redis", True)], *(a for _, a, _ in extra)], args.callers, args.seconds))
             print(f"\nthroughput, {args.callers} callers, calibrated detectors, Redis state: one replica {one:.0f}/s, "
                   f"three replicas {three:.0f}/s (ratio {three / one:.2f}) on {os.cpu_count()} cores")
+
+            print("\nRedis calls of one request, alone (median microseconds):")
+            for name, value in asyncio.run(round_trips(server.url)).items():
+                print(f"  {name}: {value:.0f}")
 
             print("\nbytes in Redis (MEMORY USAGE, mean over 1,000 clients):")
             for name, value in asyncio.run(sizing(server.url)).items():
