@@ -78,6 +78,7 @@ T = TypeVar("T")
 FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 READ_BLOCK_MS = 1000  # a stream reader waits this long for new entries before asking again
 READ_COUNT = 512  # entries per read
+CLOSE_S = 5.0  # closing waits this long for the background tasks and the connections
 MERGE_BATCH = 500  # records merged back per pipelined round trip
 LIST_LIMIT = 100_000  # records an operator's listing reads from Redis at most
 LABEL_FLUSH_S = 0.05  # first labels are written to Redis in batches this often
@@ -651,13 +652,16 @@ class RedisClientState:
         self.secret = await self.client.get(name) or self.local.secret
 
     async def close(self) -> None:
-        for feed in self.feeds:
-            await feed.close()
-        tasks = [task for task in (self._recovery, self._label_writer, self._listener) if task is not None]
+        tasks = [self._recovery, self._label_writer, self._listener, *(feed.reader for feed in self.feeds)]
+        tasks = [task for task in tasks if task is not None]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self.client.aclose()
+        if tasks:  # a task still closing its connection after this is left behind: shutdown never hangs on Redis
+            await asyncio.wait(tasks, timeout=CLOSE_S)
+        try:
+            await asyncio.wait_for(self.client.aclose(), CLOSE_S)
+        except FAILURES:
+            pass  # the process is going away
         self.blocking.close()
 
     def refresh(self) -> None:
@@ -756,10 +760,11 @@ class RedisFeed:
         self.waiting = 0  # rows in the outbox
         self.dropped = 0  # rows not exchanged: dropped from a full outbox, a failed write, a bad entry
         self.last = "0-0"  # the newest entry delivered to ``receive``
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()  # the outbox and the entries read at admission (held briefly: the event loop takes it)
+        self.delivering = threading.RLock()  # one delivery at a time, and no search while one runs
         self._prefetched: list[list] = []  # entries read at admission, not delivered yet
         self._gap = False  # some were let go (too many waiting): the next catch-up reads Redis
-        self._reader: asyncio.Task | None = None
+        self.reader: asyncio.Task | None = None  # cancelled by the state's close
 
     def publish(self, rows: QueryRows) -> None:
         fields = encode(rows, self.state.replica)
@@ -787,11 +792,12 @@ class RedisFeed:
     def catch_up(self) -> None:
         """Receive every entry the other replicas had published when this request was admitted (a
         worker thread, before a search): what the admission read, and Redis itself only when that
-        was not all. The lock is held throughout, so no search starts while another request's
+        was not all. Delivering is held throughout, so no search starts while another request's
         catch-up is delivering what this one needs."""
-        with self.lock:
-            waiting, self._prefetched = self._prefetched, []
-            gap, self._gap = self._gap, False
+        with self.delivering:
+            with self.lock:
+                waiting, self._prefetched = self._prefetched, []
+                gap, self._gap = self._gap, False
             for found in waiting:
                 self._deliver([(self.stream, found)])
             while gap:
@@ -804,7 +810,7 @@ class RedisFeed:
     def _deliver(self, reply: list) -> int:
         """Hand the entries newer than ``last`` to ``receive``, in order; return how many the reply held."""
         entries = [entry for _, found in reply for entry in found]
-        with self.lock:  # two readers may have read the same entries: each is delivered once
+        with self.delivering:  # two readers may have read the same entries: each is delivered once
             for entry_id, fields in entries:
                 if _entry_order(entry_id) <= _entry_order(self.last):
                     continue
@@ -820,12 +826,7 @@ class RedisFeed:
         return len(entries)
 
     def start(self) -> None:
-        self._reader = asyncio.create_task(self._read())
-
-    async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        self.reader = asyncio.create_task(self._read())
 
     async def flush(self) -> None:
         """Publish what was written while Redis was away (at recovery)."""
