@@ -115,8 +115,15 @@ def test_refusals_further_apart_than_the_window_do_not_add_up(admission, clock):
     assert admission.state.get(peer_key(PEER)).banned_until == 0.0
 
 
-def shares() -> InFlight:
-    return InFlight(total=4, per_client=2, per_address=3, max_decoding_bytes=100, heavy_request_bytes=40, max_heavy=1)
+def shares(per_client: int = 2, per_address: int = 3, max_decoding_bytes: int = 100) -> InFlight:
+    return InFlight(
+        total=4,
+        per_client=per_client,
+        per_address=per_address,
+        max_decoding_bytes=max_decoding_bytes,
+        heavy_request_bytes=40,
+        max_heavy=1,
+    )
 
 
 def refused(in_flight: InFlight, client: str, peer: str, decoded: int) -> bool:
@@ -144,31 +151,43 @@ def test_each_share_holds_at_its_boundary():
     )
 
 
-def test_heavy_requests_and_the_decoding_budget():
-    in_flight = shares()
+def test_a_share_of_one_admits_one():
+    in_flight = shares(per_client=1, per_address=1)
+    assert not refused(in_flight, "a", "p1", 1) and not refused(in_flight, "b", "p2", 1)
+    assert refused(in_flight, "a", "p3", 1) and refused(in_flight, "c", "p1", 1)
+
+
+def test_heavy_requests_take_the_heavy_slots():
+    in_flight = shares(max_decoding_bytes=1000)
     assert not in_flight.enter("a", "p1", 40).heavy  # at the threshold: not heavy
     heavy = in_flight.enter("b", "p2", 41)
     assert heavy.heavy and in_flight.heavy == 1
     assert refused(in_flight, "c", "p3", 41)  # one heavy slot
-    assert not refused(in_flight, "c", "p3", 19)  # 40 + 41 + 19 = 100: the budget, not beyond
     in_flight.leave(heavy)
-    assert in_flight.heavy == 0
-    assert refused(in_flight, "d", "p4", 42)  # a free heavy slot, but 59 + 42 is over the budget
-    assert not refused(in_flight, "d", "p4", 41)
+    assert in_flight.heavy == 0 and not refused(in_flight, "c", "p3", 41)
+
+
+def test_the_decoding_budget_admits_up_to_its_bytes():
+    in_flight = shares(max_decoding_bytes=100)
+    in_flight.enter("a", "p1", 40)
+    assert refused(in_flight, "b", "p2", 61)
+    assert not refused(in_flight, "b", "p2", 60)  # 40 + 60: the budget, not beyond
+    assert in_flight.decoding_bytes == 100
 
 
 def test_leaving_returns_every_share():
-    in_flight = shares()
-    tickets = [in_flight.enter("a", "p1", 30), in_flight.enter("a", "p1", 50)]
+    in_flight = shares(per_client=3, per_address=3)
+    tickets = [in_flight.enter("a", "p1", 30), in_flight.enter("a", "p1", 50), in_flight.enter("a", "p1", 10)]
     in_flight.leave(tickets[0])
     assert (in_flight.count, in_flight.decoding_bytes, in_flight.heavy, in_flight.clients, in_flight.addresses) == (
+        2,
+        60,
         1,
-        50,
-        1,
-        {"a": 1},
-        {"p1": 1},
+        {"a": 2},
+        {"p1": 2},
     )
-    in_flight.leave(tickets[1])
+    for ticket in tickets[1:]:
+        in_flight.leave(ticket)
     assert (in_flight.count, in_flight.decoding_bytes, in_flight.heavy, in_flight.clients, in_flight.addresses) == (0, 0, 0, {}, {})
 
 

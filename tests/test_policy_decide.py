@@ -8,9 +8,12 @@ testing can run them in forked processes, which gRPC does not survive."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 from firewall.alerts import AlertAggregator
 from firewall.bans import BanLog, peer_key
@@ -204,6 +207,15 @@ def test_monitored_findings_do_not_decoy(pipeline, clock, distinct):
     assert ctx.labels.tolist() == [labels[0], labels[3], labels[2]]
 
 
+def test_a_finding_without_a_rule_entry_is_only_monitored_when_the_model_monitors(pipeline, clock, distinct):
+    policy = make_policy(clock, action="monitor", rules={"probe": "decoy"})
+    labels = genuine(pipeline, distinct[:4])
+    policy.decide(context(pipeline, distinct[3:4]), pipeline)
+    ctx = context(pipeline, distinct[:2], findings=[Finding("other", 1.0, 0.5, item=0), Finding("probe", 1.0, 0.5, item=1)])
+    assert policy.decide(ctx, pipeline) == "decoyed"
+    assert ctx.labels.tolist() == [labels[0], labels[3]]
+
+
 def test_a_client_without_a_genuine_answer_gets_a_fixed_label_of_its_own(pipeline, clock, distinct):
     models = tuple(f"m{n}" for n in range(8))
     policy = make_policy(clock, models, action="decoy")
@@ -221,5 +233,31 @@ def test_a_client_without_a_genuine_answer_gets_a_fixed_label_of_its_own(pipelin
     assert len({decoy(policy, "0", model=model) for model in models}) > 1  # and one per model
 
 
-def test_the_class_count_comes_from_the_models_output(pipeline):
+def test_the_class_count_comes_from_the_models_output(pipeline, tmp_path):
     assert class_count(pipeline) == 10
+    settings = make_settings(models={"mnist": {"onnx": str(dynamic_class_count(pipeline, tmp_path / "dynamic.onnx"))}})
+    dynamic = build_pipeline("mnist", settings.models["mnist"], settings, MemoryClientState(1))
+    try:
+        assert class_count(dynamic) == 1  # unknown before a run: every decoy is label 0, never out of range
+    finally:
+        dynamic.close()
+
+
+def dynamic_class_count(pipeline: ModelPipeline, path: Path) -> Path:
+    """The bundled model with its logits passed through a Compress that keeps every column: the same
+    answers, but a class count that ONNX Runtime cannot know before it runs the model."""
+    model = onnx.load(str(pipeline.classifier.path))
+    output = model.graph.output[0]
+    for node in model.graph.node:
+        node.output[:] = ["all_logits" if name == output.name else name for name in node.output]
+    keep = helper.make_tensor("keep", TensorProto.BOOL, [10], [True] * 10)
+    model.graph.node.extend(
+        [
+            helper.make_node("Constant", [], ["keep"], value=keep),
+            helper.make_node("Compress", ["all_logits", "keep"], [output.name], axis=1),
+        ]
+    )
+    output.type.tensor_type.shape.dim[-1].Clear()
+    output.type.tensor_type.shape.dim[-1].dim_param = "classes"
+    onnx.save(model, str(path))
+    return path
