@@ -126,23 +126,25 @@ def shares(per_client: int = 2, per_address: int = 3, max_decoding_bytes: int = 
     )
 
 
-def refused(in_flight: InFlight, client: str, peer: str, decoded: int) -> bool:
+def refused(in_flight: InFlight, client: str, peer: str, decoded: int) -> str | None:
+    """The operator's reason (the log's) when the share refuses; the client sees only RESOURCE_EXHAUSTED."""
     try:
         in_flight.enter(client, peer, decoded)
-    except Throttled:
-        return True
-    return False
+    except Throttled as error:
+        assert error.public_message == "too many requests"
+        return error.detail
+    return None
 
 
 def test_each_share_holds_at_its_boundary():
     in_flight = shares()
     assert in_flight.enter("a", "p1", 10) == Ticket("a", "p1", 10, False)
     assert not refused(in_flight, "a", "p1", 10)
-    assert refused(in_flight, "a", "p2", 1)  # the client's share: 2
+    assert refused(in_flight, "a", "p2", 1) == "client concurrency share reached"  # 2
     assert not refused(in_flight, "b", "p1", 10)
-    assert refused(in_flight, "c", "p1", 1)  # the address's share: 3
+    assert refused(in_flight, "c", "p1", 1) == "address concurrency share reached"  # 3
     assert not refused(in_flight, "c", "p2", 10)
-    assert refused(in_flight, "d", "p3", 1)  # the total: 4
+    assert refused(in_flight, "d", "p3", 1) == "global concurrency cap reached"  # 4
     assert (in_flight.count, in_flight.decoding_bytes, in_flight.clients, in_flight.addresses) == (
         4,
         40,
@@ -162,7 +164,7 @@ def test_heavy_requests_take_the_heavy_slots():
     assert not in_flight.enter("a", "p1", 40).heavy  # at the threshold: not heavy
     heavy = in_flight.enter("b", "p2", 41)
     assert heavy.heavy and in_flight.heavy == 1
-    assert refused(in_flight, "c", "p3", 41)  # one heavy slot
+    assert refused(in_flight, "c", "p3", 41) == "heavy request slots taken"  # one
     in_flight.leave(heavy)
     assert in_flight.heavy == 0 and not refused(in_flight, "c", "p3", 41)
 
@@ -170,7 +172,7 @@ def test_heavy_requests_take_the_heavy_slots():
 def test_the_decoding_budget_admits_up_to_its_bytes():
     in_flight = shares(max_decoding_bytes=100)
     in_flight.enter("a", "p1", 40)
-    assert refused(in_flight, "b", "p2", 61)
+    assert refused(in_flight, "b", "p2", 61) == "decoding budget spent"
     assert not refused(in_flight, "b", "p2", 60)  # 40 + 60: the budget, not beyond
     assert in_flight.decoding_bytes == 100
 

@@ -134,6 +134,7 @@ def test_reject_refuses_and_makes_the_client_a_suspect(pipeline, clock, distinct
     with pytest.raises(Refused) as refusal:
         policy.decide(ctx, pipeline)
     assert type(refusal.value) is Refused and refusal.value.public_message == "request refused"
+    assert refusal.value.detail == "1 finding(s), reject"  # for the log
     record = policy.state.get("c1")
     assert record.suspect_until == clock() + SUSPECT_S and record.banned_until == 0.0
     assert record.last_labels == {}  # nothing was answered
@@ -144,8 +145,9 @@ def test_reject_refuses_and_makes_the_client_a_suspect(pipeline, clock, distinct
 def test_ban_bans_the_client_once_and_logs_the_rules(pipeline, clock, distinct, log_lines):
     policy = make_policy(clock, action="ban", ban={"first_s": 10.0, "factor": 2.0})
     findings = [Finding("z.rule", 1.0, 0.5, item=0), Finding("a.rule", 1.0, 0.5, item=1), Finding("z.rule", 1.0, 0.5, item=1)]
-    with pytest.raises(Banned):
+    with pytest.raises(Banned) as banned:
         policy.decide(context(pipeline, distinct[:2], findings=findings), pipeline)
+    assert (banned.value.public_message, banned.value.detail) == ("request refused", "3 finding(s), ban")
     record = policy.state.get("c1")
     assert record.banned_until == clock() + 10.0 and record.suspect_until == clock() + 10.0 + SUSPECT_S
     assert policy.state.get(peer_key(PEER)) is None  # not by peer
