@@ -77,13 +77,14 @@ def bans(lines: list[dict]) -> list[dict]:
     return [line for line in lines if line["message"] == "ban.started"]
 
 
-def test_without_findings_the_genuine_answer_and_the_last_label_is_kept(pipeline, clock, distinct, log_lines):
+def test_without_findings_the_genuine_answer_and_the_first_label_is_kept(pipeline, clock, distinct, log_lines):
     policy = make_policy(clock)
-    ctx = context(pipeline, distinct[:3])
+    ctx = context(pipeline, distinct[1:4])
     assert policy.decide(ctx, pipeline) == "answered"
-    expected = genuine(pipeline, distinct[:3])
+    expected = genuine(pipeline, distinct[1:4])
     assert ctx.labels.tolist() == expected and ctx.labels.dtype == np.int64
-    assert policy.state.last_label("c1", "mnist") == expected[2]
+    policy.decide(context(pipeline, distinct[:1]), pipeline)
+    assert policy.state.first_label("c1", "mnist") == expected[0]  # the first label answered, not a later one
     assert alerts(log_lines()) == []
 
 
@@ -111,7 +112,7 @@ def test_a_rule_entry_overrides_the_models_action(pipeline, clock, distinct):
     ctx = context(pipeline, distinct[:2], findings=[Finding("quiet", 1.0, 0.5, item=0)])
     assert policy.decide(ctx, pipeline) == "monitored"
     assert ctx.labels.tolist() == genuine(pipeline, distinct[:2])
-    assert policy.state.last_label("c1", "mnist") == ctx.labels[1]  # a monitored answer is genuine
+    assert policy.state.first_label("c1", "mnist") == ctx.labels[0]  # a monitored answer is an answer
 
 
 def test_every_finding_becomes_an_alert_with_what_the_operator_needs(pipeline, clock, distinct, log_lines):
@@ -137,7 +138,7 @@ def test_reject_refuses_and_makes_the_client_a_suspect(pipeline, clock, distinct
     assert refusal.value.detail == "1 finding(s), reject"  # for the log
     record = policy.state.get("c1")
     assert record.suspect_until == clock() + SUSPECT_S and record.banned_until == 0.0
-    assert record.last_labels == {}  # nothing was answered
+    assert record.first_labels == {}  # nothing was answered
     assert [line["event.action"] for line in alerts(log_lines())] == ["reject"]
     assert bans(log_lines()) == []
 
@@ -167,14 +168,14 @@ def test_ban_by_peer_bans_the_address_too(pipeline, clock, distinct, log_lines):
     assert [(line.get("user.id"), line.get("source.ip")) for line in bans(log_lines())] == [("c1", None), (None, PEER)]
 
 
-def test_a_finding_about_the_client_decoys_every_image_with_its_last_genuine_label(pipeline, clock, distinct, log_lines):
+def test_a_finding_about_the_client_decoys_every_image_with_its_first_label(pipeline, clock, distinct, log_lines):
     policy = make_policy(clock, action="decoy")
     policy.decide(context(pipeline, distinct[:1]), pipeline)
-    last = genuine(pipeline, distinct[:1])[0]
+    policy.decide(context(pipeline, distinct[1:2]), pipeline)
+    first = genuine(pipeline, distinct[:1])[0]
     ctx = context(pipeline, distinct[1:4], findings=[Finding("client", 1.0, 0.5, item=None)])
     assert policy.decide(ctx, pipeline) == "decoyed"
-    assert ctx.labels.tolist() == [last] * 3 and ctx.labels.dtype == np.int64
-    assert policy.state.last_label("c1", "mnist") == last  # decoys are not remembered
+    assert ctx.labels.tolist() == [first] * 3 and ctx.labels.dtype == np.int64
     assert [line["event.action"] for line in alerts(log_lines())] == ["decoy"]
 
 
@@ -185,7 +186,16 @@ def test_a_finding_about_one_image_decoys_that_image_only(pipeline, clock, disti
     ctx = context(pipeline, distinct[:3], findings=[Finding("item", 1.0, 0.5, item=2)])
     policy.decide(ctx, pipeline)
     assert ctx.labels.tolist() == [labels[0], labels[1], labels[3]]
-    assert policy.state.last_label("c1", "mnist") == labels[1]  # the last item answered genuinely
+    assert policy.state.first_label("c1", "mnist") == labels[3]
+
+
+def test_a_decoy_answered_first_is_the_clients_first_label(pipeline, clock, distinct):
+    policy = make_policy(clock, action="decoy")
+    labels = genuine(pipeline, distinct[:2])
+    ctx = context(pipeline, distinct[:2], client="fresh", findings=[Finding("item", 1.0, 0.5, item=0)])
+    policy.decide(ctx, pipeline)
+    assert ctx.labels[1] == labels[1]
+    assert policy.state.first_label("fresh", "mnist") == ctx.labels[0]  # the fixed label it was given
 
 
 def test_a_finding_that_carries_an_answer_gives_it_even_when_it_is_zero(pipeline, clock, distinct):
@@ -263,3 +273,32 @@ def dynamic_class_count(pipeline: ModelPipeline, path: Path) -> Path:
     output.type.tensor_type.shape.dim[-1].dim_param = "classes"
     onnx.save(model, str(path))
     return path
+
+
+def noised(policy: ResponsePolicy, pipeline: ModelPipeline, images: np.ndarray, findings: list[Finding]) -> tuple[list[int], list[int]]:
+    """What the policy answered, and what the same noise drawn here gives (same seed)."""
+    policy.rng = np.random.default_rng(7)
+    ctx = context(pipeline, images, findings=findings)
+    tensor, expected = ctx.tensor.copy(), genuine(pipeline, images)
+    assert policy.decide(ctx, pipeline) == "noised"
+    items = sorted({finding.item for finding in findings}) if all(f.item is not None for f in findings) else list(range(len(images)))
+    noise = np.random.default_rng(7).normal(0.0, 0.5, tensor[items].shape).astype(np.float32)
+    for item, label in zip(items, pipeline.classifier.predict(np.clip(tensor[items] + noise, 0.0, 1.0))):
+        expected[item] = int(label)
+    return ctx.labels.tolist(), expected
+
+
+def test_noise_answers_the_flagged_images_from_noisy_copies(pipeline, clock, distinct):
+    policy = make_policy(clock, action="noise", noise_sigma=0.5)
+    flagged = [Finding("n", 1.0, 0.5, item=2), Finding("n", 1.0, 0.5, item=0), Finding("n", 1.0, 0.5, item=2)]
+    answered, expected = noised(policy, pipeline, distinct[:4], flagged)
+    labels = genuine(pipeline, distinct[:4])
+    assert answered == expected and answered[1::2] == labels[1::2]
+    assert answered != labels  # the noise shows in the answer
+    assert policy.state.first_label("c1", "mnist") == answered[0]
+
+
+def test_noise_about_the_client_answers_every_image_from_a_noisy_copy(pipeline, clock, distinct):
+    policy = make_policy(clock, action="noise", noise_sigma=0.5)
+    answered, expected = noised(policy, pipeline, distinct[:4], [Finding("n", 1.0, 0.5, item=1), Finding("n", 1.0, 0.5)])
+    assert answered == expected and answered != genuine(pipeline, distinct[:4])
