@@ -275,6 +275,14 @@ def dynamic_class_count(pipeline: ModelPipeline, path: Path) -> Path:
     return path
 
 
+NOISE_SIGMA = 0.1  # where the labels of held-out digits still depend on which noise was drawn
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_heldout) -> np.ndarray:
+    return mnist_heldout[0][:64]
+
+
 def noised(policy: ResponsePolicy, pipeline: ModelPipeline, images: np.ndarray, findings: list[Finding]) -> tuple[list[int], list[int]]:
     """What the policy answered, and what the same noise drawn here gives (same seed)."""
     policy.rng = np.random.default_rng(7)
@@ -282,23 +290,28 @@ def noised(policy: ResponsePolicy, pipeline: ModelPipeline, images: np.ndarray, 
     tensor, expected = ctx.tensor.copy(), genuine(pipeline, images)
     assert policy.decide(ctx, pipeline) == "noised"
     items = sorted({finding.item for finding in findings}) if all(f.item is not None for f in findings) else list(range(len(images)))
-    noise = np.random.default_rng(7).normal(0.0, 0.5, tensor[items].shape).astype(np.float32)
+    noise = np.random.default_rng(7).normal(0.0, NOISE_SIGMA, tensor[items].shape).astype(np.float32)
     for item, label in zip(items, pipeline.classifier.predict(np.clip(tensor[items] + noise, 0.0, 1.0))):
         expected[item] = int(label)
     return ctx.labels.tolist(), expected
 
 
-def test_noise_answers_the_flagged_images_from_noisy_copies(pipeline, clock, distinct):
-    policy = make_policy(clock, action="noise", noise_sigma=0.5)
-    flagged = [Finding("n", 1.0, 0.5, item=2), Finding("n", 1.0, 0.5, item=0), Finding("n", 1.0, 0.5, item=2)]
-    answered, expected = noised(policy, pipeline, distinct[:4], flagged)
-    labels = genuine(pipeline, distinct[:4])
+def test_noise_answers_the_flagged_images_from_noisy_copies(pipeline, clock, digits):
+    policy = make_policy(clock, action="noise", noise_sigma=NOISE_SIGMA)
+    flagged = [Finding("n", 1.0, 0.5, item=item) for item in (*range(0, 64, 2), 2)]
+    answered, expected = noised(policy, pipeline, digits, flagged)
+    labels = genuine(pipeline, digits)
     assert answered == expected and answered[1::2] == labels[1::2]
     assert answered != labels  # the noise shows in the answer
     assert policy.state.first_label("c1", "mnist") == answered[0]
 
 
-def test_noise_about_the_client_answers_every_image_from_a_noisy_copy(pipeline, clock, distinct):
-    policy = make_policy(clock, action="noise", noise_sigma=0.5)
-    answered, expected = noised(policy, pipeline, distinct[:4], [Finding("n", 1.0, 0.5, item=1), Finding("n", 1.0, 0.5)])
-    assert answered == expected and answered != genuine(pipeline, distinct[:4])
+def test_noise_about_the_client_answers_every_image_from_a_noisy_copy(pipeline, clock, digits):
+    policy = make_policy(clock, action="noise", noise_sigma=NOISE_SIGMA)
+    answered, expected = noised(policy, pipeline, digits, [Finding("n", 1.0, 0.5, item=1), Finding("n", 1.0, 0.5)])
+    assert answered == expected and answered != genuine(pipeline, digits)
+
+
+def test_noise_draws_from_the_policys_own_generator(pipeline, clock, distinct):
+    policy = make_policy(clock, action="noise")
+    assert policy.decide(context(pipeline, distinct[:2], findings=[Finding("n", 1.0, 0.5)]), pipeline) == "noised"
