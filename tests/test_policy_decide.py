@@ -129,6 +129,13 @@ def test_every_finding_becomes_an_alert_with_what_the_operator_needs(pipeline, c
         assert (line["user.id"], line["source.ip"], line["firewall.request_id"]) == ("c1", PEER, "req-1")
 
 
+def test_an_alert_about_the_address_names_no_client(pipeline, clock, distinct, log_lines):
+    policy = make_policy(clock, action="monitor")
+    policy.decide(context(pipeline, distinct[:1], findings=[Finding("nat", 1.0, 0.5, about="address")]), pipeline)
+    [line] = alerts(log_lines())
+    assert (line["rule.name"], line["source.ip"], "user.id" in line) == ("nat", PEER, False)
+
+
 def test_reject_refuses_and_makes_the_client_a_suspect(pipeline, clock, distinct, log_lines):
     policy = make_policy(clock, action="reject")
     ctx = context(pipeline, distinct[:2], findings=[Finding("r", 1.0, 0.5, item=1)])
