@@ -44,6 +44,8 @@ class AdversarialDetector:
 
     def __init__(self, path: Path, model: OnnxClassifier, threads: int = 1):
         self.path = path
+        if not path.is_file():
+            raise ValueError(f"{path}: no such detector (train one with `firewall train-detector`)")
         self.session = ort.InferenceSession(str(path), session_options(threads), providers=default_providers())
         shapes = {i.name: i.shape for i in self.session.get_inputs()}
         if set(shapes) != {"image", "logits"} or tuple(shapes["image"][1:]) != model.input_shape:
