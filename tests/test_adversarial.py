@@ -11,7 +11,12 @@ import onnx
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from detectors.adversarial import AdversarialConfig, AdversarialDetector, AdversarialStage, detector_beside
+from detectors.adversarial import (
+    AdversarialConfig,
+    AdversarialDetector,
+    AdversarialStage,
+    detector_beside,
+)
 from detectors.sanitizer import Sanitizer, SanitizerConfig
 from firewall.cli import main as firewall_main
 from firewall.config import Settings
