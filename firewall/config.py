@@ -113,7 +113,7 @@ class PolicyConfig(Strict):
     # calibrated benign 5 %: worth an alert, not a changed answer. An address may be a NAT or proxy
     # in front of many benign users: its evidence alerts only.
     rules: dict[str, Action] = Field(
-        {"uncertainty": "monitor", "squeeze": "monitor", "probing.address": "monitor"},
+        {"uncertainty": "monitor", "squeeze": "monitor", "adversarial": "monitor", "probing.address": "monitor"},
         description="per-rule overrides of `action`, by rule name",
     )
     ban: BanConfig = Field(BanConfig(), description="ban durations")
