@@ -18,7 +18,7 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, PositiveFloat, PositiveInt, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from detectors.registry import DetectorConfig
@@ -199,6 +199,22 @@ class ListenerTLS(Strict):
         return self
 
 
+class ForwardedConfig(Strict):
+    """Clients behind reverse proxies or load balancers (firewall/forwarded.py). Only a request whose
+    connection comes from ``trusted_proxies`` has its client address read from ``header`` (the
+    right-most hop that is not a trusted proxy); from any other peer the header is ignored. The
+    address keys the per-address buckets, shares, refusal budgets, bans and alerts' ``source.ip``.
+    Name only proxies that overwrite or append to the header: whatever a client sends through
+    another proxy is believed."""
+
+    trusted_proxies: list[IPvAnyNetwork] = Field(
+        [], description="addresses or networks (10.0.0.0/8) of the proxies in front of the firewall; empty: headers ignored"
+    )
+    header: Literal["x-forwarded-for", "forwarded"] = Field(
+        "x-forwarded-for", description="the header (gRPC metadata key) the proxies write: X-Forwarded-For, or RFC 7239 Forwarded"
+    )
+
+
 class RedisTLS(Strict):
     """TLS to Redis (``rediss://`` URLs): trust ``ca`` instead of the system's roots; ``cert`` and
     ``key`` for mutual TLS."""
@@ -291,6 +307,7 @@ class Settings(BaseSettings):
     metrics_listen: str = Field("0.0.0.0:9108", description="HOST:PORT of the Prometheus endpoint")
     client_id_header: str = Field("x-client-id", description="request header naming the client; the peer address without it")
     tls: ListenerTLS | None = Field(None, description="TLS on the gRPC and HTTP listeners (default: plaintext)")
+    forwarded: ForwardedConfig = Field(ForwardedConfig(), description="the client's address behind trusted reverse proxies")
     admin: AdminConfig = Field(AdminConfig(), description="the operators' endpoint")
     throttle: ThrottleConfig = Field(ThrottleConfig(), description="token buckets per client and per address")
     state: StateConfig = Field(StateConfig(), description="where state that outlives a request lives: memory, or Redis shared by replicas")

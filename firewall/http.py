@@ -134,7 +134,8 @@ class Routes:
         finally:
             self.bodies -= 1
         claimed = request.headers.get(self.service.settings.client_id_header)
-        identity = self.service.identify(request.remote or "", claimed, certificate_identity(request))
+        forwarded = request.headers.getall(self.service.forwarded.header, [])
+        identity = self.service.identify(request.remote or "", claimed, certificate_identity(request), forwarded)
         response = await self.service.infer(message, identity)
         return infer_response(response, header)
 

@@ -26,13 +26,14 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import structlog
 
 from firewall import codec, statistics
 from firewall.config import Settings
 from firewall.errors import Banned, InvalidInput, Refused, Rejection, Throttled, UnknownModel
+from firewall.forwarded import ForwardedAddress
 from firewall.logs import refusal_level, rejection_fields, request_fields
 from firewall.metrics import Metrics, refusal_outcome
 from firewall.pacing import Pacer
@@ -96,6 +97,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.pacer = Pacer()
         self.metrics = metrics
         self.trusted_proxies = TrustedProxies(settings.tls.trusted_proxies if settings.tls else [])
+        self.forwarded = ForwardedAddress(settings.forwarded.trusted_proxies, settings.forwarded.header)
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="pipeline")
         # Readiness checks never wait behind pipeline work (a hung upstream can hold every worker).
         self.probe_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="probe")
@@ -232,16 +234,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 )
 
     async def _grpc_infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        claimed = dict(context.invocation_metadata() or ()).get(self.settings.client_id_header)
-        identity = self.identify(peer_address(context.peer()), claimed, certificate_identity(context))
+        metadata = context.invocation_metadata() or ()
+        claimed = dict(metadata).get(self.settings.client_id_header)
+        forwarded = [value for key, value in metadata if key == self.forwarded.header]
+        identity = self.identify(peer_address(context.peer()), claimed, certificate_identity(context), forwarded)
         return await self.infer(request, identity, context.time_remaining())
 
     # -- the request path both bindings share --------------------------------------------------
 
-    def identify(self, peer: str, claimed: str | None, certified: str | None) -> Identity:
-        """Who is calling: the claimed client id header, else the certificate (mutual TLS), else the address."""
+    def identify(self, peer: str, claimed: str | None, certified: str | None, forwarded: Sequence[str]) -> Identity:
+        """Who is calling: the claimed client id header, else the certificate (mutual TLS), else the
+        address; the address is the forwarded one when ``peer`` is a trusted proxy (firewall/forwarded.py)."""
         if certified is not None and not self.trusted_proxies.trusts(peer, certified):
             claimed = None  # with mutual TLS only a trusted proxy speaks for another client
+        peer = self.forwarded.client(peer, forwarded)
         if claimed is None:
             return Identity(client_id=certified or peer, peer=peer)
         if not claimed or len(claimed) > MAX_CLIENT_ID_LENGTH or not claimed.isprintable():
