@@ -329,6 +329,11 @@ class Settings(BaseSettings):
     )
     heavy_request_bytes: PositiveInt = Field(4 * 1024 * 1024, description="a request decoding more is heavy")
     max_heavy_requests: PositiveInt | None = Field(None, description="heavy requests at once (default: half the workers)")
+    request_timeout_s: PositiveFloat = Field(
+        10.0,
+        description="longest a request waits for a worker, then it is dropped; sooner when the client's gRPC deadline "
+        "or the request's `timeout` parameter (microseconds, as Triton's clients send it) says so",
+    )
     workers: PositiveInt = Field(8, description="threads running the pipeline")
     shutdown_grace_s: PositiveFloat = Field(10.0, description="on SIGTERM, in-flight calls may finish within this")
     snapshot_dir: Path | None = Field(

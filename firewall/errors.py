@@ -48,6 +48,10 @@ class Throttled(Rejection):
     public_message = "too many requests"
 
 
+class Expired(Throttled):
+    """Dropped before a worker took it: the request's deadline passed while it was queued."""
+
+
 class Unavailable(Rejection):
     code = grpc.StatusCode.UNAVAILABLE
     public_message = "model unavailable"

@@ -171,6 +171,7 @@ class Firewall:
             http.application(self.service, settings.max_message_bytes, settings.max_concurrent_requests),
             access_log=None,
             shutdown_timeout=settings.shutdown_grace_s,
+            handler_cancellation=True,  # a closed connection cancels its request: queued work is dropped
         )
         self.admin: grpc.aio.Server | None = None
         self.admin_port: int | None = None  # 0 for a unix socket

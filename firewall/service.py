@@ -9,8 +9,10 @@ sanitizing, detectors, the model) runs in one call on a bounded worker pool. Adm
 on the event loop before any work is queued, so hostile load cannot grow a queue, in this order:
 bans (read only), the address's bucket (every request, valid or not), the model name, the cheap
 checks of the codec (shapes, sizes, image headers: nothing decoded), the client's bucket (only now
-is a client record created), the in-flight shares and the decoding budget. Work whose client
-deadline has passed by the time a worker takes it is dropped. After a request that decoded more
+is a client record created), the in-flight shares and the decoding budget. Work whose deadline
+(``request_timeout_s``, or the client's own if sooner) has passed by the time a worker takes it,
+or whose client has gone (a cancelled call, a closed HTTP connection), is dropped and counted
+(outcome ``abandoned``). After a request that decoded more
 than ``heavy_request_bytes`` the freed memory is handed back to the system (``malloc_trim``).
 """
 
@@ -32,7 +34,7 @@ import structlog
 
 from firewall import codec, statistics
 from firewall.config import Settings
-from firewall.errors import Banned, InvalidInput, Refused, Rejection, Throttled, UnknownModel
+from firewall.errors import Banned, Expired, InvalidInput, Refused, Rejection, UnknownModel
 from firewall.forwarded import ForwardedAddress
 from firewall.logs import refusal_level, rejection_fields, request_fields
 from firewall.metrics import Metrics, refusal_outcome
@@ -41,7 +43,7 @@ from firewall.pipeline import ModelPipeline
 from firewall.policy import ResponsePolicy
 from firewall.protocol import pb, pb_grpc
 from firewall.stage import RequestContext
-from firewall.throttle import Admission, InFlight, request_cost
+from firewall.throttle import Admission, InFlight, Ticket, request_cost
 from firewall.tls import TrustedProxies, certificate_identity
 
 log = structlog.get_logger("firewall")
@@ -257,10 +259,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def infer(
         self, request: pb.ModelInferRequest, identity: Identity, time_remaining: float | None = None
     ) -> pb.ModelInferResponse:
-        """Admit, inspect and answer one inference request; raises ``Rejection`` with the client's status."""
+        """Admit, inspect and answer one inference request; raises ``Rejection`` with the client's status.
+
+        ``time_remaining``: the transport's deadline (gRPC). If the client goes away (the task is
+        cancelled), work that no worker has taken yet is dropped.
+        """
         request_id = uuid.uuid4().hex
         started = time.perf_counter_ns()
-        deadline = None if time_remaining is None else time.monotonic() + time_remaining
+        deadline = self.deadline(request, time_remaining)
         pipeline = self.pipelines.get(request.model_name)
         model = pipeline.name if pipeline else ""  # metric labels never take a client's string
         self.metrics.requests.labels(model).inc()
@@ -280,17 +286,21 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     if created:
                         self.admission.state.discard(identity.client_id)
                     raise
+                handle = contextvars.copy_context().run  # the worker logs with this request's fields
+                queued = time.perf_counter_ns()
+                work = self.executor.submit(handle, self._handle, pipeline, request, plan, identity, request_id, deadline)
                 try:
-                    loop = asyncio.get_running_loop()
-                    handle = contextvars.copy_context().run  # the worker logs with this request's fields
-                    queued = time.perf_counter_ns()
-                    response, began = await loop.run_in_executor(
-                        self.executor, handle, self._handle, pipeline, request, plan, identity, request_id, deadline
-                    )
+                    response, began = await asyncio.wrap_future(work)
                     done = time.perf_counter_ns()
                     self.statistics[pipeline.name].answered(plan.batch, done - started, began - queued, done - began)
                     self.pacer.record((done - started) / 1e9)
                     return response
+                except asyncio.CancelledError:  # the client went away (disconnected, cancelled, past its deadline)
+                    if work.cancel():  # no worker had taken it: dropped
+                        self._failed(pipeline, started)
+                        self.metrics.decisions.labels(model, "abandoned").inc()
+                        log.debug("request.abandoned")
+                    raise
                 except InvalidInput:
                     if created:
                         self.admission.state.discard(identity.client_id)
@@ -300,9 +310,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     self.pacer.record((time.perf_counter_ns() - started) / 1e9)
                     raise
                 finally:
-                    self.in_flight.leave(ticket)
-                    if ticket.heavy:
-                        release_memory()
+                    if work.done():
+                        self._leave(ticket)
+                    else:  # a worker still runs it: its share is held until it ends
+                        loop = asyncio.get_running_loop()
+                        work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._leave, ticket))
             except Rejection as rejection:
                 self._failed(pipeline, started)
                 self.metrics.decisions.labels(model, refusal_outcome(rejection)).inc()
@@ -316,6 +328,23 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 log.exception("request.failed")
                 raise Rejection("unexpected error") from None
 
+    def deadline(self, request: pb.ModelInferRequest, time_remaining: float | None) -> float:
+        """When the answer stops being wanted (``time.monotonic``): ``request_timeout_s`` from now, or
+        sooner when the client says so with the transport's deadline or the request's ``timeout``
+        parameter (microseconds, as Triton's clients send it)."""
+        limits = [self.settings.request_timeout_s]
+        if time_remaining is not None:
+            limits.append(time_remaining)
+        timeout = request.parameters.get("timeout")
+        if timeout is not None and timeout.WhichOneof("parameter_choice") == "int64_param" and timeout.int64_param > 0:
+            limits.append(timeout.int64_param / 1e6)
+        return time.monotonic() + min(limits)
+
+    def _leave(self, ticket: Ticket) -> None:
+        self.in_flight.leave(ticket)
+        if ticket.heavy:
+            release_memory()
+
     def _failed(self, pipeline: ModelPipeline | None, started: int) -> None:
         if pipeline is not None:
             self.statistics[pipeline.name].failed(time.perf_counter_ns() - started)
@@ -327,11 +356,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         plan: codec.Plan,
         identity: Identity,
         request_id: str,
-        deadline: float | None = None,
+        deadline: float,
     ) -> tuple[pb.ModelInferResponse, int]:
         began = time.perf_counter_ns()
-        if deadline is not None and time.monotonic() > deadline:
-            raise Throttled("client deadline passed while queued")  # nobody is waiting for the answer
+        if time.monotonic() > deadline:
+            raise Expired("deadline passed while queued")  # nobody is waiting for the answer any more
         decoded = codec.decode_plan(plan, pipeline.limits)
         ctx = RequestContext(
             request_id=request_id,
