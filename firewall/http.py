@@ -43,7 +43,7 @@ import numpy as np
 from aiohttp import web
 
 from firewall.config import ListenerTLS
-from firewall.errors import InvalidInput, Rejection, Throttled
+from firewall.errors import InvalidInput, Rejection, Throttled, TooLarge
 from firewall.protocol import pb
 from firewall.service import InferenceService
 
@@ -302,10 +302,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure as ``{"error": message}``: the service's generic messages, or HTTP's own."""
     try:
         return await handler(request)
+    except TooLarge as rejection:
+        return web.json_response({"error": rejection.public_message}, status=413)
     except Rejection as rejection:
         return web.json_response({"error": rejection.public_message}, status=STATUS.get(rejection.code, 500))
     except web.HTTPRequestEntityTooLarge:
-        return web.json_response({"error": "request too large"}, status=413)
+        return web.json_response({"error": TooLarge.public_message}, status=413)
     except web.HTTPException as error:  # unknown path, wrong method
         return web.json_response({"error": error.reason.lower()}, status=error.status)
 

@@ -58,6 +58,11 @@ READINESS_INTERVAL_S = 0.5
 CLIENT_SNAPSHOT = "clients.json"
 
 
+def transport_ceiling(max_message_bytes: int) -> int:
+    """gRPC core's receive limit: what a connection may make the server buffer for one message."""
+    return min(2 * max_message_bytes, 2**31 - 1)
+
+
 class StartupError(Exception):
     """The firewall cannot start; the message is the one line the operator sees."""
 
@@ -147,7 +152,10 @@ class Firewall:
         self.health = HealthServicer()
         options = [
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            # gRPC core's own refusal states its limit ("Received message larger than max (N vs. M)"):
+            # its limit is set above ours, so a message over ``max_message_bytes`` is refused by the
+            # request path with a message that names none; only one over the ceiling reaches core's.
+            ("grpc.max_receive_message_length", transport_ceiling(settings.max_message_bytes)),
             ("grpc.so_reuseport", 0),  # a taken port fails here instead of being shared silently
         ]
         self.server = grpc.aio.server(options=options)

@@ -34,7 +34,7 @@ import structlog
 
 from firewall import codec, statistics
 from firewall.config import Settings
-from firewall.errors import Banned, Expired, InvalidInput, Refused, Rejection, UnknownModel
+from firewall.errors import Banned, Expired, InvalidInput, Refused, Rejection, TooLarge, UnknownModel
 from firewall.forwarded import ForwardedAddress
 from firewall.logs import refusal_level, rejection_fields, request_fields
 from firewall.metrics import Metrics, refusal_outcome
@@ -277,6 +277,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 await self.admission.admit_address(identity.client_id, identity.peer, cost)  # unknown models and invalid input pay too
                 if pipeline is None:
                     raise UnknownModel(f"model {request.model_name!r} is not protected here")
+                if request.ByteSize() > self.settings.max_message_bytes:
+                    raise TooLarge(f"message of {request.ByteSize()} bytes")
                 # invalid input creates no client record
                 plan = codec.plan_request(request, pipeline.limits, self.signatures[pipeline.name])
                 created = await self.admission.charge_client(identity.client_id, cost)

@@ -20,6 +20,8 @@ import cv2
 import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
 
 from detectors.sanitizer import decode_image, read_header
 from firewall.protocol import pb, pb_grpc
@@ -324,3 +326,27 @@ def test_a_banned_clients_refusal_takes_as_long_as_a_decided_one(mnist_heldout):
             started = time.monotonic()
             assert outcome(stub, pixels_request(images[:1]), "attacker") == grpc.StatusCode.PERMISSION_DENIED
             assert time.monotonic() - started >= 0.3  # every decided request took at least 0.3 s
+
+
+def test_a_message_over_the_limit_is_refused_without_naming_a_limit(mnist_heldout):
+    """gRPC core's own refusal states its limit; ours (the limit set in the configuration) names none.
+    core's receive limit is twice ours, so only a message over that ceiling gets core's text, and it
+    names the ceiling, not the configured limit."""
+    limit = 1024 * 1024
+    with running_firewall(make_settings(max_message_bytes=limit)) as firewall:
+        client = triton.InferenceServerClient(address(firewall))
+
+        def refusal(side: int) -> tuple[str, str]:
+            tensor = triton.InferInput("image", [1, side, side], "UINT8")
+            tensor.set_data_from_numpy(np.zeros((1, side, side), np.uint8))
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer("mnist", [tensor], headers={"x-client-id": "big"})
+            return refused.value.status(), refused.value.message()
+
+        try:
+            status, message = refusal(1200)  # 1.4 MB
+            assert (status, message) == ("StatusCode.RESOURCE_EXHAUSTED", "request too large")
+            status, message = refusal(1500)  # 2.25 MB: over core's ceiling
+            assert status == "StatusCode.RESOURCE_EXHAUSTED" and str(limit) not in message
+        finally:
+            client.close()
