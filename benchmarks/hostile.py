@@ -2,6 +2,7 @@
 
     python benchmarks/hostile.py bomb [--root DIR] [--images 16]
     python benchmarks/hostile.py flood [--callers 500] [--seconds 30] [--one-id]
+    python benchmarks/hostile.py flush [--ids 100000] [--tracked 10000]
 
 ``bomb``: one request of N all-zero 4096 x 4096 16-bit RGBA PNGs (131 KB each on the wire, 128 MiB
 each if decoded), then a normal 28x28 request; prints the status, the time, the server's peak RSS
@@ -13,6 +14,13 @@ callers (a process of their own, grpc.aio, each calling in a loop with a fresh i
 id with ``--one-id``) keep the server busy; prints the normal client's success share and p99 beside
 its idle p99. Everything runs from 127.0.0.1, so the per-address limits, which would hold the flood
 to one address's share, are lifted here: the figure is for hostile callers from many addresses.
+
+``flush``: an attacker probes (one digit plus a little noise, again and again, policy ``ban`` for
+an hour) until it is banned; then ``--ids`` fresh ids each send one request, four in five of them
+empty ``{model_name: mnist}`` requests that fail validation and the fifth a held-out digit, with
+the LRU of ordinary clients at ``--tracked`` (so it turns over ids / tracked / 5 times); prints how
+the flood was answered, then whether the attacker is still refused and its offence count (from the
+admin endpoint). Address limits are lifted as for ``flood``.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -161,20 +170,113 @@ def flood(root: Path, callers: int, seconds: float, one_id: bool) -> None:
     )
 
 
+def attack_until_banned(stub, limit: int = 500) -> int:
+    """A decision-based attack's queries under one id until refused; returns the queries it took.
+
+    A bisection between two held-out digits of different classes, with a little noise on each
+    query: near-duplicates whose answers change at the decision boundary, as HopSkipJump's are.
+    """
+    heldout = np.load(Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "mnist_heldout.npz")
+    images, labels = heldout["images"], heldout["labels"]
+    source, target = images[0].astype(np.float32), images[int(np.argmax(labels != labels[0]))].astype(np.float32)
+    noise = np.random.default_rng(0)
+    low, high = 0.0, 1.0
+    for query in range(1, limit + 1):
+        blend = (low + high) / 2
+        probe = np.clip((1 - blend) * source + blend * target + noise.normal(0, 2, source.shape), 0, 255).astype(np.uint8)[None]
+        tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=list(probe.shape))
+        request = pb.ModelInferRequest(model_name="mnist", inputs=[tensor], raw_input_contents=[probe.tobytes()])
+        try:
+            response = stub.ModelInfer(request, metadata=[("x-client-id", "attacker")], timeout=30)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.PERMISSION_DENIED:
+                return query
+            raise
+        label = int(np.frombuffer(response.raw_output_contents[0], np.int64)[0])
+        if high - low > 1e-3:  # then stay at the boundary
+            low, high = (blend, high) if label == labels[0] else (low, blend)
+    raise SystemExit(f"the attacker was not banned within {limit} queries")
+
+
+async def fresh_ids(address: str, ids: int, concurrency: int = 64) -> dict[str, int]:
+    """``ids`` fresh ids, one request each (4 in 5 empty, the fifth a held-out digit); the count of each status."""
+    heldout = np.load(Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "mnist_heldout.npz")["images"]
+    empty = pb.ModelInferRequest(model_name="mnist")
+    codes: dict[str, int] = {}
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        async def worker(first: int) -> None:
+            for n in range(first, ids, concurrency):
+                if n % 5:
+                    request = empty
+                else:
+                    image = heldout[(n // 5) % len(heldout)][None]
+                    tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=list(image.shape))
+                    request = pb.ModelInferRequest(model_name="mnist", inputs=[tensor], raw_input_contents=[image.tobytes()])
+                try:
+                    await stub.ModelInfer(request, metadata=[("x-client-id", f"fresh-{n}")], timeout=30)
+                    code = "OK"
+                except grpc.RpcError as error:
+                    code = error.code().name
+                codes[code] = codes.get(code, 0) + 1
+
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    return codes
+
+
+def flush(root: Path, ids: int, tracked: int) -> None:
+    admin = f"127.0.0.1:{free_port()}"
+    overrides = {"FIREWALL_THROTTLE__ENABLED": "true", "FIREWALL_MAX_REQUESTS_PER_ADDRESS": "100000",
+                 "FIREWALL_THROTTLE__ADDRESS_RATE": "1000000", "FIREWALL_THROTTLE__ADDRESS_BURST": "1000000",
+                 "FIREWALL_MODELS__MNIST__POLICY__ACTION": "ban", "FIREWALL_MODELS__MNIST__POLICY__BAN__FIRST_S": "3600",
+                 "FIREWALL_MAX_TRACKED_CLIENTS": str(tracked), "FIREWALL_ADMIN__LISTEN": admin}  # fmt: skip
+    process, address = start(root, **overrides)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            queries = attack_until_banned(stub)
+            started = time.perf_counter()
+            codes = asyncio.run(fresh_ids(address, ids))
+            elapsed = time.perf_counter() - started
+            try:
+                stub.ModelInfer(digit_request(), metadata=[("x-client-id", "attacker")], timeout=30)
+                after = "OK"
+            except grpc.RpcError as error:
+                after = error.code().name
+        shown = subprocess.run(
+            [sys.executable, "-m", "firewall", "admin", "--admin", admin, "--json", "show", "attacker"],
+            cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        state = json.loads(shown.stdout)["state"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    print(
+        f"root={root} banned after {queries} queries; {ids} fresh ids (tracked {tracked}) in {elapsed:.1f} s "
+        f"({ids / elapsed:.0f}/s): {codes}; the attacker afterwards: {after}, "
+        f"ban left {state['banned_s']:.0f} s, offences {state['offences']}" if state else "the attacker afterwards: not tracked"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", choices=["bomb", "flood", "callers"], help="callers: the flood's own process")
+    parser.add_argument("scenario", choices=["bomb", "flood", "flush", "callers"], help="callers: the flood's own process")
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--images", type=int, default=16, help="bomb: images in the request")
     parser.add_argument("--callers", type=int, default=500, help="flood: hostile callers")
     parser.add_argument("--seconds", type=float, default=30.0, help="flood: how long the flood lasts")
     parser.add_argument("--one-id", action="store_true", help="flood: every hostile call under one client id")
+    parser.add_argument("--ids", type=int, default=100_000, help="flush: fresh ids after the ban")
+    parser.add_argument("--tracked", type=int, default=10_000, help="flush: max_tracked_clients (the LRU of ordinary clients)")
     parser.add_argument("--address", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.scenario == "bomb":
         bomb(args.root.resolve(), args.images)
     elif args.scenario == "flood":
         flood(args.root.resolve(), args.callers, args.seconds, args.one_id)
+    elif args.scenario == "flush":
+        flush(args.root.resolve(), args.ids, args.tracked)
     else:
         asyncio.run(hostile_callers(args.address, args.callers, args.seconds, args.one_id))
     return 0
