@@ -20,7 +20,8 @@ an hour) until it is banned; then ``--ids`` fresh ids each send one request, fou
 empty ``{model_name: mnist}`` requests that fail validation and the fifth a held-out digit, with
 the LRU of ordinary clients at ``--tracked`` (so it turns over ids / tracked / 5 times); prints how
 the flood was answered, then whether the attacker is still refused and its offence count (from the
-admin endpoint). Address limits are lifted as for ``flood``.
+admin endpoint). Address limits (the address's refusal budget too) are lifted as for ``flood``, so
+the attacker is refused for its own ban, not its address's.
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ def flush(root: Path, ids: int, tracked: int) -> None:
     admin = f"127.0.0.1:{free_port()}"
     overrides = {"FIREWALL_THROTTLE__ENABLED": "true", "FIREWALL_MAX_REQUESTS_PER_ADDRESS": "100000",
                  "FIREWALL_THROTTLE__ADDRESS_RATE": "1000000", "FIREWALL_THROTTLE__ADDRESS_BURST": "1000000",
-                 "FIREWALL_MODELS__MNIST__POLICY__ACTION": "ban", "FIREWALL_MODELS__MNIST__POLICY__BAN__FIRST_S": "3600",
+                 "FIREWALL_THROTTLE__ADDRESS_REFUSALS": "1000000", "FIREWALL_MODELS__MNIST__POLICY__ACTION": "ban", "FIREWALL_MODELS__MNIST__POLICY__BAN__FIRST_S": "3600",
                  "FIREWALL_MAX_TRACKED_CLIENTS": str(tracked), "FIREWALL_ADMIN__LISTEN": admin}  # fmt: skip
     process, address = start(root, **overrides)
     try:
