@@ -324,6 +324,11 @@ class Settings(BaseSettings):
     max_concurrent_requests: PositiveInt = Field(64, description="requests in flight; beyond it RESOURCE_EXHAUSTED, never a queue")
     max_requests_per_client: PositiveInt = Field(8, description="requests in flight at once per client id")
     max_requests_per_address: PositiveInt = Field(48, description="requests in flight at once per source address")
+    max_new_client_requests: PositiveInt | None = Field(
+        None,
+        description="requests in flight at once from ids first seen in that request (default: half of max_concurrent_requests); "
+        "the rest is kept for clients already known",
+    )
     max_decoding_bytes: PositiveInt = Field(
         512 * 1024 * 1024, description="decoded image bytes held by requests in flight, server-wide"
     )

@@ -9,7 +9,8 @@ sanitizing, detectors, the model) runs in one call on a bounded worker pool. Adm
 on the event loop before any work is queued, so hostile load cannot grow a queue, in this order:
 bans (read only), the address's bucket (every request, valid or not), the model name, the cheap
 checks of the codec (shapes, sizes, image headers: nothing decoded), the client's bucket (only now
-is a client record created), the in-flight shares and the decoding budget. Work whose deadline
+is a client record created), the in-flight shares and the decoding budget. A free worker takes
+established clients' work before fresh ids' (firewall/scheduler.py). Work whose deadline
 (``request_timeout_s``, or the client's own if sooner) has passed by the time a worker takes it,
 or whose client has gone (a cancelled call, a closed HTTP connection), is dropped and counted
 (outcome ``abandoned``). After a request that decoded more
@@ -42,6 +43,7 @@ from firewall.pacing import Pacer
 from firewall.pipeline import ModelPipeline
 from firewall.policy import ResponsePolicy
 from firewall.protocol import pb, pb_grpc
+from firewall.scheduler import PriorityExecutor
 from firewall.stage import RequestContext
 from firewall.throttle import Admission, InFlight, Ticket, request_cost
 from firewall.tls import TrustedProxies, certificate_identity
@@ -100,7 +102,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics = metrics
         self.trusted_proxies = TrustedProxies(settings.tls.trusted_proxies if settings.tls else [])
         self.forwarded = ForwardedAddress(settings.forwarded.trusted_proxies, settings.forwarded.header)
-        self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="pipeline")
+        self.executor = PriorityExecutor(settings.workers, thread_name_prefix="pipeline")
         # Readiness checks never wait behind pipeline work (a hung upstream can hold every worker).
         self.probe_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="probe")
         self.in_flight = InFlight(
@@ -110,6 +112,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             max_decoding_bytes=settings.max_decoding_bytes,
             heavy_request_bytes=settings.heavy_request_bytes,
             max_heavy=settings.max_heavy_requests or max(1, settings.workers // 2),
+            max_new=settings.max_new_client_requests or max(1, settings.max_concurrent_requests // 2),
         )
         self.signatures = {name: codec.signature(p.classifier) for name, p in pipelines.items()}
         self.statistics = {name: statistics.ModelStatistics() for name in pipelines}
@@ -283,14 +286,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 plan = codec.plan_request(request, pipeline.limits, self.signatures[pipeline.name])
                 created = await self.admission.charge_client(identity.client_id, cost)
                 try:
-                    ticket = self.in_flight.enter(identity.client_id, identity.peer, plan.decoded_bytes)
+                    ticket = self.in_flight.enter(identity.client_id, identity.peer, plan.decoded_bytes, created)
                 except Rejection:
                     if created:
                         self.admission.state.discard(identity.client_id)
                     raise
                 handle = contextvars.copy_context().run  # the worker logs with this request's fields
                 queued = time.perf_counter_ns()
-                work = self.executor.submit(handle, self._handle, pipeline, request, plan, identity, request_id, deadline)
+                work = self.executor.submit(ticket.priority, handle, self._handle, pipeline, request, plan, identity, request_id, deadline)
                 try:
                     response, began = await asyncio.wrap_future(work)
                     done = time.perf_counter_ns()
@@ -381,7 +384,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return response, began
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.executor.shutdown()
         self.probe_executor.shutdown(wait=True, cancel_futures=True)
         for pipeline in self.pipelines.values():
             pipeline.close()

@@ -31,7 +31,7 @@ from firewall.throttle import Admission
 from firewall.config import ThrottleConfig
 from firewall.bans import BanLog
 from tests.conftest import address, make_settings, running_firewall, wait_until
-from tests.stages import Flagger, Gate, Slow, marked, with_stage
+from tests.stages import Flagger, Gate, Recorder, Slow, marked, with_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -252,6 +252,35 @@ def test_one_client_cannot_take_the_whole_server_unary_or_streamed(mnist_heldout
             for thread in (*hogs, normal):
                 thread.join()
     assert codes == [grpc.StatusCode.OK] * 3
+
+
+def test_fresh_ids_keep_room_for_known_clients_and_queue_behind_them(mnist_heldout):
+    images, _ = mnist_heldout
+    settings = make_settings(workers=1, max_concurrent_requests=8, max_new_client_requests=2, throttle={"enabled": False})
+    gate = Gate()
+    codes: dict[str, grpc.StatusCode] = {}
+    with running_firewall(settings) as firewall, grpc.insecure_channel(address(firewall)) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert outcome(stub, pixels_request(images[:1]), "normal") == grpc.StatusCode.OK  # now a known client
+        with with_stage(firewall, gate), with_stage(firewall, Recorder()) as recorder:
+
+            def call(client_id: str) -> threading.Thread:
+                thread = threading.Thread(target=lambda: codes.update({client_id: outcome(stub, pixels_request(images[:1]), client_id)}))
+                thread.start()
+                return thread
+
+            calls = [call("fresh-1")]
+            gate.wait_entered(1)  # fresh-1 holds the one worker
+            calls.append(call("fresh-2"))
+            wait_until(lambda: firewall.service.in_flight.count == 2)  # fresh-2 waits: both new-id slots taken
+            assert outcome(stub, pixels_request(images[:1]), "fresh-3") == grpc.StatusCode.RESOURCE_EXHAUSTED
+            calls.append(call("normal"))  # the server has room for a known client
+            wait_until(lambda: firewall.service.in_flight.count == 3)
+            gate.release()
+            for thread in calls:
+                thread.join()
+    assert set(codes.values()) == {grpc.StatusCode.OK}
+    assert recorder.client_ids == ["fresh-1", "normal", "fresh-2"]  # the known client went first
 
 
 # -- 5. bans survive a restart -----------------------------------------------------------------
