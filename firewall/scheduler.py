@@ -44,7 +44,7 @@ class PriorityExecutor:
                 break
         try:
             result = fn(*args)
-        except BaseException as error:  # handed to whoever awaits the future
+        except Exception as error:  # handed to whoever awaits the future
             future.set_exception(error)
         else:
             future.set_result(result)
