@@ -1,7 +1,7 @@
 """Hostile-load measurements against a real `firewall serve` process (issue 12). A script, not a test.
 
     python benchmarks/hostile.py bomb [--root DIR] [--images 16]
-    python benchmarks/hostile.py flood [--callers 500] [--seconds 30] [--one-id]
+    python benchmarks/hostile.py flood [--callers 500] [--seconds 30] [--one-id] [--connections 1]
     python benchmarks/hostile.py flush [--ids 100000] [--tracked 10000]
 
 ``bomb``: one request of N all-zero 4096 x 4096 16-bit RGBA PNGs (131 KB each on the wire, 128 MiB
@@ -11,7 +11,7 @@ before/after comparison: ``--root /path/to/main``).
 
 ``flood``: a normal client sends one digit every 0.2 s, alone and then while ``--callers`` hostile
 callers (a process of their own, grpc.aio, each calling in a loop with a fresh id each, or all one
-id with ``--one-id``) keep the server busy; prints the normal client's success share and p99 beside
+id with ``--one-id``; over one connection, or spread over ``--connections``) keep the server busy; prints the normal client's success share and p99 beside
 its idle p99. Everything runs from 127.0.0.1, so the per-address limits, which would hold the flood
 to one address's share, are lifted here: the figure is for hostile callers from many addresses.
 
@@ -132,30 +132,36 @@ def normal_client(address: str, seconds: float) -> tuple[int, list[float]]:
     return calls, latencies
 
 
-async def hostile_callers(address: str, callers: int, seconds: float, one_id: bool) -> None:
+async def hostile_callers(address: str, callers: int, seconds: float, one_id: bool, connections: int) -> None:
     request = digit_request()
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        until = time.monotonic() + seconds
+    # A subchannel pool of its own per channel: otherwise channels to one target share a connection.
+    channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(connections)]
+    stubs = [pb_grpc.GRPCInferenceServiceStub(channel) for channel in channels]
+    until = time.monotonic() + seconds
 
-        async def caller(k: int) -> None:
-            sent = 0
-            while time.monotonic() < until:
-                client = "hostile" if one_id else f"hostile-{k}-{sent}"
-                sent += 1
-                with contextlib.suppress(grpc.RpcError):
-                    await stub.ModelInfer(request, metadata=[("x-client-id", client)], timeout=10)
+    async def caller(k: int) -> None:
+        sent = 0
+        while time.monotonic() < until:
+            client = "hostile" if one_id else f"hostile-{k}-{sent}"
+            sent += 1
+            with contextlib.suppress(grpc.RpcError):
+                await stubs[k % connections].ModelInfer(request, metadata=[("x-client-id", client)], timeout=10)
 
+    try:
         await asyncio.gather(*(caller(k) for k in range(callers)))
+    finally:
+        for channel in channels:
+            await channel.close()
 
 
-def flood(root: Path, callers: int, seconds: float, one_id: bool) -> None:
+def flood(root: Path, callers: int, seconds: float, one_id: bool, connections: int) -> None:
     lifted = {"FIREWALL_THROTTLE__ENABLED": "true", "FIREWALL_MAX_REQUESTS_PER_ADDRESS": "100000",
               "FIREWALL_THROTTLE__ADDRESS_RATE": "1000000", "FIREWALL_THROTTLE__ADDRESS_BURST": "1000000"}  # fmt: skip
     process, address = start(root, **lifted)
     try:
         idle_calls, idle = normal_client(address, 10)
-        command = [sys.executable, __file__, "callers", "--address", address, "--callers", str(callers), "--seconds", str(seconds + 4)]
+        command = [sys.executable, __file__, "callers", "--address", address, "--callers", str(callers), "--seconds", str(seconds + 4),
+                   "--connections", str(connections)]  # fmt: skip
         hostile = subprocess.Popen([*command, *(["--one-id"] if one_id else [])])
         time.sleep(3)  # the flood ramps up
         calls, loaded = normal_client(address, seconds)
@@ -165,7 +171,7 @@ def flood(root: Path, callers: int, seconds: float, one_id: bool) -> None:
         process.wait(timeout=30)
     p99 = lambda samples: float(np.percentile(samples, 99)) * 1e3 if samples else float("nan")  # noqa: E731
     print(
-        f"callers={callers} one_id={one_id} idle: {len(idle)}/{idle_calls} answered, p99 {p99(idle):.1f} ms; "
+        f"callers={callers} connections={connections} one_id={one_id} idle: {len(idle)}/{idle_calls} answered, p99 {p99(idle):.1f} ms; "
         f"flooded: {len(loaded)}/{calls} answered ({len(loaded) / max(calls, 1):.0%}), p99 {p99(loaded):.1f} ms "
         f"({p99(loaded) / p99(idle):.1f} x idle)"
     )
@@ -268,6 +274,7 @@ def main() -> int:
     parser.add_argument("--callers", type=int, default=500, help="flood: hostile callers")
     parser.add_argument("--seconds", type=float, default=30.0, help="flood: how long the flood lasts")
     parser.add_argument("--one-id", action="store_true", help="flood: every hostile call under one client id")
+    parser.add_argument("--connections", type=int, default=1, help="flood: connections the hostile callers share")
     parser.add_argument("--ids", type=int, default=100_000, help="flush: fresh ids after the ban")
     parser.add_argument("--tracked", type=int, default=10_000, help="flush: max_tracked_clients (the LRU of ordinary clients)")
     parser.add_argument("--address", help=argparse.SUPPRESS)
@@ -275,11 +282,11 @@ def main() -> int:
     if args.scenario == "bomb":
         bomb(args.root.resolve(), args.images)
     elif args.scenario == "flood":
-        flood(args.root.resolve(), args.callers, args.seconds, args.one_id)
+        flood(args.root.resolve(), args.callers, args.seconds, args.one_id, args.connections)
     elif args.scenario == "flush":
         flush(args.root.resolve(), args.ids, args.tracked)
     else:
-        asyncio.run(hostile_callers(args.address, args.callers, args.seconds, args.one_id))
+        asyncio.run(hostile_callers(args.address, args.callers, args.seconds, args.one_id, args.connections))
     return 0
 
 

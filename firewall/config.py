@@ -322,6 +322,9 @@ class Settings(BaseSettings):
     )
     max_message_bytes: PositiveInt = Field(16 * 1024 * 1024, description="largest gRPC message")
     max_concurrent_requests: PositiveInt = Field(64, description="requests in flight; beyond it RESOURCE_EXHAUSTED, never a queue")
+    max_streams_per_connection: PositiveInt = Field(
+        32, description="gRPC calls open at once on one connection (HTTP/2 streams); more wait in the client"
+    )
     max_requests_per_client: PositiveInt = Field(8, description="requests in flight at once per client id")
     max_requests_per_address: PositiveInt = Field(48, description="requests in flight at once per source address")
     max_new_client_requests: PositiveInt | None = Field(

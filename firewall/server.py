@@ -157,6 +157,9 @@ class Firewall:
             # request path with a message that names none; only one over the ceiling reaches core's.
             ("grpc.max_receive_message_length", transport_ceiling(settings.max_message_bytes)),
             ("grpc.so_reuseport", 0),  # a taken port fails here instead of being shared silently
+            # HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS: calls beyond it wait in the client, so one
+            # connection cannot fill the queue of calls that wait for the event loop ahead of others'.
+            ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
         ]
         self.server = grpc.aio.server(options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, self.server)

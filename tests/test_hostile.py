@@ -283,6 +283,35 @@ def test_fresh_ids_keep_room_for_known_clients_and_queue_behind_them(mnist_heldo
     assert recorder.client_ids == ["fresh-1", "normal", "fresh-2"]  # the known client went first
 
 
+def test_one_connection_holds_at_most_its_streams(mnist_heldout):
+    """Calls beyond ``max_streams_per_connection`` wait in the client, so a flood over one connection
+    cannot fill the server's queue of incoming calls; another connection's call goes through."""
+    images, _ = mnist_heldout
+    settings = make_settings(max_streams_per_connection=2, throttle={"enabled": False})
+    gate = Gate()
+    codes: list[grpc.StatusCode] = []
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]
+    with (
+        running_firewall(settings) as firewall,
+        with_stage(firewall, gate),
+        grpc.insecure_channel(address(firewall), own_connection) as busy,
+        grpc.insecure_channel(address(firewall), own_connection) as other,
+    ):
+        flood = pb_grpc.GRPCInferenceServiceStub(busy)
+        calls = [threading.Thread(target=lambda n=n: codes.append(outcome(flood, pixels_request(images[:1]), f"flood-{n}"))) for n in range(3)]
+        for call in calls:
+            call.start()
+        gate.wait_entered(2)
+        calls.append(threading.Thread(target=lambda: codes.append(outcome(pb_grpc.GRPCInferenceServiceStub(other), pixels_request(images[:1]), "other"))))
+        calls[-1].start()
+        gate.wait_entered(3)
+        assert "other" in firewall.service.in_flight.clients and firewall.service.in_flight.count == 3  # the third flood call waits in its client
+        gate.release()
+        for call in calls:
+            call.join()
+    assert codes.count(grpc.StatusCode.OK) == 4
+
+
 # -- 5. bans survive a restart -----------------------------------------------------------------
 
 
