@@ -101,6 +101,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.pacer = Pacer()
         self.metrics = metrics
         self.trusted_proxies = TrustedProxies(settings.tls.trusted_proxies if settings.tls else [])
+        self.mutual_tls = settings.tls is not None and settings.tls.client_ca is not None
         self.forwarded = ForwardedAddress(settings.forwarded.trusted_proxies, settings.forwarded.header)
         self.executor = PriorityExecutor(settings.workers, thread_name_prefix="pipeline")
         # Readiness checks never wait behind pipeline work (a hung upstream can hold every worker).
@@ -242,7 +243,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         metadata = context.invocation_metadata() or ()
         claimed = dict(metadata).get(self.settings.client_id_header)
         forwarded = [value for key, value in metadata if key == self.forwarded.header]
-        identity = self.identify(peer_address(context.peer()), claimed, certificate_identity(context), forwarded)
+        certified = certificate_identity(context) if self.mutual_tls else None  # costly: only where there can be one
+        identity = self.identify(peer_address(context.peer()), claimed, certified, forwarded)
         return await self.infer(request, identity, context.time_remaining())
 
     # -- the request path both bindings share --------------------------------------------------
