@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -154,6 +155,10 @@ async def hostile_callers(address: str, callers: int, seconds: float, one_id: bo
             await channel.close()
 
 
+def percentile_ms(samples: list[float], q: float) -> float:
+    return float(np.percentile(samples, q)) * 1e3 if samples else float("nan")
+
+
 def flood(root: Path, callers: int, seconds: float, one_id: bool, connections: int) -> None:
     lifted = {"FIREWALL_THROTTLE__ENABLED": "true", "FIREWALL_MAX_REQUESTS_PER_ADDRESS": "100000",
               "FIREWALL_THROTTLE__ADDRESS_RATE": "1000000", "FIREWALL_THROTTLE__ADDRESS_BURST": "1000000"}  # fmt: skip
@@ -169,11 +174,11 @@ def flood(root: Path, callers: int, seconds: float, one_id: bool, connections: i
     finally:
         process.terminate()
         process.wait(timeout=30)
-    p99 = lambda samples: float(np.percentile(samples, 99)) * 1e3 if samples else float("nan")  # noqa: E731
+    p50, p99 = partial(percentile_ms, q=50), partial(percentile_ms, q=99)
     print(
-        f"callers={callers} connections={connections} one_id={one_id} idle: {len(idle)}/{idle_calls} answered, p99 {p99(idle):.1f} ms; "
-        f"flooded: {len(loaded)}/{calls} answered ({len(loaded) / max(calls, 1):.0%}), p99 {p99(loaded):.1f} ms "
-        f"({p99(loaded) / p99(idle):.1f} x idle)"
+        f"callers={callers} connections={connections} one_id={one_id} idle: {len(idle)}/{idle_calls} answered, "
+        f"p50 {p50(idle):.1f} ms, p99 {p99(idle):.1f} ms; flooded: {len(loaded)}/{calls} answered ({len(loaded) / max(calls, 1):.0%}), "
+        f"p50 {p50(loaded):.1f} ms, p99 {p99(loaded):.1f} ms ({p99(loaded) / p99(idle):.1f} x idle)"
     )
 
 
