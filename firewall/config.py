@@ -248,7 +248,7 @@ class StateConfig(Strict):
     max_retry_s: PositiveFloat = Field(5.0, description="longest wait between reconnection attempts")
     stream_length: PositiveInt = Field(100_000, description="query stream entries kept per model (approximate trimming)")
     buffer: PositiveInt = Field(10_000, description="queries and labels waiting to be written; beyond, dropped and counted")
-    label_ttl_s: PositiveFloat = Field(3600.0, description="a client's last genuine label is kept this long in Redis")
+    label_ttl_s: PositiveFloat = Field(3600.0, description="a client's first genuine label is kept this long in Redis after its last answer")
 class AdminTLS(Strict):
     """Mutual TLS on the admin endpoint: only operators holding a certificate signed by ``client_ca``."""
 

@@ -9,8 +9,11 @@ A request without findings is predicted and answered. With findings, the model's
   ``max_s``; offences ``forget_s`` apart start over.
 - ``decoy``: the flagged images get a plausible label that carries no signal. A finding about the
   client as a whole (no item: ``probing.client``) gives every image of the request the label the
-  client's most recent genuine answer had (a fixed per-client label before it has one), so an
-  attack's binary searches see a constant. A finding about one image gives that image the answer
+  client's first genuine answer had (a fixed per-client label before it has one), so an attack's
+  binary searches see a constant. The first, not the latest: an attack checks its clean image
+  first, so that constant reads "not adversarial" everywhere; the latest genuine answer is often
+  an adversarial one, and a constant "adversarial" walks the attack straight to the clean image
+  along a path that, on a fragile image, can still end genuinely misclassified within budget. A finding about one image gives that image the answer
   the finding carries (near probing evidence: what the first query there got, the same for every
   client), else the same per-client constant. The model still runs, so a
   decoy takes as long as a genuine answer. An explicit refusal is itself an oracle that adaptive
@@ -107,10 +110,10 @@ class ResponsePolicy:
 
     def _remember(self, ctx: RequestContext, genuine: np.ndarray) -> None:
         if len(genuine):
-            self.state.remember(ctx.client_id, ctx.model, int(genuine[-1]))
+            self.state.remember(ctx.client_id, ctx.model, int(genuine[0]))
 
     def _decoy_label(self, ctx: RequestContext, pipeline: ModelPipeline) -> int:
-        label = self.state.last_label(ctx.client_id, ctx.model)
+        label = self.state.first_label(ctx.client_id, ctx.model)
         if label is not None:
             return label
         # The state's secret: outsiders cannot compute the label, and every replica gives the same one.

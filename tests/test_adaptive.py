@@ -67,6 +67,29 @@ def test_succeeds_without_detection(name, open_endpoint, judge, mnist_heldout):
         assert run.summary()["attack"] == name and "trace" not in run.summary()
 
 
+@pytest.fixture(scope="module")
+def default_endpoint() -> Iterator[Endpoint]:
+    """The zero-configuration firewall: calibrated detectors, decoys (throttling off to keep it short)."""
+    settings = Settings(
+        listen="127.0.0.1:0",
+        metrics_listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        admin={"listen": "127.0.0.1:0"},
+        throttle={"enabled": False},
+        models={"mnist": {}},
+    )
+    with running_firewall(settings) as firewall, _closing(Endpoint(address(firewall), "mnist")) as endpoint:
+        yield endpoint
+
+
+@pytest.mark.parametrize("name", ADAPTIVE_ATTACKS)
+def test_fails_against_the_default_firewall(name, default_endpoint, judge, mnist_heldout):
+    """The images and budget with which the attack wins at least 2 of 3 without detection."""
+    runs = [_attack(name, default_endpoint, judge, mnist_heldout, index, query_budget=500) for index in range(3)]
+    assert sum(run.success for run in runs) == 0, [run.summary() for run in runs]
+    assert all(run.refused == 0 for run in runs)  # decoyed: no refusal to steer by
+
+
 @pytest.mark.parametrize("name", ADAPTIVE_ATTACKS)
 def test_reduces_the_distortion_past_its_start(name, open_endpoint, judge, mnist_heldout):
     """Same seed, so the same start: the attack proper (not just its noise start) shrinks the L2."""
