@@ -160,6 +160,9 @@ class Firewall:
             # HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS: calls beyond it wait in the client, so one
             # connection cannot fill the queue of calls that wait for the event loop ahead of others'.
             ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+            # Count open streams as HTTP/2 does: with core's default "overload protection", streams a
+            # client opened before it read the limit are reset (REFUSED_STREAM) and its calls fail.
+            ("grpc.http.overload_protection", 0),
         ]
         self.server = grpc.aio.server(options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, self.server)

@@ -312,6 +312,23 @@ def test_one_connection_holds_at_most_its_streams(mnist_heldout):
     assert codes.count(grpc.StatusCode.OK) == 4
 
 
+def test_calls_opened_at_once_on_a_new_connection_wait_for_a_stream_instead_of_failing(mnist_heldout):
+    """A client may open calls before it has read the server's stream limit: they must wait, not be reset."""
+    images, _ = mnist_heldout
+    settings = make_settings(max_streams_per_connection=2, throttle={"enabled": False})
+    with running_firewall(settings) as firewall, grpc.insecure_channel(address(firewall)) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        calls = [stub.ModelInfer.future(pixels_request(images[:1]), metadata=[("x-client-id", f"c{n % 4}")], timeout=60) for n in range(40)]
+        codes = []
+        for call in calls:
+            try:
+                call.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as error:
+                codes.append(error.code())
+    assert codes == [grpc.StatusCode.OK] * 40  # with core's default overload protection some were reset (UNAVAILABLE)
+
+
 # -- 5. bans survive a restart -----------------------------------------------------------------
 
 
