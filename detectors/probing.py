@@ -24,14 +24,14 @@ stage therefore looks for label disagreement among near-duplicates, across all c
   (``detectors.evidence.DecayingCount``), plus ``probed_weight`` (0.5) for each new query it sent
   into ground other queries probed: an attack spread over many ids (a Sybil attack) leaves
   evidence mostly in regions its other ids opened, and every id exploring them reads the boundary
-  too. A benign client meets a probed region rarely and only with the few images it re-sends. At ``client_threshold`` (``address_threshold``) it raises
-  ``probing.client`` (``probing.address``), a warning-level alert naming the attacker, on each of
-  its queries while the evidence lasts. ``probing.client`` is about the client as a whole (no
-  item), so under ``decoy`` every answer it gets is one constant (the label of its first genuine
-  answer, ``firewall.policy``), probed region or not: the
-  regions' answers are what their first query got, and an attack that walks into new ground
-  would otherwise still read genuine answers at its frontier. A single probed query is an
-  info-level observation only.
+  too. A benign client meets a probed region rarely and only with the few images it re-sends.
+  At ``client_threshold`` (``address_threshold``) it raises ``probing.client``
+  (``probing.address``), a warning-level alert naming the attacker, on each of its queries while
+  the evidence lasts. ``probing.client`` is about the client as a whole (no item), so under
+  ``decoy`` every answer it gets is one constant (the first label it was answered,
+  ``firewall.policy``), probed region or not: the regions' answers are what their first query
+  got, and an attack that walks into new ground would otherwise still read genuine answers at its
+  frontier. A single probed query is an info-level observation only.
 - A byte-identical repeat is no new query: it gets the answer its original got.
 - ``ctx.scratch["novel"]`` tells later stages which images are new content (no earlier query
   within the radius, this request's earlier images included), so that the per-image detectors

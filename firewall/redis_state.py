@@ -10,7 +10,7 @@ replicas agree on time and never act on a stale copy:
   ``firewall.state.take_tokens`` exactly), the suspect bucket's, the suspect and ban ends, offence
   count and time, the refusal budget's count and window. Its TTL is the latest moment anything in
   it matters, so a fresh id's record lives only until its bucket is full again;
-- a client's first genuine label per model, ``<prefix>l:<key>`` (HSETNX), kept ``label_ttl_s``
+- the first label a client was answered per model, ``<prefix>l:<key>`` (HSETNX), kept ``label_ttl_s``
   after its last answer (written in batches every 50 ms: no decision of the request depends on it);
 - the stateful detectors' decaying evidence counts, ``<prefix>e:<name>:<key>``, kept until they
   decay below 0.01;

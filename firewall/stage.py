@@ -35,7 +35,7 @@ class Finding:
     threshold: float
     item: int | None = None  # index in the request batch, when the finding is per image
     details: dict[str, Any] = field(default_factory=dict)
-    answer: int | None = None  # the label a decoy gives this item (default: the client's first genuine one)
+    answer: int | None = None  # the label a decoy gives this item (default: the first label the client was answered)
     severity: Literal["warning", "info"] = "warning"  # info: one observation, evidence but no warning alert
 
 

@@ -1,5 +1,5 @@
 """State that outlives a request: token buckets, bans and offences, suspicion, refusal budgets, the
-first genuine answer, and the stateful detectors' evidence and query exchange.
+first answer, and the stateful detectors' evidence and query exchange.
 
 Everything goes through one interface, ``ClientState``, with two implementations: process memory
 (``MemoryClientState``, the zero-configuration default) and Redis (``firewall.redis_state``, the
@@ -55,7 +55,7 @@ class ClientRecord:
     banned_until: float = 0.0
     offences: int = 0  # bans so far, for escalation
     last_offence_at: float = 0.0
-    first_labels: dict[str, int] = field(default_factory=dict)  # model -> first genuine label answered
+    first_labels: dict[str, int] = field(default_factory=dict)  # model -> the first label answered (decoys repeat it)
     refusals: int = 0  # addresses: policy refusals of its ids in the current window
     refusals_until: float = 0.0  # end of that window
 
@@ -139,7 +139,7 @@ class ClientState(Protocol):
         """The client draws from the suspect bucket for ``seconds`` from now."""
 
     def remember(self, key: str, model: str, label: int) -> None:
-        """A genuine label the client got from ``model``: the first one is kept (decoys repeat it)."""
+        """A label the client was answered by ``model``: the first one is kept (decoys repeat it)."""
 
     def first_label(self, key: str, model: str) -> int | None: ...
 

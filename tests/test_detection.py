@@ -6,20 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from firewall.config import Settings
 from firewall.evaluate.attacks import ATTACKS, run_attack
 from firewall.evaluate.benign import run_benign
 from firewall.evaluate.endpoint import Endpoint
-from tests.conftest import address, running_firewall
+from tests.conftest import address, calibrated_settings, running_firewall
 
 MAX_L2 = 3.0
-
-
-def calibrated_settings() -> Settings:
-    """The bundled defaults (calibrated detectors, decoys on probing) on loopback ports."""
-    return Settings(
-        listen="127.0.0.1:0", http_listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", admin={"listen": "127.0.0.1:0"}, models={"mnist": {}}
-    )
 
 
 def findings(firewall, rule: str) -> float:
