@@ -26,8 +26,9 @@ stage therefore looks for label disagreement among near-duplicates, across all c
   evidence mostly in regions its other ids opened, and every id exploring them reads the boundary
   too. A benign client meets a probed region rarely and only with the few images it re-sends.
   At ``client_threshold`` (``address_threshold``) it raises ``probing.client``
-  (``probing.address``), a warning-level alert naming the attacker, on each of its queries while
-  the evidence lasts. ``probing.client`` is about the client as a whole (no item), so under
+  (``probing.address``), a warning-level alert naming the attacker (the address alert names the
+  address only: the ids behind it may be many benign users of one NAT), on each of its queries
+  while the evidence lasts. ``probing.client`` is about the client as a whole (no item), so under
   ``decoy`` every answer it gets is one constant (the first label it was answered,
   ``firewall.policy``), probed region or not: the regions' answers are what their first query
   got, and an attack that walks into new ground would otherwise still read genuine answers at its
@@ -239,7 +240,7 @@ class ProbingStage:
             )
         if address >= self.config.address_threshold:
             findings.append(
-                Finding("probing.address", address, self.config.address_threshold, item=first, details=details)
+                Finding("probing.address", address, self.config.address_threshold, item=first, details=details, about="address")
             )
         return findings
 

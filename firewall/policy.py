@@ -113,7 +113,7 @@ class ResponsePolicy:
                 finding.rule,
                 action,
                 ctx.model,
-                ctx.client_id,
+                ctx.client_id if finding.about == "client" else "",  # an address alert accuses no client
                 ctx.peer,
                 ctx.request_id,
                 finding.score,
