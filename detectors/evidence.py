@@ -34,6 +34,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from typing import Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -137,15 +138,21 @@ class ClientRateConfig(BaseModel):
         return state.cusum(name, self.benign_rate, self.attack_rate, self.threshold, self.max_clients, self.keep_s)
 
 
+class WithClientRate(Protocol):
+    """A per-image stage's configuration: its ``client`` section."""
+
+    client: ClientRateConfig
+
+
 class ClientRateStage:
     """The per-image stages' per-client evidence, for the operator to read (``client_evidence``) and reset
     (``forget_client``); with several replicas (``share``) one statistic per client for all of them."""
 
     clients: ClientTest
-    client_config: ClientRateConfig
+    config: WithClientRate
 
     def share(self, state: SharedState, name: str) -> None:
-        self.clients = self.client_config.shared(state, name)
+        self.clients = self.config.client.shared(state, name)
 
     def client_evidence(self, client_id: str) -> dict[str, float]:
         return {"cusum": self.clients.current(client_id), "cusum_threshold": self.clients.threshold}

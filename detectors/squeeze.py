@@ -75,7 +75,6 @@ class SqueezeStage(ClientRateStage):
     def __init__(self, config: SqueezeConfig, model: OnnxClassifier):
         self.config = config
         self.model = model
-        self.client_config = config.client
         self.clients = config.client.build()
 
     def __call__(self, ctx: RequestContext) -> Sequence[Finding]:

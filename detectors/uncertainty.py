@@ -79,7 +79,6 @@ class UncertaintyStage(ClientRateStage):
         self.config = config
         self.model = model  # runs the network once (dropout: last)
         self.sampler = sampler
-        self.client_config = config.client
         self.clients = config.client.build()
 
     def sample_logits(self, batch: np.ndarray, forward: Forward | None = None) -> np.ndarray:

@@ -242,6 +242,9 @@ class RedisClientState:
         self.blocking = redis.Redis(connection_pool=self._pool(config.max_connections, config.timeout_s, redis.BlockingConnectionPool))
         self.blocking_scripts = {name: self.blocking.register_script(PRELUDE + body) for name, body in SCRIPTS.items()}
         self.up = False  # until the first answer
+        # Set at close: the background loops end even when a Redis client turned their
+        # cancellation into a connection error they would otherwise retry after.
+        self.closed = False
         self.errors = 0
         self.feeds: list[RedisFeed] = []
         self.tests: list[RedisCusum] = []
@@ -337,7 +340,7 @@ class RedisClientState:
 
     async def _recover(self) -> None:
         delay = self.config.retry_s
-        while True:
+        while not self.closed:
             await asyncio.sleep(delay)
             try:
                 await asyncio.wait_for(self.client.ping(), self.config.timeout_s)
@@ -500,7 +503,7 @@ class RedisClientState:
 
     async def _write_labels(self) -> None:
         prefix, ttl = f"{self.config.key_prefix}l:", math.ceil(self.config.label_ttl_s)
-        while True:
+        while not self.closed:
             await asyncio.sleep(LABEL_FLUSH_S)
             if not self.up or not self._labels:
                 continue  # while degraded the newest labels wait (bounded) for the recovery
@@ -590,14 +593,14 @@ class RedisClientState:
         channel = f"{self.config.key_prefix}ops"
         listener = Redis(connection_pool=self._pool(1, READ_BLOCK_MS / 1000 + self.config.timeout_s))
         try:
-            while True:
+            while not self.closed:
                 if not self.up:
                     await asyncio.sleep(self.config.retry_s)
                     continue
                 try:
                     async with listener.pubsub() as pubsub:
                         await pubsub.subscribe(channel)
-                        while self.up:
+                        while self.up and not self.closed:
                             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=READ_BLOCK_MS / 1000)
                             if message is not None:
                                 self._apply(message["data"].decode(errors="replace"))
@@ -652,6 +655,7 @@ class RedisClientState:
         self.secret = await self.client.get(name) or self.local.secret
 
     async def close(self) -> None:
+        self.closed = True
         tasks = [self._recovery, self._label_writer, self._listener, *(feed.reader for feed in self.feeds)]
         tasks = [task for task in tasks if task is not None]
         for task in tasks:
@@ -854,7 +858,7 @@ class RedisFeed:
         reader = Redis(connection_pool=state._pool(1, timeout))  # a blocked read holds its connection
         loop = asyncio.get_running_loop()
         try:
-            while True:
+            while not state.closed:
                 if not state.up:
                     await asyncio.sleep(state.config.retry_s)
                     continue

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from contextlib import ExitStack, contextmanager
 from functools import partial
+from types import SimpleNamespace
 from typing import Iterator
 
 import grpc
@@ -295,8 +296,8 @@ class MarkedRate(ClientRateStage):
     rules = ("marked",)
 
     def __init__(self):
-        self.client_config = ClientRateConfig()
-        self.clients = self.client_config.build()
+        self.config = SimpleNamespace(client=ClientRateConfig())
+        self.clients = self.config.client.build()
 
     def __call__(self, ctx) -> list:
         scores = np.array([float(image[0, 0].max() >= 255) for image in ctx.images])
