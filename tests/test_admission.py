@@ -115,7 +115,7 @@ def test_refusals_further_apart_than_the_window_do_not_add_up(admission, clock):
     assert admission.state.get(peer_key(PEER)).banned_until == 0.0
 
 
-def shares(per_client: int = 2, per_address: int = 3, max_decoding_bytes: int = 100) -> InFlight:
+def shares(per_client: int = 2, per_address: int = 3, max_decoding_bytes: int = 100, max_new: int = 4) -> InFlight:
     return InFlight(
         total=4,
         per_client=per_client,
@@ -123,13 +123,14 @@ def shares(per_client: int = 2, per_address: int = 3, max_decoding_bytes: int = 
         max_decoding_bytes=max_decoding_bytes,
         heavy_request_bytes=40,
         max_heavy=1,
+        max_new=max_new,
     )
 
 
-def refused(in_flight: InFlight, client: str, peer: str, decoded: int) -> str | None:
+def refused(in_flight: InFlight, client: str, peer: str, decoded: int, new: bool = False) -> str | None:
     """The operator's reason (the log's) when the share refuses; the client sees only RESOURCE_EXHAUSTED."""
     try:
-        in_flight.enter(client, peer, decoded)
+        in_flight.enter(client, peer, decoded, new)
     except Throttled as error:
         assert error.public_message == "too many requests"
         return error.detail
@@ -138,7 +139,7 @@ def refused(in_flight: InFlight, client: str, peer: str, decoded: int) -> str | 
 
 def test_each_share_holds_at_its_boundary():
     in_flight = shares()
-    assert in_flight.enter("a", "p1", 10) == Ticket("a", "p1", 10, False)
+    assert in_flight.enter("a", "p1", 10, False) == Ticket("a", "p1", 10, False, False, (0, 1))
     assert not refused(in_flight, "a", "p1", 10)
     assert refused(in_flight, "a", "p2", 1) == "client concurrency share reached"  # 2
     assert not refused(in_flight, "b", "p1", 10)
@@ -153,6 +154,16 @@ def test_each_share_holds_at_its_boundary():
     )
 
 
+def test_new_clients_hold_at_most_their_share_and_run_after_established_ones():
+    in_flight = shares(max_new=1)
+    first = in_flight.enter("fresh-1", "p1", 1, True)
+    assert first.new and first.priority == (1, 1)
+    assert refused(in_flight, "fresh-2", "p2", 1, new=True) == "share of new clients reached"
+    assert in_flight.enter("known", "p2", 1, False).priority == (0, 1)  # established: still admitted, first
+    in_flight.leave(first)
+    assert in_flight.new == 0 and not refused(in_flight, "fresh-2", "p2", 1, new=True)
+
+
 def test_a_share_of_one_admits_one():
     in_flight = shares(per_client=1, per_address=1)
     assert not refused(in_flight, "a", "p1", 1) and not refused(in_flight, "b", "p2", 1)
@@ -161,8 +172,8 @@ def test_a_share_of_one_admits_one():
 
 def test_heavy_requests_take_the_heavy_slots():
     in_flight = shares(max_decoding_bytes=1000)
-    assert not in_flight.enter("a", "p1", 40).heavy  # at the threshold: not heavy
-    heavy = in_flight.enter("b", "p2", 41)
+    assert not in_flight.enter("a", "p1", 40, False).heavy  # at the threshold: not heavy
+    heavy = in_flight.enter("b", "p2", 41, False)
     assert heavy.heavy and in_flight.heavy == 1
     assert refused(in_flight, "c", "p3", 41) == "heavy request slots taken"  # one
     in_flight.leave(heavy)
@@ -171,7 +182,7 @@ def test_heavy_requests_take_the_heavy_slots():
 
 def test_the_decoding_budget_admits_up_to_its_bytes():
     in_flight = shares(max_decoding_bytes=100)
-    in_flight.enter("a", "p1", 40)
+    in_flight.enter("a", "p1", 40, False)
     assert refused(in_flight, "b", "p2", 61) == "decoding budget spent"
     assert not refused(in_flight, "b", "p2", 60)  # 40 + 60: the budget, not beyond
     assert in_flight.decoding_bytes == 100
@@ -179,7 +190,7 @@ def test_the_decoding_budget_admits_up_to_its_bytes():
 
 def test_leaving_returns_every_share():
     in_flight = shares(per_client=3, per_address=3)
-    tickets = [in_flight.enter("a", "p1", 30), in_flight.enter("a", "p1", 50), in_flight.enter("a", "p1", 10)]
+    tickets = [in_flight.enter("a", "p1", 30, False), in_flight.enter("a", "p1", 50, False), in_flight.enter("a", "p1", 10, False)]
     in_flight.leave(tickets[0])
     assert (in_flight.count, in_flight.decoding_bytes, in_flight.heavy, in_flight.clients, in_flight.addresses) == (
         2,
