@@ -6,7 +6,7 @@ softmax at T labels the training set, (3) a student of the same architecture is 
 those soft labels, (4) the student is deployed at T = 1. Its deployed logits are then about T times
 what the soft labels call for, the softmax saturates and its gradients vanish. T = 20 by default
 (the paper's range is 1-100; it reports MNIST's adversarial success under 1 % from T = 20 on, and
-CIFAR-10's falling from 18 % to 5 % at T = 20-40 for its own network).
+95 % falling to under 0.5 % on a studied network).
 
 Step 1 is the given teacher, an ONNX file run with ONNX Runtime and trained at T = 1 like the
 bundled models. A network trained at T learns logits z whose z / T is what a T = 1 network learns,
