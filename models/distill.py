@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,6 @@ class Recipe:
     network: Callable[[], nn.Module]
     batch_size: int
     lr: float  # peak OneCycle learning rate
-    epochs: int
     max_shift: int  # random translation, pixels
     flip: bool  # random horizontal mirror
     training_images: Callable[[Path], torch.Tensor]  # uint8 [N, C, H, W]
@@ -77,12 +77,12 @@ class Recipe:
 
 RECIPES: dict[tuple[int, int, int], Recipe] = {
     (1, 28, 28): Recipe(
-        "mnist", train_mnist.mnist_cnn, train_mnist.BATCH_SIZE, lr=0.01, epochs=10, max_shift=2, flip=False,
+        "mnist", train_mnist.mnist_cnn, train_mnist.BATCH_SIZE, lr=0.01, max_shift=2, flip=False,
         training_images=lambda data: train_mnist.as_tensors(*load_mnist(data, *MNIST_TRAIN))[0],
     ),
     (3, 32, 32): Recipe(
-        "cifar10", lambda: train_cifar10.cifar10_cnn(32), train_cifar10.BATCH_SIZE, lr=0.1, epochs=10, max_shift=4,
-        flip=True, training_images=lambda data: train_cifar10.as_tensors(*load_cifar10(data, "train"))[0],
+        "cifar10", lambda: train_cifar10.cifar10_cnn(32), train_cifar10.BATCH_SIZE, lr=0.1, max_shift=4, flip=True,
+        training_images=lambda data: train_cifar10.as_tensors(*load_cifar10(data, "train"))[0],
     ),
 }  # fmt: skip
 
@@ -142,7 +142,7 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="MNIST folder (t10k IDX .gz files) or CIFAR-10 zip")
     parser.add_argument("--temperature", type=float, default=20.0, metavar="T", help="default: %(default)s")
     parser.add_argument("--out", type=Path, required=True, metavar="OUT.onnx", help="where the student goes")
-    parser.add_argument("--epochs", type=int, default=None, help="default: 10")
+    parser.add_argument("--epochs", type=int, default=10, help="default: %(default)s")
     parser.add_argument("--lr", type=float, default=None, help="peak OneCycle learning rate (default: MNIST 0.01, CIFAR-10 0.1)")
     parser.add_argument("--limit", type=int, default=None, help="train on a seeded random N of the training images")
     parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
@@ -150,8 +150,9 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    if args.temperature <= 0 or any(n is not None and n < 1 for n in (args.epochs, args.limit)):
-        print("firewall distill: --temperature must be positive, --epochs and --limit at least 1", file=sys.stderr)
+    invalid_limit = args.limit is not None and args.limit < 1
+    if args.temperature <= 0 or (args.lr is not None and args.lr <= 0) or args.epochs < 1 or invalid_limit:
+        print("firewall distill: --temperature and --lr must be positive, --epochs and --limit at least 1", file=sys.stderr)
         return 2
     try:
         teacher = OnnxClassifier(args.teacher, threads=args.threads)
@@ -161,7 +162,7 @@ def run_cli(args: argparse.Namespace) -> int:
     except DecodeError:
         print(f"firewall distill: {args.teacher} is not an ONNX model", file=sys.stderr)
         return 2
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
         print(f"firewall distill: {error}", file=sys.stderr)
         return 2
     if args.limit is not None:  # a random subset: the CIFAR-10 zip is sorted by class
@@ -169,7 +170,7 @@ def run_cli(args: argparse.Namespace) -> int:
         images = images[subset.sort().values]
     generator = seed_everything(args.seed, args.threads)
     student = distill(
-        teacher, images, temperature=args.temperature, epochs=args.epochs or recipe.epochs, lr=args.lr or recipe.lr,
+        teacher, images, temperature=args.temperature, epochs=args.epochs, lr=args.lr or recipe.lr,
         generator=generator, log=lambda line: print(line, flush=True),
     )  # fmt: skip
     export_onnx(student, teacher.input_shape, args.out)

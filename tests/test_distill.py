@@ -54,7 +54,10 @@ def test_a_short_distillation_exports_dropout_and_beats_chance_by_far(tmp_path: 
 @pytest.mark.parametrize(
     ("teacher", "extra", "message"),
     [
-        ("mnist", ["--temperature", "0"], "--temperature must be positive"),
+        ("mnist", ["--temperature", "0"], "--temperature and --lr must be positive"),
+        ("mnist", ["--lr", "0"], "--temperature and --lr must be positive"),
+        ("mnist", ["--limit", "0"], "--epochs and --limit at least 1"),
+        ("cifar10", [], "Is a directory"),  # a folder where the CIFAR-10 zip belongs
         ("odd-shape", [], "distill handles models taking (1, 28, 28) or (3, 32, 32)"),
         ("garbage", [], "is not an ONNX model"),
     ],
