@@ -124,7 +124,7 @@ def percentiles(seconds: list[float]) -> tuple[float, float]:
 
 async def sizing(url: str, clients: int = 1000) -> dict[str, float]:
     """Bytes in Redis per client: its record (bucket, and once banned: ban, offences, suspicion),
-    its last labels, its and its address's probing evidence counts; per query in the stream."""
+    its first labels, its and its address's probing evidence counts; per query in the stream."""
     local = MemoryClientState(clients)
     state = RedisClientState(StateConfig(backend="redis", url=url), local, keep_offences_s=86400.0)
     await state.start()
@@ -140,7 +140,7 @@ async def sizing(url: str, clients: int = 1000) -> dict[str, float]:
     usage = lambda pattern: np.mean([store.memory_usage(key, samples=0) for key in store.scan_iter(pattern, count=1000)])  # noqa: E731
     result = {
         "client record (bucket)": usage(b"firewall:c:client-*"),
-        "last labels": usage(b"firewall:l:client-*"),
+        "first labels": usage(b"firewall:l:client-*"),
         "evidence count": usage(b"firewall:e:*client-*"),
     }
     for n in range(clients):

@@ -21,13 +21,18 @@ stage therefore looks for label disagreement among near-duplicates, across all c
   Only evidence makes a query probed (being near a probed query does not), so a benign chance
   neighbour changes the answers of its direct neighbours at most and never spreads.
 - Evidence per client id and per source address: a decayed count of the evidence it sent
-  (``detectors.evidence.DecayingCount``). At ``client_threshold`` (``address_threshold``) it raises
-  ``probing.client`` (``probing.address``), a warning-level alert naming the attacker, on each of
-  its queries while the evidence lasts. ``probing.client`` is about the client as a whole (no
-  item), so under ``decoy`` every answer it gets is one constant, probed region or not: the
-  regions' answers are what their first query got, and an attack that walks into new ground
-  would otherwise still read genuine answers at its frontier. A single probed query is an
-  info-level observation only.
+  (``detectors.evidence.DecayingCount``), plus ``probed_weight`` (0.5) for each new query it sent
+  into ground other queries probed: an attack spread over many ids (a Sybil attack) leaves
+  evidence mostly in regions its other ids opened, and every id exploring them reads the boundary
+  too. A benign client meets a probed region rarely and only with the few images it re-sends.
+  At ``client_threshold`` (``address_threshold``) it raises ``probing.client``
+  (``probing.address``), a warning-level alert naming the attacker (the address alert names the
+  address only: the ids behind it may be many benign users of one NAT), on each of its queries
+  while the evidence lasts. ``probing.client`` is about the client as a whole (no item), so under
+  ``decoy`` every answer it gets is one constant (the first label it was answered,
+  ``firewall.policy``), probed region or not: the regions' answers are what their first query
+  got, and an attack that walks into new ground would otherwise still read genuine answers at its
+  frontier. A single probed query is an info-level observation only.
 - A byte-identical repeat is no new query: it gets the answer its original got.
 - ``ctx.scratch["novel"]`` tells later stages which images are new content (no earlier query
   within the radius, this request's earlier images included), so that the per-image detectors
@@ -91,7 +96,7 @@ class ProbingConfig(BaseModel):
     """Probing detector settings. Distances are between normalized embeddings."""
 
     model_config = ConfigDict(extra="forbid")
-    live_fields: ClassVar[frozenset[str]] = frozenset({"radius", "neighbours", "spread", "client_threshold", "address_threshold"})  # read per call: a reload may change them
+    live_fields: ClassVar[frozenset[str]] = frozenset({"radius", "neighbours", "spread", "probed_weight", "client_threshold", "address_threshold"})  # read per call: a reload may change them
 
     kind: Literal["probing"] = Field("probing", description="selects this detector")
     embedding: EmbeddingConfig = Field(default_factory=PixelEmbeddingConfig, description="how queries are embedded")
@@ -102,6 +107,7 @@ class ProbingConfig(BaseModel):
     window: int = Field(100_000, ge=1, description="queries remembered across all clients")
     lists: int = Field(1024, ge=1, description="IVF lists of the history's index")
     probes: int = Field(8, ge=1, description="IVF lists searched per query")
+    probed_weight: float = Field(0.5, ge=0.0, le=1.0, description="what a new probed query that is not itself evidence adds to its client's and address's evidence")
     client_threshold: float = Field(10.0, gt=0, description="decayed evidence that flags a client id")
     address_threshold: float = Field(40.0, gt=0, description="decayed evidence that flags a source address")
     evidence_half_life_s: float = Field(3600.0, gt=0, description="evidence halves after this long")
@@ -217,8 +223,11 @@ class ProbingStage:
     def _findings(self, ctx: RequestContext, placed: list[Placement], now: float) -> list[Finding]:
         probed = [i for i, placement in enumerate(placed) if placement.answer is not None]
         evidence = sum(placement.evidence for placement in placed)
-        client = self.clients.add(ctx.client_id, evidence, now)
-        address = self.addresses.add(ctx.peer, evidence, now)
+        # exploring ground others probed also teaches the client the boundary: counted, at a weight
+        explored = sum(placement.answer is not None and not (placement.evidence or placement.repeat) for placement in placed)
+        weight = evidence + self.config.probed_weight * explored
+        client = self.clients.add(ctx.client_id, weight, now)
+        address = self.addresses.add(ctx.peer, weight, now)
         findings = [
             Finding("probing.region", float(evidence), 1.0, item=i, answer=placed[i].answer, severity="info")
             for i in probed
@@ -231,7 +240,7 @@ class ProbingStage:
             )
         if address >= self.config.address_threshold:
             findings.append(
-                Finding("probing.address", address, self.config.address_threshold, item=first, details=details)
+                Finding("probing.address", address, self.config.address_threshold, item=first, details=details, about="address")
             )
         return findings
 

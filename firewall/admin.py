@@ -117,7 +117,7 @@ class AdminService:
         }
         return {
             "key": key,
-            "state": None if record is None else {**self._summary(key, record, self.clock()), "last_labels": record.last_labels},
+            "state": None if record is None else {**self._summary(key, record, self.clock()), "first_labels": record.first_labels},
             "findings": self.alerts.episodes(key),
             "evidence": evidence,
         }

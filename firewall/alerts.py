@@ -1,4 +1,6 @@
 """Security alerts: ECS JSON lines, aggregated per (client, model, rule, action) into episodes.
+An alert about a source address (``probing.address``) accuses no client: its episode is the
+address's, and its lines carry ``source.ip`` and no ``user.id``.
 
 A probing attack raises a finding on nearly every query; one line per finding would bury the
 operator and let an attacker flood the log. So the first finding of an episode is logged at once
@@ -15,6 +17,7 @@ severity: warning, or info for a single observation that is evidence but no verd
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import threading
 import time
@@ -47,7 +50,8 @@ class Alert:
 
     @property
     def key(self) -> tuple[str, str, str, str]:
-        return (self.client_id, self.model, self.rule, self.action)
+        """An episode per client, or per address for an alert that accuses no client."""
+        return (self.client_id or f"address {self.peer}", self.model, self.rule, self.action)
 
     @property
     def margin(self) -> float:
@@ -181,4 +185,6 @@ class AlertAggregator:
     def _emit(lines: list[dict[str, Any]]) -> None:
         for line in lines:
             level = line.pop("log.level")
-            (log.info if level == "info" else log.warning)("alert", **line)
+            # A line carries its own fields: the request being served (bound in the logging context)
+            # may not be the one the line is about, and an address alert names no client.
+            contextvars.Context().run((log.info if level == "info" else log.warning), "alert", **line)

@@ -82,7 +82,7 @@ class InputLimits(Strict):
     max_request_bytes: PositiveInt = Field(256 * 1024 * 1024, description="decoded bytes of all images of one request")
 
 
-Action = Literal["reject", "ban", "decoy", "monitor"]
+Action = Literal["reject", "ban", "decoy", "noise", "monitor"]
 
 
 class BanConfig(Strict):
@@ -101,13 +101,14 @@ class PolicyConfig(Strict):
 
     reject: PERMISSION_DENIED for that request. ban: PERMISSION_DENIED, and every request of the
     client for a cool-down. decoy: a plausible label that carries no signal, the client is not told.
+    noise: the model's label for the image with Gaussian noise added (a randomized answer).
     monitor: the genuine answer. Every action raises an alert.
     """
 
     # An explicit refusal is an oracle an adaptive attacker steers by (Feng et al., CCS 2023); a
     # decoy teaches it nothing, and a benign client that lands in a probed region gets the label
     # its content had anyway (README, Detection: the measurements behind this default).
-    action: Action = Field("decoy", description="reject, ban, decoy or monitor: the response to a finding")
+    action: Action = Field("decoy", description="reject, ban, decoy, noise or monitor: the response to a finding")
     # The per-image detectors flag a client whose rate of flagged images is far above the
     # calibrated benign 5 %: worth an alert, not a changed answer. An address may be a NAT or proxy
     # in front of many benign users: its evidence alerts only.
@@ -116,6 +117,7 @@ class PolicyConfig(Strict):
         description="per-rule overrides of `action`, by rule name",
     )
     ban: BanConfig = Field(BanConfig(), description="ban durations")
+    noise_sigma: float = Field(0.05, gt=0.0, le=1.0, description="`noise`: standard deviation of the Gaussian noise, in pixel units of [0, 1]")
 
 
 class ProtectedModel(Strict):
@@ -232,7 +234,7 @@ class StateConfig(Strict):
     max_retry_s: PositiveFloat = Field(5.0, description="longest wait between reconnection attempts")
     stream_length: PositiveInt = Field(100_000, description="query stream entries kept per model (approximate trimming)")
     buffer: PositiveInt = Field(10_000, description="queries and labels waiting to be written; beyond, dropped and counted")
-    label_ttl_s: PositiveFloat = Field(3600.0, description="a client's last genuine label is kept this long in Redis")
+    label_ttl_s: PositiveFloat = Field(3600.0, description="the first label a client was answered is kept this long in Redis after its last answer")
 class AdminTLS(Strict):
     """Mutual TLS on the admin endpoint: only operators holding a certificate signed by ``client_ca``."""
 

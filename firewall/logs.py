@@ -96,4 +96,5 @@ def source_fields(peer: str) -> dict[str, str]:
 
 
 def request_fields(request_id: str, model: str, client_id: str, peer: str) -> dict[str, str]:
-    return {"firewall.request_id": request_id, "firewall.model": model, "user.id": client_id, **source_fields(peer)}
+    client = {"user.id": client_id} if client_id else {}  # none: a line about an address
+    return {"firewall.request_id": request_id, "firewall.model": model, **client, **source_fields(peer)}

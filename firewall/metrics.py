@@ -30,6 +30,7 @@ OUTCOMES = (
     "answered",  # no finding: the genuine label
     "monitored",  # findings, genuine label (policy monitor)
     "decoyed",  # findings, decoy label (policy decoy)
+    "noised",  # findings, the label of a noisy copy (policy noise)
     "rejected",  # findings, refused (policy reject)
     "banned",  # findings that started a ban, or a request refused by an active ban
     "throttled",  # refused by a token bucket or the concurrency cap

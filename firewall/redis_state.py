@@ -10,8 +10,8 @@ replicas agree on time and never act on a stale copy:
   ``firewall.state.take_tokens`` exactly), the suspect bucket's, the suspect and ban ends, offence
   count and time, the refusal budget's count and window. Its TTL is the latest moment anything in
   it matters, so a fresh id's record lives only until its bucket is full again;
-- a client's last genuine labels, ``<prefix>l:<key>``, kept ``label_ttl_s`` (written in batches
-  every 50 ms: no decision of the request depends on it);
+- the first label a client was answered per model, ``<prefix>l:<key>`` (HSETNX), kept ``label_ttl_s``
+  after its last answer (written in batches every 50 ms: no decision of the request depends on it);
 - the stateful detectors' decaying evidence counts, ``<prefix>e:<name>:<key>``, kept until they
   decay below 0.01;
 - ``<prefix>secret``: 16 random bytes the first replica writes and all read at start, so that
@@ -63,7 +63,7 @@ FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 READ_BLOCK_MS = 1000  # a stream reader waits this long for new entries before asking again
 READ_COUNT = 512  # entries per read
 SMALLEST_COUNT = 0.01  # an evidence count is forgotten once it has decayed below this
-LABEL_FLUSH_S = 0.05  # last labels are written to Redis in batches this often
+LABEL_FLUSH_S = 0.05  # first labels are written to Redis in batches this often
 PUBLISH_DELAY_S = 0.01  # queries are published this long after the first of a batch was placed
 
 PRELUDE = """
@@ -381,7 +381,7 @@ class RedisClientState:
             if len(self._labels) >= self.config.buffer and (key, model) not in self._labels:
                 self.dropped_writes += 1
                 return
-            self._labels[(key, model)] = label
+            self._labels.setdefault((key, model), label)
 
     async def _write_labels(self) -> None:
         prefix, ttl = f"{self.config.key_prefix}l:", math.ceil(self.config.label_ttl_s)
@@ -393,19 +393,19 @@ class RedisClientState:
                 labels, self._labels = self._labels, {}
             pipe = self.client.pipeline(transaction=False)
             for (key, model), label in labels.items():
-                pipe.hset(prefix + key, model, label).expire(prefix + key, ttl)
+                pipe.hsetnx(prefix + key, model, label).expire(prefix + key, ttl)
             try:
                 await pipe.execute()
             except FAILURES as error:
                 self.dropped_writes += len(labels)
                 self._degrade(error)
 
-    def last_label(self, key: str, model: str) -> int | None:
+    def first_label(self, key: str, model: str) -> int | None:
         try:
             label = self._blocking(lambda: self.blocking.hget(f"{self.config.key_prefix}l:{key}", model))
         except _Down:
-            return self.local.last_label(key, model)
-        return self.local.last_label(key, model) if label is None else int(label)  # local: not written yet
+            return self.local.first_label(key, model)
+        return self.local.first_label(key, model) if label is None else int(label)  # local: not written yet
 
     # -- operators -------------------------------------------------------------------------------------
 
@@ -430,7 +430,7 @@ class RedisClientState:
             banned_until=moment(b"ban"),
             offences=int(fields.get(b"off", 0)),
             last_offence_at=moment(b"offat"),
-            last_labels={model.decode(): int(label) for model, label in labels.items()},
+            first_labels={model.decode(): int(label) for model, label in labels.items()},
             refusals=int(fields.get(b"ref", 0)),
             refusals_until=moment(b"refu"),
         )

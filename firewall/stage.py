@@ -35,8 +35,9 @@ class Finding:
     threshold: float
     item: int | None = None  # index in the request batch, when the finding is per image
     details: dict[str, Any] = field(default_factory=dict)
-    answer: int | None = None  # the label a decoy gives this item (default: the client's last genuine one)
+    answer: int | None = None  # the label a decoy gives this item (default: the first label the client was answered)
     severity: Literal["warning", "info"] = "warning"  # info: one observation, evidence but no warning alert
+    about: Literal["client", "address"] = "client"  # whom it accuses: the client id, or its source address
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """State that outlives a request: token buckets, bans and offences, suspicion, refusal budgets, the
-last genuine answer, and the stateful detectors' evidence and query exchange.
+first answer, and the stateful detectors' evidence and query exchange.
 
 Everything goes through one interface, ``ClientState``, with two implementations: process memory
 (``MemoryClientState``, the zero-configuration default) and Redis (``firewall.redis_state``, the
@@ -55,7 +55,7 @@ class ClientRecord:
     banned_until: float = 0.0
     offences: int = 0  # bans so far, for escalation
     last_offence_at: float = 0.0
-    last_labels: dict[str, int] = field(default_factory=dict)  # model -> last genuine label answered
+    first_labels: dict[str, int] = field(default_factory=dict)  # model -> the first label answered (decoys repeat it)
     refusals: int = 0  # addresses: policy refusals of its ids in the current window
     refusals_until: float = 0.0  # end of that window
 
@@ -139,9 +139,9 @@ class ClientState(Protocol):
         """The client draws from the suspect bucket for ``seconds`` from now."""
 
     def remember(self, key: str, model: str, label: int) -> None:
-        """The last genuine label the client got from ``model`` (decoys repeat it)."""
+        """A label the client was answered by ``model``: the first one is kept (decoys repeat it)."""
 
-    def last_label(self, key: str, model: str) -> int | None: ...
+    def first_label(self, key: str, model: str) -> int | None: ...
 
     # -- operators (the admin endpoint, ban end events) ---------------------------------------------
 
@@ -259,11 +259,11 @@ class MemoryClientState:
         self.update(key, lambda record: setattr(record, "suspect_until", max(record.suspect_until, until)))
 
     def remember(self, key: str, model: str, label: int) -> None:
-        self.update(key, lambda record: record.last_labels.__setitem__(model, label))
+        self.update(key, lambda record: record.first_labels.setdefault(model, label))
 
-    def last_label(self, key: str, model: str) -> int | None:
+    def first_label(self, key: str, model: str) -> int | None:
         record = self.get(key)
-        return None if record is None else record.last_labels.get(model)
+        return None if record is None else record.first_labels.get(model)
 
     def counts(self, name: str, half_life_s: float, max_keys: int) -> Counts:
         return DecayingCount(half_life_s, max_keys)
@@ -311,7 +311,7 @@ class MemoryClientState:
     def get(self, key: str) -> ClientRecord | None:
         with self._lock:
             record = self._protected.get(key) or self._records.get(key)
-            return None if record is None else replace(record, last_labels=dict(record.last_labels))
+            return None if record is None else replace(record, first_labels=dict(record.first_labels))
 
     def tracked(self, key: str) -> bool:
         with self._lock:

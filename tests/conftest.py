@@ -36,8 +36,8 @@ def mnist_model() -> OnnxClassifier:
     return OnnxClassifier(bundled_model_path("mnist"))
 
 
-def make_settings(**overrides) -> Settings:
-    """Embedded MNIST with no detectors (pass-through) unless the test configures some."""
+def _loopback(overrides: dict) -> dict:
+    """Every listener on a free loopback port, embedded MNIST, then the test's own settings."""
     values = {
         "listen": "127.0.0.1:0",
         "http_listen": "127.0.0.1:0",
@@ -46,8 +46,20 @@ def make_settings(**overrides) -> Settings:
         "models": {"mnist": {}},
     }
     values.update(overrides)
+    return values
+
+
+def make_settings(**overrides) -> Settings:
+    """Embedded MNIST with no detectors (pass-through) unless the test configures some."""
+    values = _loopback(overrides)
     values["models"] = {name: {"detectors": [], **model} for name, model in values["models"].items()}
     return Settings(**values)
+
+
+def calibrated_settings(**overrides) -> Settings:
+    """The zero-configuration firewall (the bundled model's calibrated detectors, the default
+    policy) on loopback ports, with the test's own settings."""
+    return Settings(**_loopback(overrides))
 
 
 @contextmanager

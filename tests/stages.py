@@ -30,8 +30,10 @@ class Flagger:
         score: float = 0.9,
         threshold: float = 0.5,
         answer: int | None = None,
+        about: str = "client",
     ):
         self.name = name
+        self.about = about  # whom its findings accuse: the client, or its address
         self.rule = rule
         self.score = score
         self.threshold = threshold
@@ -40,7 +42,7 @@ class Flagger:
 
     def __call__(self, ctx: RequestContext) -> list[Finding]:
         findings = [
-            Finding(self.rule, self.score, self.threshold, item=index, answer=self.answer)
+            Finding(self.rule, self.score, self.threshold, item=index, answer=self.answer, about=self.about)
             for index, image in enumerate(ctx.images)
             if np.max(image[0, 0]) >= (255 if image.dtype == np.uint8 else 1.0)
         ]

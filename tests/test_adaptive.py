@@ -14,12 +14,11 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from firewall.config import Settings
 from firewall.evaluate.adaptive import ADAPTIVE_ATTACKS, AdaptiveRun, onnx_judge, run_adaptive_attack
 from firewall.evaluate.endpoint import Endpoint
 from firewall.stage import Finding, RequestContext
 from models.runtime import bundled_model_path
-from tests.conftest import address, make_settings, running_firewall
+from tests.conftest import address, calibrated_settings, make_settings, running_firewall
 
 MAX_L2 = 2.0  # the usual MNIST bound of the decision-based attack papers
 
@@ -67,6 +66,22 @@ def test_succeeds_without_detection(name, open_endpoint, judge, mnist_heldout):
         assert run.summary()["attack"] == name and "trace" not in run.summary()
 
 
+@pytest.fixture(scope="module")
+def default_endpoint() -> Iterator[Endpoint]:
+    """The zero-configuration firewall: calibrated detectors, decoys (throttling off to keep it short)."""
+    settings = calibrated_settings(throttle={"enabled": False})
+    with running_firewall(settings) as firewall, _closing(Endpoint(address(firewall), "mnist")) as endpoint:
+        yield endpoint
+
+
+@pytest.mark.parametrize("name", ADAPTIVE_ATTACKS)
+def test_fails_against_the_default_firewall(name, default_endpoint, judge, mnist_heldout):
+    """The images and budget with which the attack wins at least 2 of 3 without detection."""
+    runs = [_attack(name, default_endpoint, judge, mnist_heldout, index, query_budget=500) for index in range(3)]
+    assert sum(run.success for run in runs) == 0, [run.summary() for run in runs]
+    assert all(run.refused == 0 for run in runs)  # decoyed: no refusal to steer by
+
+
 @pytest.mark.parametrize("name", ADAPTIVE_ATTACKS)
 def test_reduces_the_distortion_past_its_start(name, open_endpoint, judge, mnist_heldout):
     """Same seed, so the same start: the attack proper (not just its noise start) shrinks the L2."""
@@ -111,14 +126,8 @@ def test_refusals_are_never_labels(judge, mnist_heldout):
 
 
 def test_rotates_ids_against_the_default_detectors(judge, mnist_heldout):
-    settings = Settings(
-        listen="127.0.0.1:0",
-        metrics_listen="127.0.0.1:0",
-        http_listen="127.0.0.1:0",
-        admin={"listen": "127.0.0.1:0"},
-        throttle={"enabled": False},
-        models={"mnist": {"policy": {"action": "reject"}}},  # the calibrated detectors of the bundled model
-    )
+    # the calibrated detectors of the bundled model
+    settings = calibrated_settings(throttle={"enabled": False}, models={"mnist": {"policy": {"action": "reject"}}})
     with running_firewall(settings) as firewall, _closing(Endpoint(address(firewall), "mnist")) as endpoint:
         run = _attack("adaptive-hsja", endpoint, judge, mnist_heldout, 1, query_budget=250, id_budget=400)
     assert run.refused > 0 and run.first_refusal is not None

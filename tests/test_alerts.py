@@ -178,3 +178,20 @@ def test_several_rules_at_once_keep_an_episode_each_per_client(log_lines, mnist_
         ("other", "test.a"): [("start", 1, 0.9), ("ongoing", 1, 0.9), ("end", 0, 0.9)],
         ("other", "test.b"): [("start", 1, 0.7), ("ongoing", 1, 0.7), ("end", 0, 0.7)],
     }
+
+
+def test_an_alert_about_an_address_is_one_episode_of_the_address_naming_no_client(log_lines, mnist_heldout):
+    """Many ids behind one address (a NAT): the address is accused, none of its clients."""
+    images, _ = mnist_heldout
+    settings = make_settings(throttle={"enabled": False}, models={"mnist": {"policy": {"action": "monitor"}}})
+    with running_firewall(settings) as firewall, with_stage(firewall, Flagger("nat", "test.address", about="address")):
+        with grpc.insecure_channel(address(firewall)) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for n in range(6):
+                client_id = f"behind-nat-{n}"
+                stub.ModelInfer(next(stream_requests(marked(images[:1]), client_id)), metadata=[("x-client-id", client_id)])
+    alerts = [line for line in log_lines() if line.get("event.kind") == "alert"]
+    assert alerts and all("user.id" not in line for line in alerts), alerts
+    assert {line["source.ip"] for line in alerts} == {"127.0.0.1"}
+    assert [line["firewall.episode"] for line in alerts][0] == "start" and alerts[-1]["firewall.episode"] == "end"
+    assert len({line["event.start"] for line in alerts}) == 1 and sum(line["firewall.count"] for line in alerts) == 6

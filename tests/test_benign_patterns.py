@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from firewall.config import Settings
 from firewall.evaluate.benign import run_distinct_ids, run_pattern
 from firewall.evaluate.endpoint import Endpoint
 from firewall.evaluate.patterns import (
@@ -25,7 +24,7 @@ from firewall.evaluate.patterns import (
     shift_image,
 )
 from firewall.stage import Finding
-from tests.conftest import address, make_settings, running_firewall
+from tests.conftest import address, calibrated_settings, make_settings, running_firewall
 
 SMALL = PatternOptions(popular=10, burst=3)
 
@@ -167,14 +166,7 @@ def test_distinct_ids_reuse_images_but_never_bytes(heldout):
 def test_every_pattern_is_answered_by_the_default_firewall_without_refusal_or_warning(heldout):
     """The zero-configuration firewall (calibrated detectors, default policy): every query answered,
     none refused, answers accurate, and no warning-level finding about any benign client."""
-    settings = Settings(
-        listen="127.0.0.1:0",
-        http_listen="127.0.0.1:0",
-        metrics_listen="127.0.0.1:0",
-        admin={"listen": "127.0.0.1:0"},
-        throttle={"enabled": False},
-        models={"mnist": {}},
-    )
+    settings = calibrated_settings(throttle={"enabled": False})
     assert settings.models["mnist"].detectors  # the calibrated set
     with running_firewall(settings) as firewall:
         endpoint = Endpoint(address(firewall), "mnist")

@@ -65,7 +65,7 @@ def test_an_invalid_value_from_the_environment_names_the_variable(monkeypatch):
         load_settings()
     assert str(raised.value) == (
         "throttle.rate: Input should be a valid number, unable to parse string as a number (set by FIREWALL_THROTTLE__RATE); "
-        "models.mnist.policy.action: Input should be 'reject', 'ban', 'decoy' or 'monitor' "
+        "models.mnist.policy.action: Input should be 'reject', 'ban', 'decoy', 'noise' or 'monitor' "
         "(set by FIREWALL_MODELS__MNIST__POLICY__ACTION)"
     )
 

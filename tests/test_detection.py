@@ -3,22 +3,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from firewall.config import Settings
 from firewall.evaluate.attacks import ATTACKS, run_attack
 from firewall.evaluate.benign import run_benign
 from firewall.evaluate.endpoint import Endpoint
-from tests.conftest import address, running_firewall
+from tests.conftest import address, calibrated_settings, running_firewall
 
 MAX_L2 = 3.0
-
-
-def calibrated_settings() -> Settings:
-    """The bundled defaults (calibrated detectors, decoys on probing) on loopback ports."""
-    return Settings(
-        listen="127.0.0.1:0", http_listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", admin={"listen": "127.0.0.1:0"}, models={"mnist": {}}
-    )
 
 
 def findings(firewall, rule: str) -> float:
@@ -37,9 +30,9 @@ def endpoint_and_firewall():
             endpoint.close()
 
 
-def attack(endpoint: Endpoint, images, labels, index: int, client_ids: list[str], budget: int):
+def attack(endpoint: Endpoint, images, labels, index: int, client_ids: list[str], budget: int, name: str = "hopskipjump"):
     return run_attack(
-        ATTACKS["hopskipjump"],
+        ATTACKS[name],
         endpoint,
         "target",
         images[index][:, :, None],
@@ -68,8 +61,30 @@ def test_hopskipjump_is_decoyed_within_10_queries_and_fails(endpoint_and_firewal
     assert first.queries == 10 and findings(firewall, "probing.region") >= 1 and decoyed(firewall) >= 1
     run = attack(endpoint, images, labels, 5, [f"hsja-long-{n}" for n in range(ids)], budget=300)
     assert run.ended == "budget" and run.first_refusal is None  # decoys, never a refusal to steer by
-    if ids == 1:  # over 20 ids no id reaches the client evidence threshold: see the README's figures
-        assert not run.success  # nothing misclassified within L2 3.0
+    assert not run.success  # nothing misclassified within L2 3.0, from one id or spread over 20
+
+
+@pytest.mark.parametrize("name", ["hopskipjump-blinded", "hopskipjump-shifted"])
+def test_disguised_hopskipjump_is_decoyed_and_fails(endpoint_and_firewall, mnist_heldout, name):
+    """Blinding noise (+-0.1) or shifts of up to 2 px on every query hide nothing from the probing detector."""
+    endpoint, firewall = endpoint_and_firewall
+    images, labels = mnist_heldout
+    run = attack(endpoint, images, labels, 5, [f"{name}-0"], budget=300, name=name)
+    assert run.ended == "budget" and run.first_refusal is None
+    assert findings(firewall, "probing.region") >= 1 and decoyed(firewall) >= 1
+    assert not run.success
+
+
+def test_disguises_stay_close_to_the_attack_point(mnist_heldout):
+    images, _ = mnist_heldout
+    x = images[0][None].astype(np.float32) / 255
+    rng = np.random.default_rng(0)
+    noisy = ATTACKS["hopskipjump-blinded"].disguise(x, rng)
+    assert noisy.shape == x.shape and 0 < np.abs(noisy - x).max() <= 0.1 + 1e-6
+    moves = [ATTACKS["hopskipjump-shifted"].disguise(x, rng) for _ in range(20)]
+    assert all(move.shape == x.shape for move in moves) and any(not np.array_equal(move, x) for move in moves)
+    assert all(any(np.array_equal(move[:, 2:-2, 2:-2], x[:, 2 - dy : 26 - dy, 2 - dx : 26 - dx])
+                   for dy in range(-2, 3) for dx in range(-2, 3)) for move in moves)
 
 
 def test_1000_distinct_benign_images_from_10_clients_raise_no_probing_finding(endpoint_and_firewall, mnist_heldout):

@@ -29,6 +29,8 @@ def firewall(clock):
         "ban-peer": {"onnx": onnx, "policy": {"action": "ban", "ban": {**BAN, "by_peer": True}}},
         "decoy": {"onnx": onnx, "policy": {"action": "decoy"}},
         "monitor": {"onnx": onnx, "policy": {"action": "monitor"}},
+        "noise": {"onnx": onnx, "policy": {"action": "noise", "noise_sigma": 0.15}},
+        "noise-faint": {"onnx": onnx, "policy": {"action": "noise", "noise_sigma": 1e-4}},
         "override": {"onnx": onnx, "policy": {"action": "ban", "rules": {"test.flagger": "monitor"}}},
     }
     with running_firewall(make_settings(models=models, throttle={"enabled": False})) as running:
@@ -94,20 +96,33 @@ def test_ban_by_peer_refuses_new_client_ids_from_the_address(client, clock, mnis
 def test_decoy_answers_a_constant_the_client_cannot_tell_apart(client, mnist_heldout):
     images, _ = mnist_heldout
     genuine = infer(client, "decoy", images[:20], "d1")
-    last = genuine[-1]
+    first = genuine[0]
+    assert len(set(genuine.tolist())) > 1  # the genuine answers vary
     decoys = [infer(client, "decoy", marked(images[i : i + 1]), "d1")[0] for i in range(20, 30)]
-    assert decoys == [last] * 10  # no signal: every flagged query gets the last genuine label
+    assert decoys == [first] * 10  # no signal: every flagged query gets the first label answered
     mixed = infer(client, "decoy", np.concatenate([images[30:32], marked(images[32:33])]), "d1")
     assert mixed[:2].tolist() == infer(client, "decoy", images[30:32], "d2").tolist()
-    assert mixed[2] == last
-    # The unflagged items of the mixed batch were genuine answers: the next decoy follows them.
-    assert infer(client, "decoy", marked(images[33:34]), "d1")[0] == mixed[1]
+    assert mixed[2] == first
+    # Later genuine answers never move the constant.
+    assert infer(client, "decoy", marked(images[33:34]), "d1")[0] == first
     # A client with no genuine answer yet gets a fixed label of its own: the same on every query,
     # and not one constant for everybody (ten clients all alike: chance 1e-9 with a keyed hash).
     fresh = {f"f{n}": {infer(client, "decoy", marked(images[i : i + 1]), f"f{n}")[0] for i in range(40, 43)} for n in range(10)}
     assert all(len(labels) == 1 for labels in fresh.values())
     own = [labels.pop() for labels in fresh.values()]
     assert len(set(own)) > 1 and all(0 <= label < 10 for label in own)
+
+
+def test_noise_answers_flagged_images_from_noisy_copies_drawn_anew(client, mnist_heldout):
+    images, _ = mnist_heldout
+    flagged = marked(images[:32])
+    model_says = infer(client, "monitor", flagged, "n0")
+    assert infer(client, "noise-faint", flagged, "n1").tolist() == model_says.tolist()  # faint noise: the model's label
+    loud = [infer(client, "noise", flagged, "n2") for _ in range(3)]
+    assert all((answers != model_says).sum() >= 4 for answers in loud)  # sigma 0.15 changes many labels
+    assert not np.array_equal(loud[0], loud[1]) and not np.array_equal(loud[1], loud[2])  # new noise each query
+    mixed = infer(client, "noise", np.concatenate([images[40:44], marked(images[44:45])]), "n3")
+    assert mixed[:4].tolist() == infer(client, "monitor", images[40:44], "n4").tolist()  # unflagged: genuine
 
 
 def test_a_finding_that_carries_an_answer_decoys_its_item_with_it(firewall, client, mnist_heldout):

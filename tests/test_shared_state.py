@@ -131,7 +131,7 @@ def answer(firewall: Firewall, pixels: np.ndarray, client_id: str) -> int:
 
 
 def test_decoys_agree_across_replicas(redis_server, images):
-    """A decoy is the client's last genuine label, else a label from a secret: both shared."""
+    """A decoy is the first label the client was answered, else a label from a secret: both shared."""
     with replicas(redis_server, models={"mnist": {"policy": {"action": "decoy"}}}) as (first, second):
         with with_stage(first, Flagger()), with_stage(second, Flagger()):
             for n in range(5):  # new clients: no genuine label yet, the secret decides

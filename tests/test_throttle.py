@@ -166,8 +166,8 @@ def test_token_bucket_arithmetic():
 def test_client_state_forgets_the_least_recently_seen():
     state = MemoryClientState(max_clients=3)
     for key in ("a", "b", "c"):
-        state.update(key, lambda record: record.last_labels.__setitem__("m", 1))
+        state.update(key, lambda record: record.first_labels.__setitem__("m", 1))
     state.update("a", lambda record: None)  # a is seen again
     state.update("d", lambda record: None)
-    assert len(state) == 3 and state.get("b") is None and state.get("a").last_labels == {"m": 1}
+    assert len(state) == 3 and state.get("b") is None and state.get("a").first_labels == {"m": 1}
     assert state.get("zzz") is None and len(state) == 3  # reading never creates

@@ -9,6 +9,11 @@ Label-only (decision-based) attacks, the threat the firewall is built for:
   (untargeted, k=200, query_limit = the budget).
 - GeoDA: Rahmati et al., "GeoDA: a geometric framework for black-box adversarial attacks", CVPR 2020
   (L2, DCT sub-space of 10x10, max_iter = the budget, at least 500).
+Disguised, to show that hiding queries from a stateful detector does not help: HopSkipJump whose
+every query is blinded with uniform noise in [-0.1, 0.1] (``hopskipjump-blinded``; the query
+blinding of Chen, Carlini & Wagner, "Stateful Detection of Black-Box Adversarial Attacks", 2019)
+or shifted by up to 2 pixels each way (``hopskipjump-shifted``). The attack reasons about its
+own points; the endpoint sees the disguised ones.
 Score-based, to show that label-only answers starve it:
 - SimBA: Guo et al., "Simple Black-box Adversarial Attacks", ICML 2019 (DCT basis, epsilon=0.2).
   A bare model returns scores, so SimBA climbs them; through the firewall it sees one-hot labels,
@@ -63,17 +68,38 @@ class _GeoDA(GeoDA):
             return super().generate(x, y, **kwargs)
 
 
+Disguise = Callable[[np.ndarray, np.random.Generator], np.ndarray]  # [C, H, W] in [0, 1] -> what is sent
+
+
+def blinded(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(x + rng.uniform(-0.1, 0.1, x.shape), 0.0, 1.0).astype(np.float32)
+
+
+def shifted(x: np.ndarray, rng: np.random.Generator, most: int = 2) -> np.ndarray:
+    dy, dx = (int(v) for v in rng.integers(-most, most + 1, size=2))
+    padded = np.pad(x, ((0, 0), (most, most), (most, most)), mode="edge")
+    height, width = x.shape[1:]
+    return np.ascontiguousarray(padded[:, most - dy : most - dy + height, most - dx : most - dx + width])
+
+
 @dataclass(frozen=True)
 class AttackSpec:
     name: str
     label_only: bool
     build: Callable[[BlackBoxClassifierNeuralNetwork, int], object]  # (classifier, query budget) -> ART attack
+    disguise: Disguise | None = None  # applied to every query before it is sent
 
 
 ATTACKS: dict[str, AttackSpec] = {
     spec.name: spec
     for spec in (
         AttackSpec("hopskipjump", True, lambda c, budget: HopSkipJump(c, targeted=False, norm=2, verbose=False)),
+        AttackSpec(
+            "hopskipjump-blinded", True, lambda c, budget: HopSkipJump(c, targeted=False, norm=2, verbose=False), blinded
+        ),
+        AttackSpec(
+            "hopskipjump-shifted", True, lambda c, budget: HopSkipJump(c, targeted=False, norm=2, verbose=False), shifted
+        ),
         AttackSpec("boundary", True, lambda c, budget: BoundaryAttack(c, targeted=False, verbose=False)),
         AttackSpec(
             "signopt", True, lambda c, budget: SignOPTAttack(c, targeted=False, query_limit=budget, verbose=False)
@@ -108,8 +134,12 @@ class Oracle:
         nb_classes: int,
         scores: bool,
         max_l2: float,
+        disguise: Disguise | None = None,
+        seed: int = 0,
     ):
         self.endpoint = endpoint
+        self.disguise = disguise
+        self.rng = np.random.default_rng(seed)
         self.live_ids = list(client_ids)
         self.budget = budget
         self.original = original  # float32 [C, H, W] in [0, 1]
@@ -143,7 +173,8 @@ class Oracle:
             client_id = self.live_ids[self.turn % len(self.live_ids)]
             self.turn += 1
             self.sent.append((client_id, time.time()))
-            request = self.endpoint.request(x.transpose(1, 2, 0)[None])
+            sent = x if self.disguise is None else self.disguise(x, self.rng)
+            request = self.endpoint.request(sent.transpose(1, 2, 0)[None])
             try:
                 answer, throttled = self.endpoint.send_patiently(request, client_id)
             except Refusal:
@@ -206,7 +237,9 @@ def run_attack(
 ) -> AttackRun:
     """One attack on one image (uint8 [H, W, C]) through ``endpoint``, from ``client_ids``."""
     original = image.transpose(2, 0, 1).astype(np.float32) / 255.0
-    oracle = Oracle(endpoint, client_ids, budget, original, label, nb_classes, not spec.label_only, max_l2)
+    oracle = Oracle(
+        endpoint, client_ids, budget, original, label, nb_classes, not spec.label_only, max_l2, spec.disguise, image_index
+    )
     run = AttackRun(spec.name, endpoint_name, image_index, label, list(client_ids))
     try:
         clean = oracle(original[None])[0]  # the attacker first checks the clean image's label
