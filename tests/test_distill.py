@@ -1,4 +1,4 @@
-"""Defensive distillation (`firewall distill`, MNIST and CIFAR-10 recipes) and the bundled distilled MNIST model behind the firewall."""
+"""Defensive distillation (`firewall distill`) and the bundled distilled models behind the firewall."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from models.runtime import OnnxClassifier, bundled_model_path
 from models.training import export_onnx, seed_everything
 from tests.conftest import FIXTURES, address, make_settings, running_firewall, uint8_input
 
-DISTILLED = bundled_model_path("mnist").with_name("distilled.onnx")
+DISTILLED = {name: bundled_model_path(name).with_name("distilled.onnx") for name in ("mnist", "cifar10")}
 TRAIN = 640  # fixture digits the test student learns from; the rest of the fixture measures it
 
 
@@ -92,26 +92,33 @@ def test_a_short_cifar10_distillation_trains_a_colour_student_with_dropout(tmp_p
     assert losses[-1] < 0.97 * losses[0], losses  # it moves towards the teacher's soft labels (measured: 0.95)
 
 
-def test_the_bundled_distilled_model_keeps_dropout_and_is_accurate(mnist_heldout):
-    images, labels = mnist_heldout
-    assert [node.op_type for node in onnx.load(str(DISTILLED)).graph.node].count("Dropout") == 3
-    assert measure_accuracy(OnnxClassifier(DISTILLED), images, labels) >= 0.985
+def fixture_split(name: str, mnist_heldout, cifar10_fixture) -> tuple[np.ndarray, np.ndarray]:
+    return mnist_heldout if name == "mnist" else cifar10_fixture
 
 
-def test_serving_the_distilled_model_takes_its_calibration_beside_it(tmp_path: Path):
-    served = Settings(models={"mnist": {"onnx": str(DISTILLED)}}).models["mnist"]
+@pytest.mark.parametrize(("name", "least"), [("mnist", 0.985), ("cifar10", 0.8)])  # teachers: 0.997, 0.89
+def test_the_bundled_distilled_models_keep_dropout_and_are_accurate(name, least, mnist_heldout, cifar10_fixture):
+    images, labels = fixture_split(name, mnist_heldout, cifar10_fixture)
+    assert [node.op_type for node in onnx.load(str(DISTILLED[name])).graph.node].count("Dropout") == 3
+    assert measure_accuracy(OnnxClassifier(DISTILLED[name]), images, labels) >= least
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_serving_a_distilled_model_takes_its_calibration_beside_it(tmp_path: Path, name: str):
+    served = Settings(models={name: {"onnx": str(DISTILLED[name])}}).models[name]
     assert [d.kind for d in served.detectors] == ["probing", "uncertainty", "squeeze"]
-    bundled = Settings(models={"mnist": {}}).models["mnist"]
+    bundled = Settings(models={name: {}}).models[name]
     assert served.detectors[1].threshold != bundled.detectors[1].threshold  # its own, not the teacher's
-    copy = shutil.copy(DISTILLED, tmp_path / "copy.onnx")  # nothing calibrated beside it
-    assert Settings(models={"mnist": {"onnx": str(copy)}}).models["mnist"].detectors == []
+    copy = shutil.copy(DISTILLED[name], tmp_path / "copy.onnx")  # nothing calibrated beside it
+    assert Settings(models={name: {"onnx": str(copy)}}).models[name].detectors == []
 
 
-def test_the_firewall_serves_the_distilled_model_accurately_with_its_detectors(mnist_heldout):
-    images, labels = mnist_heldout
+@pytest.mark.parametrize(("name", "least"), [("mnist", 62), ("cifar10", 48)])
+def test_the_firewall_serves_a_distilled_model_accurately_with_its_detectors(name, least, mnist_heldout, cifar10_fixture):
+    images, labels = fixture_split(name, mnist_heldout, cifar10_fixture)
     listeners = make_settings().model_dump(include={"listen", "http_listen", "metrics_listen", "admin"})
-    settings = Settings(**listeners, models={"mnist": {"onnx": str(DISTILLED)}})  # the documented switch
-    assert len(settings.models["mnist"].detectors) == 3
+    settings = Settings(**listeners, models={name: {"onnx": str(DISTILLED[name])}})  # the documented switch
+    assert len(settings.models[name].detectors) == 3
     with running_firewall(settings) as firewall, triton.InferenceServerClient(address(firewall)) as client:
-        answers = client.infer("mnist", [uint8_input(images[:64])]).as_numpy("label")
-    assert (answers == labels[:64]).sum() >= 62
+        answers = client.infer(name, [uint8_input(images[:64])]).as_numpy("label")
+    assert (answers == labels[:64]).sum() >= least
