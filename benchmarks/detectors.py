@@ -16,10 +16,11 @@ real endpoint by ``firewall evaluate`` instead. Sections:
   crafted images, and how often it alerts benign clients. Crafted: FGSM, PGD and Carlini-Wagner L2
   made on an attacker's own surrogate and transferred (MNIST: ``tests/surrogate.py``'s fixture;
   CIFAR-10: white-box on the protected model, as no surrogate is bundled), each client sending 20
-  in random order; images until the first ``uncertainty`` or ``squeeze`` finding. Benign: the
-  held-out images dealt to clients of ``--client-images`` distinct images, dealt again in a new
-  order for each round (a fresh firewall state per round), through probing (which marks new
-  content), uncertainty and squeeze; clients with any warning-level finding.
+  in random order; images until the first ``uncertainty``, ``squeeze`` or ``adversarial`` (when
+  calibrated) finding. Benign: the held-out images dealt to clients of ``--client-images``
+  distinct images, dealt again in a new order for each round (a fresh firewall state per round),
+  through probing (which marks new content) and the per-image detectors; clients with any
+  warning-level finding.
 """
 
 from __future__ import annotations
@@ -127,6 +128,8 @@ def latency(name: str, data: Path, queries: int = 500) -> dict:
     timed("predict", lambda ctx: shared_forward(ctx, model))
     timed("squeeze", detectors["squeeze"].build(model))
     timed(f"uncertainty ({detectors['uncertainty'].passes} passes)", detectors["uncertainty"].build(model))
+    if "adversarial" in detectors:
+        timed("adversarial", detectors["adversarial"].build(model))
     progress(f"filling a probing history with {WINDOW:,} queries")
     stage = full_probing_stage(model, sanitizer, detectors["probing"], images)
     timed(f"probing ({WINDOW:,} queries, {TRACKED_CLIENTS:,} clients)", stage)
@@ -187,13 +190,16 @@ def crafted_sets(name: str, model: OnnxClassifier, x: np.ndarray) -> dict[str, n
     }
 
 
+PER_IMAGE_RULES = ("uncertainty", "squeeze", "adversarial")
+
+
 def per_image_stages(model: OnnxClassifier, detectors: dict[str, DetectorConfig]) -> list:
-    return [detectors[kind].build(model) for kind in ("probing", "uncertainty", "squeeze")]
+    return [detectors[kind].build(model) for kind in ("probing", *PER_IMAGE_RULES) if kind in detectors]
 
 
 def warned(stages: list, ctx: RequestContext) -> bool:
     findings = [finding for stage in stages for finding in stage(ctx)]
-    return any(finding.rule in ("uncertainty", "squeeze") for finding in findings)
+    return any(finding.rule in PER_IMAGE_RULES for finding in findings)
 
 
 def evidence(name: str, data: Path, attack_images: int, rounds: int, client_images: int) -> dict:

@@ -113,7 +113,7 @@ class OnnxTorchModule(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values = dict(self.constants)
-        values[self.input_name] = x
+        values[self.input_name] = x.float()  # ART's black-box attacks start from float64 noise
         for node in self.graph.node:
             if node.op_type == "Constant":
                 continue

@@ -10,8 +10,9 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
+from detectors.adversarial import AdversarialConfig
 from detectors.probing import ProbingConfig
 from detectors.squeeze import SqueezeConfig
 from detectors.uncertainty import UncertaintyConfig
 
-DetectorConfig = Annotated[Union[ProbingConfig, UncertaintyConfig, SqueezeConfig], Field(discriminator="kind")]
+DetectorConfig = Annotated[Union[ProbingConfig, UncertaintyConfig, SqueezeConfig, AdversarialConfig], Field(discriminator="kind")]

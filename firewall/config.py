@@ -18,7 +18,7 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, PositiveFloat, PositiveInt, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from detectors.registry import DetectorConfig
@@ -113,7 +113,7 @@ class PolicyConfig(Strict):
     # calibrated benign 5 %: worth an alert, not a changed answer. An address may be a NAT or proxy
     # in front of many benign users: its evidence alerts only.
     rules: dict[str, Action] = Field(
-        {"uncertainty": "monitor", "squeeze": "monitor", "probing.address": "monitor"},
+        {"uncertainty": "monitor", "squeeze": "monitor", "adversarial": "monitor", "probing.address": "monitor"},
         description="per-rule overrides of `action`, by rule name",
     )
     ban: BanConfig = Field(BanConfig(), description="ban durations")
@@ -199,6 +199,22 @@ class ListenerTLS(Strict):
         if self.trusted_proxies and self.client_ca is None:
             raise ValueError("tls.trusted_proxies: requires tls.client_ca (mutual TLS)")
         return self
+
+
+class ForwardedConfig(Strict):
+    """Clients behind reverse proxies or load balancers (firewall/forwarded.py). Only a request whose
+    connection comes from ``trusted_proxies`` has its client address read from ``header`` (the
+    right-most hop that is not a trusted proxy); from any other peer the header is ignored. The
+    address keys the per-address buckets, shares, refusal budgets, bans and alerts' ``source.ip``.
+    Name only proxies that overwrite or append to the header: whatever a client sends through
+    another proxy is believed."""
+
+    trusted_proxies: list[IPvAnyNetwork] = Field(
+        [], description="addresses or networks (10.0.0.0/8) of the proxies in front of the firewall; empty: headers ignored"
+    )
+    header: Literal["x-forwarded-for", "forwarded"] = Field(
+        "x-forwarded-for", description="the header (gRPC metadata key) the proxies write: X-Forwarded-For, or RFC 7239 Forwarded"
+    )
 
 
 class RedisTLS(Strict):
@@ -293,6 +309,7 @@ class Settings(BaseSettings):
     metrics_listen: str = Field("0.0.0.0:9108", description="HOST:PORT of the Prometheus endpoint")
     client_id_header: str = Field("x-client-id", description="request header naming the client; the peer address without it")
     tls: ListenerTLS | None = Field(None, description="TLS on the gRPC and HTTP listeners (default: plaintext)")
+    forwarded: ForwardedConfig = Field(ForwardedConfig(), description="the client's address behind trusted reverse proxies")
     admin: AdminConfig = Field(AdminConfig(), description="the operators' endpoint")
     throttle: ThrottleConfig = Field(ThrottleConfig(), description="token buckets per client and per address")
     state: StateConfig = Field(StateConfig(), description="where state that outlives a request lives: memory, or Redis shared by replicas")
@@ -307,13 +324,26 @@ class Settings(BaseSettings):
     )
     max_message_bytes: PositiveInt = Field(16 * 1024 * 1024, description="largest gRPC message")
     max_concurrent_requests: PositiveInt = Field(64, description="requests in flight; beyond it RESOURCE_EXHAUSTED, never a queue")
+    max_streams_per_connection: PositiveInt = Field(
+        32, description="gRPC calls open at once on one connection (HTTP/2 streams); more wait in the client"
+    )
     max_requests_per_client: PositiveInt = Field(8, description="requests in flight at once per client id")
     max_requests_per_address: PositiveInt = Field(48, description="requests in flight at once per source address")
+    max_new_client_requests: PositiveInt | None = Field(
+        None,
+        description="requests in flight at once from ids first seen in that request (default: half of max_concurrent_requests); "
+        "the rest is kept for clients already known",
+    )
     max_decoding_bytes: PositiveInt = Field(
         512 * 1024 * 1024, description="decoded image bytes held by requests in flight, server-wide"
     )
     heavy_request_bytes: PositiveInt = Field(4 * 1024 * 1024, description="a request decoding more is heavy")
     max_heavy_requests: PositiveInt | None = Field(None, description="heavy requests at once (default: half the workers)")
+    request_timeout_s: PositiveFloat = Field(
+        10.0,
+        description="longest a request waits for a worker, then it is dropped; sooner when the client's gRPC deadline "
+        "or the request's `timeout` parameter (microseconds, as Triton's clients send it) says so",
+    )
     workers: PositiveInt = Field(8, description="threads running the pipeline")
     shutdown_grace_s: PositiveFloat = Field(10.0, description="on SIGTERM, in-flight calls may finish within this")
     snapshot_dir: Path | None = Field(

@@ -29,6 +29,13 @@ class InvalidInput(Rejection):
         self.public_message = detail
 
 
+class TooLarge(Rejection):
+    """A message over ``max_message_bytes``. The message names no limit (gRPC core's own would)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    public_message = "request too large"
+
+
 class UnknownModel(Rejection):
     code = grpc.StatusCode.NOT_FOUND
     public_message = "unknown model"
@@ -46,6 +53,10 @@ class Banned(Refused):
 class Throttled(Rejection):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     public_message = "too many requests"
+
+
+class Expired(Throttled):
+    """Dropped before a worker took it: the request's deadline passed while it was queued."""
 
 
 class Unavailable(Rejection):

@@ -22,6 +22,11 @@ Bodies are bounded before the request path's own admission sees them: at most
 ``max_concurrent_requests`` inference bodies are read at once (beyond: 429 at once, counted as
 throttled), and JSON is parsed on two threads of its own, so a large JSON body never stalls the
 event loop that both bindings share.
+
+Deadlines as on gRPC: the request's ``timeout`` parameter (microseconds, Triton's request timeout)
+or else ``request_timeout_s`` bounds how long it may wait for a worker, and a client that closes
+its connection cancels its request (the server runs with aiohttp's handler cancellation), so work
+no worker has taken yet is dropped and counted (outcome ``abandoned``).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import numpy as np
 from aiohttp import web
 
 from firewall.config import ListenerTLS
-from firewall.errors import InvalidInput, Rejection, Throttled
+from firewall.errors import InvalidInput, Rejection, Throttled, TooLarge
 from firewall.protocol import pb
 from firewall.service import InferenceService
 
@@ -134,7 +139,8 @@ class Routes:
         finally:
             self.bodies -= 1
         claimed = request.headers.get(self.service.settings.client_id_header)
-        identity = self.service.identify(request.remote or "", claimed, certificate_identity(request))
+        forwarded = request.headers.getall(self.service.forwarded.header, [])
+        identity = self.service.identify(request.remote or "", claimed, certificate_identity(request), forwarded)
         response = await self.service.infer(message, identity)
         return infer_response(response, header)
 
@@ -185,6 +191,11 @@ def infer_request(model: str, header: dict[str, Any], binary: bytes) -> pb.Model
             message.raw_input_contents.append(raw)
     if offset != len(binary):
         raise InvalidInput("binary data left over after the inputs")
+    timeout = _parameters(header).get("timeout")  # Triton's request timeout, in microseconds
+    if timeout is not None:
+        if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 <= timeout < 2**63:
+            raise InvalidInput("timeout must be a whole number of microseconds")
+        message.parameters["timeout"].int64_param = timeout
     outputs = header.get("outputs", [])
     if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
         raise InvalidInput("outputs must be a list of objects with a name")
@@ -291,10 +302,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure as ``{"error": message}``: the service's generic messages, or HTTP's own."""
     try:
         return await handler(request)
+    except TooLarge as rejection:
+        return web.json_response({"error": rejection.public_message}, status=413)
     except Rejection as rejection:
         return web.json_response({"error": rejection.public_message}, status=STATUS.get(rejection.code, 500))
     except web.HTTPRequestEntityTooLarge:
-        return web.json_response({"error": "request too large"}, status=413)
+        return web.json_response({"error": TooLarge.public_message}, status=413)
     except web.HTTPException as error:  # unknown path, wrong method
         return web.json_response({"error": error.reason.lower()}, status=error.status)
 

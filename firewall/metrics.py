@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from firewall.errors import Banned, InvalidInput, Refused, Rejection, Throttled, Unavailable, UnknownModel
+from firewall.errors import Banned, Expired, InvalidInput, Refused, Rejection, Throttled, TooLarge, Unavailable, UnknownModel
 from firewall.pipeline import ModelPipeline
 from firewall.state import ClientState
 
@@ -34,15 +34,18 @@ OUTCOMES = (
     "rejected",  # findings, refused (policy reject)
     "banned",  # findings that started a ban, or a request refused by an active ban
     "throttled",  # refused by a token bucket or the concurrency cap
-    "invalid",  # bad input or unknown model
+    "abandoned",  # dropped before a worker took it: its deadline passed, or its client went away
+    "invalid",  # bad input, a message too large, or unknown model
     "unavailable",  # the model server could not answer (down, timed out, circuit open)
     "failed",  # an internal error
 )
 REFUSAL_OUTCOMES = (
     (Banned, "banned"),
     (Refused, "rejected"),
+    (Expired, "abandoned"),
     (Throttled, "throttled"),
     (InvalidInput, "invalid"),
+    (TooLarge, "invalid"),
     (UnknownModel, "invalid"),
     (Unavailable, "unavailable"),
 )

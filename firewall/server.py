@@ -58,6 +58,11 @@ READINESS_INTERVAL_S = 0.5
 CLIENT_SNAPSHOT = "clients.json"
 
 
+def transport_ceiling(max_message_bytes: int) -> int:
+    """gRPC core's receive limit: what a connection may make the server buffer for one message."""
+    return min(2 * max_message_bytes, 2**31 - 1)
+
+
 class StartupError(Exception):
     """The firewall cannot start; the message is the one line the operator sees."""
 
@@ -147,8 +152,17 @@ class Firewall:
         self.health = HealthServicer()
         options = [
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            # gRPC core's own refusal states its limit ("Received message larger than max (N vs. M)"):
+            # its limit is set above ours, so a message over ``max_message_bytes`` is refused by the
+            # request path with a message that names none; only one over the ceiling reaches core's.
+            ("grpc.max_receive_message_length", transport_ceiling(settings.max_message_bytes)),
             ("grpc.so_reuseport", 0),  # a taken port fails here instead of being shared silently
+            # HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS: calls beyond it wait in the client, so one
+            # connection cannot fill the queue of calls that wait for the event loop ahead of others'.
+            ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+            # Count open streams as HTTP/2 does: with core's default "overload protection", streams a
+            # client opened before it read the limit are reset (REFUSED_STREAM) and its calls fail.
+            ("grpc.http.overload_protection", 0),
         ]
         self.server = grpc.aio.server(options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, self.server)
@@ -171,6 +185,7 @@ class Firewall:
             http.application(self.service, settings.max_message_bytes, settings.max_concurrent_requests),
             access_log=None,
             shutdown_timeout=settings.shutdown_grace_s,
+            handler_cancellation=True,  # a closed connection cancels its request: queued work is dropped
         )
         self.admin: grpc.aio.Server | None = None
         self.admin_port: int | None = None  # 0 for a unix socket

@@ -9,8 +9,11 @@ sanitizing, detectors, the model) runs in one call on a bounded worker pool. Adm
 on the event loop before any work is queued, so hostile load cannot grow a queue, in this order:
 bans (read only), the address's bucket (every request, valid or not), the model name, the cheap
 checks of the codec (shapes, sizes, image headers: nothing decoded), the client's bucket (only now
-is a client record created), the in-flight shares and the decoding budget. Work whose client
-deadline has passed by the time a worker takes it is dropped. After a request that decoded more
+is a client record created), the in-flight shares and the decoding budget. A free worker takes
+established clients' work before fresh ids' (firewall/scheduler.py). Work whose deadline
+(``request_timeout_s``, or the client's own if sooner) has passed by the time a worker takes it,
+or whose client has gone (a cancelled call, a closed HTTP connection), is dropped and counted
+(outcome ``abandoned``). After a request that decoded more
 than ``heavy_request_bytes`` the freed memory is handed back to the system (``malloc_trim``).
 """
 
@@ -26,21 +29,23 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import structlog
 
 from firewall import codec, statistics
 from firewall.config import Settings
-from firewall.errors import Banned, InvalidInput, Refused, Rejection, Throttled, UnknownModel
+from firewall.errors import Banned, Expired, InvalidInput, Refused, Rejection, TooLarge, UnknownModel
+from firewall.forwarded import ForwardedAddress
 from firewall.logs import refusal_level, rejection_fields, request_fields
 from firewall.metrics import Metrics, refusal_outcome
 from firewall.pacing import Pacer
 from firewall.pipeline import ModelPipeline
 from firewall.policy import ResponsePolicy
 from firewall.protocol import pb, pb_grpc
+from firewall.scheduler import PriorityExecutor
 from firewall.stage import RequestContext
-from firewall.throttle import Admission, InFlight, request_cost
+from firewall.throttle import Admission, InFlight, Ticket, request_cost
 from firewall.tls import TrustedProxies, certificate_identity
 
 log = structlog.get_logger("firewall")
@@ -96,7 +101,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.pacer = Pacer()
         self.metrics = metrics
         self.trusted_proxies = TrustedProxies(settings.tls.trusted_proxies if settings.tls else [])
-        self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="pipeline")
+        self.mutual_tls = settings.tls is not None and settings.tls.client_ca is not None
+        self.forwarded = ForwardedAddress(settings.forwarded.trusted_proxies, settings.forwarded.header)
+        self.executor = PriorityExecutor(settings.workers, thread_name_prefix="pipeline")
         # Readiness checks never wait behind pipeline work (a hung upstream can hold every worker).
         self.probe_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="probe")
         self.in_flight = InFlight(
@@ -106,6 +113,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             max_decoding_bytes=settings.max_decoding_bytes,
             heavy_request_bytes=settings.heavy_request_bytes,
             max_heavy=settings.max_heavy_requests or max(1, settings.workers // 2),
+            max_new=settings.max_new_client_requests or max(1, settings.max_concurrent_requests // 2),
         )
         self.signatures = {name: codec.signature(p.classifier) for name, p in pipelines.items()}
         self.statistics = {name: statistics.ModelStatistics() for name in pipelines}
@@ -232,16 +240,21 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 )
 
     async def _grpc_infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        claimed = dict(context.invocation_metadata() or ()).get(self.settings.client_id_header)
-        identity = self.identify(peer_address(context.peer()), claimed, certificate_identity(context))
+        metadata = context.invocation_metadata() or ()
+        claimed = dict(metadata).get(self.settings.client_id_header)
+        forwarded = [value for key, value in metadata if key == self.forwarded.header]
+        certified = certificate_identity(context) if self.mutual_tls else None  # costly: only where there can be one
+        identity = self.identify(peer_address(context.peer()), claimed, certified, forwarded)
         return await self.infer(request, identity, context.time_remaining())
 
     # -- the request path both bindings share --------------------------------------------------
 
-    def identify(self, peer: str, claimed: str | None, certified: str | None) -> Identity:
-        """Who is calling: the claimed client id header, else the certificate (mutual TLS), else the address."""
+    def identify(self, peer: str, claimed: str | None, certified: str | None, forwarded: Sequence[str]) -> Identity:
+        """Who is calling: the claimed client id header, else the certificate (mutual TLS), else the
+        address; the address is the forwarded one when ``peer`` is a trusted proxy (firewall/forwarded.py)."""
         if certified is not None and not self.trusted_proxies.trusts(peer, certified):
             claimed = None  # with mutual TLS only a trusted proxy speaks for another client
+        peer = self.forwarded.client(peer, forwarded)
         if claimed is None:
             return Identity(client_id=certified or peer, peer=peer)
         if not claimed or len(claimed) > MAX_CLIENT_ID_LENGTH or not claimed.isprintable():
@@ -251,10 +264,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def infer(
         self, request: pb.ModelInferRequest, identity: Identity, time_remaining: float | None = None
     ) -> pb.ModelInferResponse:
-        """Admit, inspect and answer one inference request; raises ``Rejection`` with the client's status."""
+        """Admit, inspect and answer one inference request; raises ``Rejection`` with the client's status.
+
+        ``time_remaining``: the transport's deadline (gRPC). If the client goes away (the task is
+        cancelled), work that no worker has taken yet is dropped.
+        """
         request_id = uuid.uuid4().hex
         started = time.perf_counter_ns()
-        deadline = None if time_remaining is None else time.monotonic() + time_remaining
+        deadline = self.deadline(request, time_remaining)
         pipeline = self.pipelines.get(request.model_name)
         model = pipeline.name if pipeline else ""  # metric labels never take a client's string
         self.metrics.requests.labels(model).inc()
@@ -265,26 +282,32 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 await self.admission.admit_address(identity.client_id, identity.peer, cost)  # unknown models and invalid input pay too
                 if pipeline is None:
                     raise UnknownModel(f"model {request.model_name!r} is not protected here")
+                if request.ByteSize() > self.settings.max_message_bytes:
+                    raise TooLarge(f"message of {request.ByteSize()} bytes")
                 # invalid input creates no client record
                 plan = codec.plan_request(request, pipeline.limits, self.signatures[pipeline.name])
                 created = await self.admission.charge_client(identity.client_id, cost)
                 try:
-                    ticket = self.in_flight.enter(identity.client_id, identity.peer, plan.decoded_bytes)
+                    ticket = self.in_flight.enter(identity.client_id, identity.peer, plan.decoded_bytes, created)
                 except Rejection:
                     if created:
                         self.admission.state.discard(identity.client_id)
                     raise
+                handle = contextvars.copy_context().run  # the worker logs with this request's fields
+                queued = time.perf_counter_ns()
+                work = self.executor.submit(ticket.priority, handle, self._handle, pipeline, request, plan, identity, request_id, deadline)
                 try:
-                    loop = asyncio.get_running_loop()
-                    handle = contextvars.copy_context().run  # the worker logs with this request's fields
-                    queued = time.perf_counter_ns()
-                    response, began = await loop.run_in_executor(
-                        self.executor, handle, self._handle, pipeline, request, plan, identity, request_id, deadline
-                    )
+                    response, began = await asyncio.wrap_future(work)
                     done = time.perf_counter_ns()
                     self.statistics[pipeline.name].answered(plan.batch, done - started, began - queued, done - began)
                     self.pacer.record((done - started) / 1e9)
                     return response
+                except asyncio.CancelledError:  # the client went away (disconnected, cancelled, past its deadline)
+                    if work.cancel():  # no worker had taken it: dropped
+                        self._failed(pipeline, started)
+                        self.metrics.decisions.labels(model, "abandoned").inc()
+                        log.debug("request.abandoned")
+                    raise
                 except InvalidInput:
                     if created:
                         self.admission.state.discard(identity.client_id)
@@ -294,9 +317,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     self.pacer.record((time.perf_counter_ns() - started) / 1e9)
                     raise
                 finally:
-                    self.in_flight.leave(ticket)
-                    if ticket.heavy:
-                        release_memory()
+                    if work.done():
+                        self._leave(ticket)
+                    else:  # a worker still runs it: its share is held until it ends
+                        loop = asyncio.get_running_loop()
+                        work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._leave, ticket))
             except Rejection as rejection:
                 self._failed(pipeline, started)
                 self.metrics.decisions.labels(model, refusal_outcome(rejection)).inc()
@@ -310,6 +335,23 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 log.exception("request.failed")
                 raise Rejection("unexpected error") from None
 
+    def deadline(self, request: pb.ModelInferRequest, time_remaining: float | None) -> float:
+        """When the answer stops being wanted (``time.monotonic``): ``request_timeout_s`` from now, or
+        sooner when the client says so with the transport's deadline or the request's ``timeout``
+        parameter (microseconds, as Triton's clients send it)."""
+        limits = [self.settings.request_timeout_s]
+        if time_remaining is not None:
+            limits.append(time_remaining)
+        timeout = request.parameters.get("timeout")
+        if timeout is not None and timeout.WhichOneof("parameter_choice") == "int64_param" and timeout.int64_param > 0:
+            limits.append(timeout.int64_param / 1e6)
+        return time.monotonic() + min(limits)
+
+    def _leave(self, ticket: Ticket) -> None:
+        self.in_flight.leave(ticket)
+        if ticket.heavy:
+            release_memory()
+
     def _failed(self, pipeline: ModelPipeline | None, started: int) -> None:
         if pipeline is not None:
             self.statistics[pipeline.name].failed(time.perf_counter_ns() - started)
@@ -321,11 +363,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         plan: codec.Plan,
         identity: Identity,
         request_id: str,
-        deadline: float | None = None,
+        deadline: float,
     ) -> tuple[pb.ModelInferResponse, int]:
         began = time.perf_counter_ns()
-        if deadline is not None and time.monotonic() > deadline:
-            raise Throttled("client deadline passed while queued")  # nobody is waiting for the answer
+        if time.monotonic() > deadline:
+            raise Expired("deadline passed while queued")  # nobody is waiting for the answer any more
         decoded = codec.decode_plan(plan, pipeline.limits)
         ctx = RequestContext(
             request_id=request_id,
@@ -344,7 +386,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return response, began
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.executor.shutdown()
         self.probe_executor.shutdown(wait=True, cancel_futures=True)
         for pipeline in self.pipelines.values():
             pipeline.close()

@@ -24,7 +24,9 @@ shared by every replica (``firewall.redis_state``), where each decision is one L
 server-wide budget of bytes being decoded at once, and a cap on "heavy" requests (more than
 ``heavy_request_bytes`` decoded) so that large images can never occupy every worker. Beyond any of
 them the request is refused at once with RESOURCE_EXHAUSTED: there is never a queue that outlives
-a client's deadline.
+a client's deadline. Ids first seen in the request (the record was created by it) may hold at most
+``max_new_client_requests`` of the slots, so a flood of fresh ids always leaves room for clients
+already known, and their work waits behind established clients' (firewall/scheduler.py).
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ class Ticket:
     peer: str
     decoded_bytes: int
     heavy: bool
+    new: bool  # the client id was first seen in this request
+    priority: tuple[int, int]  # which waiting request a free worker takes first (firewall/scheduler.py)
 
 
 class InFlight:
@@ -97,19 +101,23 @@ class InFlight:
         max_decoding_bytes: int,
         heavy_request_bytes: int,
         max_heavy: int,
+        max_new: int,
     ):
-        self.total, self.per_client, self.per_address = total, per_client, per_address
+        self.total, self.per_client, self.per_address, self.max_new = total, per_client, per_address, max_new
         self.max_decoding_bytes, self.heavy_request_bytes, self.max_heavy = max_decoding_bytes, heavy_request_bytes, max_heavy
         self.count = 0
         self.decoding_bytes = 0
         self.heavy = 0
+        self.new = 0
         self.clients: dict[str, int] = {}
         self.addresses: dict[str, int] = {}
 
-    def enter(self, client_id: str, peer: str, decoded_bytes: int) -> Ticket:
+    def enter(self, client_id: str, peer: str, decoded_bytes: int, new: bool) -> Ticket:
         heavy = decoded_bytes > self.heavy_request_bytes
         if self.count >= self.total:
             raise Throttled("global concurrency cap reached")
+        if new and self.new >= self.max_new:
+            raise Throttled("share of new clients reached")
         if self.clients.get(client_id, 0) >= self.per_client:
             raise Throttled("client concurrency share reached")
         if self.addresses.get(peer, 0) >= self.per_address:
@@ -121,14 +129,17 @@ class InFlight:
         self.count += 1
         self.decoding_bytes += decoded_bytes
         self.heavy += heavy
+        self.new += new
         self.clients[client_id] = self.clients.get(client_id, 0) + 1
         self.addresses[peer] = self.addresses.get(peer, 0) + 1
-        return Ticket(client_id, peer, decoded_bytes, heavy)
+        # Established clients first, then the client with the fewest requests in flight.
+        return Ticket(client_id, peer, decoded_bytes, heavy, new, (int(new), self.clients[client_id]))
 
     def leave(self, ticket: Ticket) -> None:
         self.count -= 1
         self.decoding_bytes -= ticket.decoded_bytes
         self.heavy -= ticket.heavy
+        self.new -= ticket.new
         for table, key in ((self.clients, ticket.client_id), (self.addresses, ticket.peer)):
             if table[key] <= 1:
                 del table[key]

@@ -95,15 +95,17 @@ class Gate:
 
 
 class Recorder:
-    """Records the client id of every request (to observe identification)."""
+    """Records the client id and source address of every request (to observe identification)."""
 
     name = "recorder"
 
     def __init__(self):
         self.client_ids: list[str] = []
+        self.peers: list[str] = []
 
     def __call__(self, ctx: RequestContext) -> list[Finding]:
         self.client_ids.append(ctx.client_id)
+        self.peers.append(ctx.peer)
         return []
 
 

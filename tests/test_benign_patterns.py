@@ -185,9 +185,9 @@ def test_every_pattern_is_answered_by_the_default_firewall_without_refusal_or_wa
             ids = run_distinct_ids(endpoint, distinct_ids(*heldout, ids=20, seed=1), "ids", workers=4).summary()
             assert ids["clients"] == 20 and ids["refused_clients"] == 0 and ids["accuracy"] >= 0.9
             assert ids["first_pass_clients"] == 20 and ids["first_pass_refused_share"] == 0.0
-            firewall.service.pipelines["mnist"].settle()  # uncertainty and squeeze run after the answer
+            firewall.service.pipelines["mnist"].settle()  # the per-image detectors run after the answer
             registry = firewall.service.metrics.registry
-            for rule in ("probing.client", "probing.address", "uncertainty", "squeeze"):
+            for rule in ("probing.client", "probing.address", "uncertainty", "squeeze", "adversarial"):
                 labels = {"model": "mnist", "rule": rule}
                 assert (registry.get_sample_value("firewall_findings_total", labels) or 0.0) == 0.0, rule
         finally:

@@ -10,7 +10,7 @@ import numpy as np
 import yaml
 from pydantic import TypeAdapter
 
-from detectors.calibration import _lower_threshold, _upper_threshold, configure_cli, load_benign_images, run_cli
+from detectors.calibration import _lower_threshold, _upper_threshold, benign_reencodings, configure_cli, load_benign_images, run_cli
 from detectors.registry import DetectorConfig
 from detectors.sanitizer import Sanitizer, SanitizerConfig
 from detectors.squeeze import squeeze_scores
@@ -54,12 +54,13 @@ def test_calibrate_writes_thresholds_the_service_config_accepts(tmp_path: Path, 
     out = tmp_path / "thresholds.yaml"
     assert cli("--model", "mnist", "--data", str(folder), "--out", str(out)) == 0
     document = yaml.safe_load(out.read_text())
-    probing, uncertainty, squeeze = TypeAdapter(list[DetectorConfig]).validate_python(document["detectors"])
-    assert (probing.kind, uncertainty.kind, squeeze.kind) == ("probing", "uncertainty", "squeeze")
+    probing, uncertainty, squeeze, adversarial = TypeAdapter(list[DetectorConfig]).validate_python(document["detectors"])
+    assert [d.kind for d in (probing, uncertainty, squeeze, adversarial)] == ["probing", "uncertainty", "squeeze", "adversarial"]
     report = document["calibration"]["report"]
     printed = capsys.readouterr().out  # the report as YAML, then where it went: no Python reprs
     assert yaml.safe_load(printed.rsplit("wrote ", 1)[0]) == {"report": report} and printed.endswith(f"wrote {out}\n")
     assert report["uncertainty"]["false_positive_rate"] <= 0.05 and report["squeeze"]["false_positive_rate"] <= 0.05
+    assert max(report["adversarial"]["false_positive_rate"].values()) == 0.05  # the most flagged re-encoding sets it
     assert report["probing"]["evidence_rate"]["distinct_in_order"] <= 0.0005
     # the written thresholds hold on images they were not calibrated on
     model = OnnxClassifier(bundled_model_path("mnist"))
@@ -72,7 +73,12 @@ def test_calibrate_writes_thresholds_the_service_config_accepts(tmp_path: Path, 
     # switched off) nor one that flags a large share passes.
     uncertain = np.mean(uncertainty.build(model).scores(batch)["variance"] > uncertainty.threshold)
     squeezed = np.mean(squeeze_scores(model, batch, squeeze.bit_depth, squeeze.median_size) > squeeze.threshold)
-    assert 0.005 <= uncertain <= 0.1 and 0.005 <= squeezed <= 0.1, (uncertain, squeezed)
+    detector = adversarial.build(model).detector
+    flagged = []
+    for encoded in benign_reencodings([image[:, :, None] for image in heldout]).values():
+        sent = sanitizer(encoded)
+        flagged.append(np.mean(detector.scores(sent, model.logits(sent)) > adversarial.threshold))
+    assert 0.005 <= uncertain <= 0.1 and 0.005 <= squeezed <= 0.1 and 0.005 <= max(flagged) <= 0.1, (uncertain, squeezed, flagged)
     stage = probing.build(model)
     for n, image in enumerate(heldout):
         ctx = RequestContext("r", "mnist", f"client{n % 10}", "peer", [image[:, :, None]], [bytes([n % 256, n // 256])])

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from firewall import codec
 from firewall.errors import InvalidInput
 from firewall.protocol import pb
+from models.runtime import OnnxClassifier
 
 LIMITS = codec.Limits(max_batch=8, max_pixels=64 * 64)
 
@@ -192,3 +193,111 @@ def test_outputs_are_the_label_or_a_one_hot_under_the_models_name():
         codec.plan_request(asked, LIMITS, OWN)
     with pytest.raises(InvalidInput, match="expected exactly one input named 'image'"):
         codec.plan_request(request("FP32", [1, 3, 2, 2], bytes(48), name="input"), LIMITS)  # no signature: `image` only
+
+
+def png(height: int, width: int, value: int = 0) -> bytes:
+    return cv2.imencode(".png", np.full((height, width, 3), value, np.uint8))[1].tobytes()
+
+
+def prefixed(*items: bytes) -> bytes:
+    return b"".join(len(item).to_bytes(4, "little") + item for item in items)
+
+
+def with_outputs(message: pb.ModelInferRequest, *names: str) -> pb.ModelInferRequest:
+    for name in names:
+        message.outputs.add(name=name)
+    return message
+
+
+def two_raw_entries() -> pb.ModelInferRequest:
+    message = request("UINT8", [1, 1, 1], bytes(1))
+    message.raw_input_contents.append(bytes(1))
+    return message
+
+
+MESSAGES = [  # (request, signature, what the client is told): shown as is, so each must say what is expected
+    (request("UINT8", [1, 1, 1], bytes(1), name="input"), None, "expected exactly one input named 'image'"),
+    (request("UINT8", [1, 1, 1], bytes(1), name="x"), OWN, "expected exactly one input named 'image' or 'input'"),
+    (two_raw_entries(), None, "raw_input_contents must hold one entry per input"),
+    (
+        request("UINT8", [1, 1, 1], bytes(1), contents=pb.InferTensorContents(uint_contents=[1])),
+        None,
+        "give the tensor either as raw_input_contents or as contents, not both",
+    ),
+    (with_outputs(request("UINT8", [1, 1, 1], bytes(1)), "scores"), OWN, "unknown output; the outputs are 'label' and 'logits'"),
+    (request("UINT8", [], b""), None, "tensor shape must be non-empty with positive dimensions"),
+    (request("UINT8", [9, 1, 1], bytes(9)), None, "batch too large"),
+    (request("FP64", [1, 1, 1], bytes(8)), None, "input 'image' must be BYTES, UINT8 or FP32"),
+    (request("FP32", [1, 3, 4, 4], bytes(192), name="input"), OWN, "input 'input' must be FP32 [B, 3, 2, 2]"),
+    (request("BYTES", [1, 1], prefixed(b"x")), None, "BYTES input must have shape [B]"),
+    (request("BYTES", [2], prefixed(png(2, 2))), None, "number of BYTES elements does not match the shape"),
+    (request("BYTES", [1], prefixed(b"not an image" * 4)), None, "could not decode image"),
+    (request("BYTES", [1], prefixed(png(2, 2)) + b"\0\0"), None, "malformed BYTES tensor"),  # a cut length prefix
+    (request("BYTES", [1], (100).to_bytes(4, "little") + png(2, 2)), None, "malformed BYTES tensor"),  # past the end
+    (request("BYTES", [1], (2**32 - 5).to_bytes(4, "little") + png(2, 2)), None, "malformed BYTES tensor"),  # unsigned
+    (request("BYTES", [2], prefixed(png(2, 2), b"")), None, "could not decode image"),  # an empty last item is an item
+    (request("BYTES", [1], prefixed(png(32, 32)[:60])), None, "could not decode image"),  # its header passes, not its pixels
+    (request("UINT8", [1, 2], bytes(2)), None, "pixel input must have shape [B, H, W] or [B, H, W, C]"),
+    (request("UINT8", [1, 1, 1, 2], bytes(2)), None, "pixel input must have 1, 3 or 4 channels"),
+    (request("UINT8", [1, 65, 65], bytes(65 * 65)), None, "image too large"),
+    (request("UINT8", [1, 1, 1], bytes(2)), None, "raw input size does not match shape and datatype"),
+    (request("FP32", [1, 1, 1], np.array([1.5], "<f4").tobytes()), None, "FP32 pixels must be finite and in [0, 1]"),
+    (request("UINT8", [1, 1, 2], contents=pb.InferTensorContents(uint_contents=[1])), None, "number of tensor contents does not match shape"),
+    (request("UINT8", [1, 1, 1], contents=pb.InferTensorContents(uint_contents=[256])), None, "UINT8 contents out of range"),
+]
+
+
+@pytest.mark.parametrize(("bad", "own", "message"), MESSAGES, ids=[message for _, _, message in MESSAGES])
+def test_each_refusal_tells_the_client_what_is_expected(bad, own, message):
+    with pytest.raises(InvalidInput) as caught:
+        codec.decode_request(bad, LIMITS, own)
+    assert str(caught.value) == caught.value.public_message == message
+
+
+def test_the_byte_limits_tell_the_client_the_request_or_image_is_too_large():
+    for shape, message in (([1, 6, 5, 4], "image too large"), ([3, 6, 5, 3], "request too large")):
+        with pytest.raises(InvalidInput, match=f"^{message}$"):
+            codec.plan_request(request("UINT8", shape, bytes(int(np.prod(shape)))), BOUNDS)
+
+
+def test_the_signature_is_read_from_the_model(mnist_model: OnnxClassifier):
+    assert codec.signature(mnist_model) == codec.Signature(mnist_model.input.name, 1, 28, 28, mnist_model.output_name, 10)
+
+
+def test_decode_request_takes_the_models_own_input():
+    nchw = np.zeros((1, 3, 2, 2), np.float32)
+    decoded = codec.decode_request(request("FP32", nchw.shape, nchw.tobytes(), name="input"), LIMITS, OWN)
+    assert decoded.images[0].shape == (2, 2, 3)
+
+
+def test_a_large_jpeg_is_planned_and_decoded_at_the_reduced_size():
+    jpeg = cv2.imencode(".jpg", np.zeros((40 * 28, 33 * 28, 3), np.uint8))[1].tobytes()
+    limits = codec.Limits(max_batch=1, max_pixels=4096 * 4096, target_side=28)
+    plan = codec.plan_request(request("BYTES", [1], prefixed(jpeg)), limits)
+    assert plan.decoded_bytes == 140 * 116 * 3
+    assert codec.decode_plan(plan, limits).images[0].shape == (140, 116, 3)
+
+
+def test_encoded_images_are_counted_in_decoded_bytes():
+    items = (png(5, 7, 10), png(4, 3, 20))  # of different lengths
+    plan = codec.plan_request(request("BYTES", [2], prefixed(*items)), LIMITS)
+    assert plan.decoded_bytes == (5 * 7 + 4 * 3) * 3
+    assert [image.shape for image in codec.decode_plan(plan, LIMITS).images] == [(5, 7, 3), (4, 3, 3)]
+    one = codec.Limits(max_batch=1, max_pixels=64 * 64, max_image_bytes=5 * 7 * 3 - 1)
+    with pytest.raises(InvalidInput):
+        codec.plan_request(request("BYTES", [1], prefixed(items[0])), one)
+    pixels = codec.plan_request(request("FP32", [2, 3, 4], bytes(2 * 3 * 4 * 4)), LIMITS)
+    assert pixels.decoded_bytes == 2 * 3 * 4 * 4
+
+
+def test_typed_contents_decode_to_the_pixel_dtypes():
+    uint8 = codec.decode_request(request("UINT8", [1, 1, 2], contents=pb.InferTensorContents(uint_contents=[7, 255])), LIMITS)
+    assert uint8.images[0].dtype == np.uint8 and uint8.images[0].ravel().tolist() == [7, 255]
+    fp32 = codec.decode_request(request("FP32", [1, 1, 2], contents=pb.InferTensorContents(fp32_contents=[0.25, 1.0])), LIMITS)
+    assert fp32.images[0].dtype == np.float32 and fp32.images[0].ravel().tolist() == [0.25, 1.0]
+
+
+def test_the_response_names_the_model_and_holds_int64_whatever_the_labels_dtype():
+    response = codec.encode_response(pb.ModelInferRequest(), "mnist", np.array([3, 1], np.int32))
+    assert response.model_name == "mnist"
+    assert np.frombuffer(response.raw_output_contents[0], "<i8").tolist() == [3, 1]

@@ -127,13 +127,13 @@ class Watcher:
 def test_monitor_only_stages_run_after_the_answer_and_their_findings_are_counted(mnist_heldout) -> None:
     images, _ = mnist_heldout
     detectors = bundled_calibration("mnist")["detectors"]
-    policy = {"action": "reject", "rules": {"test.watch": "monitor", "uncertainty": "monitor", "squeeze": "monitor"}}
+    policy = {"action": "reject", "rules": {"test.watch": "monitor", "uncertainty": "monitor", "squeeze": "monitor", "adversarial": "monitor"}}
     settings = make_settings(models={"mnist": {"detectors": detectors, "policy": policy}})
     watcher = Watcher()
     with running_firewall(settings) as firewall:
         pipeline = firewall.service.pipelines["mnist"]
         assert [stage.name for stage in pipeline.stages] == ["sanitize", "probing"]
-        assert [stage.name for stage in pipeline.monitors] == ["uncertainty", "squeeze"]
+        assert [stage.name for stage in pipeline.monitors] == ["uncertainty", "squeeze", "adversarial"]
         pipeline.monitors.append(watcher)
         with grpc.insecure_channel(address(firewall)) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -149,8 +149,8 @@ def test_a_policy_that_no_longer_only_monitors_a_stage_runs_it_before_the_answer
     settings = make_settings(models={"mnist": {"detectors": detectors}})
     with running_firewall(settings) as firewall:
         pipeline = firewall.service.pipelines["mnist"]
-        assert [stage.name for stage in pipeline.monitors] == ["uncertainty", "squeeze"]
+        assert [stage.name for stage in pipeline.monitors] == ["uncertainty", "squeeze", "adversarial"]
         stricter = pipeline.policy.model_copy(update={"rules": {**pipeline.policy.rules, "squeeze": "reject"}})
         pipeline.arrange(stricter)  # what a reload does
         assert [stage.name for stage in pipeline.stages] == ["sanitize", "probing", "squeeze"]
-        assert [stage.name for stage in pipeline.monitors] == ["uncertainty"]
+        assert [stage.name for stage in pipeline.monitors] == ["uncertainty", "adversarial"]

@@ -20,6 +20,8 @@ import cv2
 import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
 
 from detectors.sanitizer import decode_image, read_header
 from firewall.protocol import pb, pb_grpc
@@ -29,7 +31,7 @@ from firewall.throttle import Admission
 from firewall.config import ThrottleConfig
 from firewall.bans import BanLog
 from tests.conftest import address, make_settings, running_firewall, wait_until
-from tests.stages import Flagger, Gate, Slow, marked, with_stage
+from tests.stages import Flagger, Gate, Recorder, Slow, marked, with_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -252,6 +254,81 @@ def test_one_client_cannot_take_the_whole_server_unary_or_streamed(mnist_heldout
     assert codes == [grpc.StatusCode.OK] * 3
 
 
+def test_fresh_ids_keep_room_for_known_clients_and_queue_behind_them(mnist_heldout):
+    images, _ = mnist_heldout
+    settings = make_settings(workers=1, max_concurrent_requests=8, max_new_client_requests=2, throttle={"enabled": False})
+    gate = Gate()
+    codes: dict[str, grpc.StatusCode] = {}
+    with running_firewall(settings) as firewall, grpc.insecure_channel(address(firewall)) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert outcome(stub, pixels_request(images[:1]), "normal") == grpc.StatusCode.OK  # now a known client
+        with with_stage(firewall, gate), with_stage(firewall, Recorder()) as recorder:
+
+            def call(client_id: str) -> threading.Thread:
+                thread = threading.Thread(target=lambda: codes.update({client_id: outcome(stub, pixels_request(images[:1]), client_id)}))
+                thread.start()
+                return thread
+
+            calls = [call("fresh-1")]
+            gate.wait_entered(1)  # fresh-1 holds the one worker
+            calls.append(call("fresh-2"))
+            wait_until(lambda: firewall.service.in_flight.count == 2)  # fresh-2 waits: both new-id slots taken
+            assert outcome(stub, pixels_request(images[:1]), "fresh-3") == grpc.StatusCode.RESOURCE_EXHAUSTED
+            calls.append(call("normal"))  # the server has room for a known client
+            wait_until(lambda: firewall.service.in_flight.count == 3)
+            gate.release()
+            for thread in calls:
+                thread.join()
+    assert set(codes.values()) == {grpc.StatusCode.OK}
+    assert recorder.client_ids == ["fresh-1", "normal", "fresh-2"]  # the known client went first
+
+
+def test_one_connection_holds_at_most_its_streams(mnist_heldout):
+    """Calls beyond ``max_streams_per_connection`` wait in the client, so a flood over one connection
+    cannot fill the server's queue of incoming calls; another connection's call goes through."""
+    images, _ = mnist_heldout
+    settings = make_settings(max_streams_per_connection=2, throttle={"enabled": False})
+    gate = Gate()
+    codes: list[grpc.StatusCode] = []
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]
+    with (
+        running_firewall(settings) as firewall,
+        with_stage(firewall, gate),
+        grpc.insecure_channel(address(firewall), own_connection) as busy,
+        grpc.insecure_channel(address(firewall), own_connection) as other,
+    ):
+        flood = pb_grpc.GRPCInferenceServiceStub(busy)
+        calls = [threading.Thread(target=lambda n=n: codes.append(outcome(flood, pixels_request(images[:1]), f"flood-{n}"))) for n in range(3)]
+        for call in calls:
+            call.start()
+        gate.wait_entered(2)
+        calls.append(threading.Thread(target=lambda: codes.append(outcome(pb_grpc.GRPCInferenceServiceStub(other), pixels_request(images[:1]), "other"))))
+        calls[-1].start()
+        gate.wait_entered(3)
+        assert "other" in firewall.service.in_flight.clients and firewall.service.in_flight.count == 3  # the third flood call waits in its client
+        gate.release()
+        for call in calls:
+            call.join()
+    assert codes.count(grpc.StatusCode.OK) == 4
+
+
+def test_calls_opened_at_once_on_a_new_connection_wait_for_a_stream_instead_of_failing(mnist_heldout):
+    """A client may open calls before it has read the server's stream limit: they must wait, not be reset."""
+    images, _ = mnist_heldout
+    settings = make_settings(max_streams_per_connection=2, throttle={"enabled": False})
+    with running_firewall(settings) as firewall, grpc.insecure_channel(address(firewall)) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        calls = [stub.ModelInfer.future(pixels_request(images[:1]), metadata=[("x-client-id", f"c{n % 4}")], timeout=60) for n in range(40)]
+        codes = []
+        for call in calls:
+            try:
+                call.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as error:
+                codes.append(error.code())
+    assert codes == [grpc.StatusCode.OK] * 40  # with core's default overload protection some were reset (UNAVAILABLE)
+
+
 # -- 5. bans survive a restart -----------------------------------------------------------------
 
 
@@ -324,3 +401,27 @@ def test_a_banned_clients_refusal_takes_as_long_as_a_decided_one(mnist_heldout):
             started = time.monotonic()
             assert outcome(stub, pixels_request(images[:1]), "attacker") == grpc.StatusCode.PERMISSION_DENIED
             assert time.monotonic() - started >= 0.3  # every decided request took at least 0.3 s
+
+
+def test_a_message_over_the_limit_is_refused_without_naming_a_limit(mnist_heldout):
+    """gRPC core's own refusal states its limit; ours (the limit set in the configuration) names none.
+    core's receive limit is twice ours, so only a message over that ceiling gets core's text, and it
+    names the ceiling, not the configured limit."""
+    limit = 1024 * 1024
+    with running_firewall(make_settings(max_message_bytes=limit)) as firewall:
+        client = triton.InferenceServerClient(address(firewall))
+
+        def refusal(side: int) -> tuple[str, str]:
+            tensor = triton.InferInput("image", [1, side, side], "UINT8")
+            tensor.set_data_from_numpy(np.zeros((1, side, side), np.uint8))
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer("mnist", [tensor], headers={"x-client-id": "big"})
+            return refused.value.status(), refused.value.message()
+
+        try:
+            status, message = refusal(1200)  # 1.4 MB
+            assert (status, message) == ("StatusCode.RESOURCE_EXHAUSTED", "request too large")
+            status, message = refusal(1500)  # 2.25 MB: over core's ceiling
+            assert status == "StatusCode.RESOURCE_EXHAUSTED" and str(limit) not in message
+        finally:
+            client.close()

@@ -133,7 +133,7 @@ def test_after_a_ban_ends_the_client_is_a_suspect_until_suspect_s_has_passed(stu
 
 def test_the_global_concurrency_cap_refuses_beyond_it(mnist_heldout):
     images, _ = mnist_heldout
-    settings = make_settings(max_concurrent_requests=2, throttle={"enabled": False})
+    settings = make_settings(max_concurrent_requests=2, max_new_client_requests=2, throttle={"enabled": False})
     codes: list[grpc.StatusCode] = []
     gate = Gate()
     with running_firewall(settings) as firewall, with_stage(firewall, gate):
