@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("firewall.evaluate", "red-team and cost report against a live endpoint"),
     "accuracy": ("models.accuracy", "measure a model file's accuracy on held-out data"),
     "mc-dropout": ("models.mc_dropout", "make an ONNX model's Dropout active at inference"),
-    "distill": ("models.distill", "train a defensively distilled student of an MNIST model"),
+    "distill": ("models.distill", "train a defensively distilled student of an MNIST or CIFAR-10 model"),
     "train-detector": ("models.train_detector", "train an adversarial-example detector for a model (FGSM, PGD, CW from ART)"),
 }
 
