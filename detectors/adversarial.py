@@ -27,7 +27,7 @@ import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
 from detectors.evidence import ClientRateConfig, ClientRateStage, client_rate_findings
-from detectors.forward import novel_items, shared_forward
+from detectors.forward import novel_scores
 from firewall.stage import Finding, RequestContext
 from models.runtime import OnnxClassifier, default_providers, session_options
 
@@ -87,9 +87,5 @@ class AdversarialStage(ClientRateStage):
     def __call__(self, ctx: RequestContext) -> Sequence[Finding]:
         if ctx.tensor is None or not len(ctx.tensor):
             return []
-        novel = novel_items(ctx)
-        scores = np.zeros(len(ctx.tensor))  # re-sent content is no new observation: not scored, not flagged
-        if len(novel):
-            logits = shared_forward(ctx, self.model).logits[novel]
-            scores[novel] = self.detector.scores(ctx.tensor[novel], logits)
+        scores = novel_scores(ctx, self.model, self.detector.scores)
         return client_rate_findings("adversarial", self.clients, ctx, scores, self.config.threshold, {})

@@ -7,10 +7,13 @@ simply runs the model.
 
 ``novel_items``: the images that are new content (``ctx.scratch["novel"]``, set by the probing
 stage; all of them without it). The per-image detectors' client tests observe only those
-(``detectors.evidence.client_rate_findings``), so re-sent content need not be scored at all.
+(``detectors.evidence.client_rate_findings``), so re-sent content need not be scored at all:
+``novel_scores`` scores only those, from the shared pass's logits.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
@@ -32,3 +35,15 @@ def novel_items(ctx: RequestContext) -> np.ndarray:
     """Indices of the images that are new content."""
     count = 0 if ctx.tensor is None else len(ctx.tensor)
     return np.flatnonzero(ctx.scratch.get("novel", [True] * count))
+
+
+def novel_scores(
+    ctx: RequestContext, model: OnnxClassifier, score: Callable[[np.ndarray, np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """``score(images, logits)`` of the new images, 0 for re-sent content (no new observation)."""
+    assert ctx.tensor is not None
+    scores = np.zeros(len(ctx.tensor))
+    novel = novel_items(ctx)
+    if len(novel):
+        scores[novel] = score(ctx.tensor[novel], shared_forward(ctx, model).logits[novel])
+    return scores

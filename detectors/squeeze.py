@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from detectors.evidence import ClientRateConfig, ClientRateStage, client_rate_findings
-from detectors.forward import novel_items, shared_forward
+from detectors.forward import novel_scores
 from detectors.sanitizer import squeeze
 from firewall.stage import Finding, RequestContext
 from models.runtime import OnnxClassifier, softmax
@@ -80,10 +80,8 @@ class SqueezeStage(ClientRateStage):
     def __call__(self, ctx: RequestContext) -> Sequence[Finding]:
         if ctx.tensor is None or not len(ctx.tensor):
             return []
-        novel = novel_items(ctx)
-        scores = np.zeros(len(ctx.tensor))  # re-sent content is no new observation: not scored, not flagged
-        if len(novel):
-            logits = shared_forward(ctx, self.model).logits[novel]
-            config = self.config
-            scores[novel] = squeeze_scores(self.model, ctx.tensor[novel], config.bit_depth, config.median_size, logits)
+        config = self.config
+        scores = novel_scores(
+            ctx, self.model, lambda images, logits: squeeze_scores(self.model, images, config.bit_depth, config.median_size, logits)
+        )
         return client_rate_findings("squeeze", self.clients, ctx, scores, self.config.threshold, {})
