@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from firewall.config import Settings  # noqa: E402
 from firewall.evaluate.adaptive import ADAPTIVE_ATTACKS, onnx_judge, run_adaptive_attack  # noqa: E402
 from firewall.evaluate.attacks import ATTACKS, run_attack  # noqa: E402
-from firewall.evaluate.endpoint import Refusal, RoundRobin  # noqa: E402
+from firewall.evaluate.endpoint import RoundRobin  # noqa: E402
 from firewall.logs import configure_logging  # noqa: E402
 from firewall.server import Firewall  # noqa: E402
 from models.runtime import bundled_model_path  # noqa: E402
@@ -71,23 +71,15 @@ def group(server: RedisServer | None, count: int, calibrated: bool, **overrides)
         yield replicas, endpoint
 
 
-def status(endpoint: RoundRobin, pixels: np.ndarray, client_id: str) -> str:
-    try:
-        endpoint.send(endpoint.request(pixels), client_id)
-    except Refusal as refusal:
-        return refusal.status
-    return "OK"
-
-
 def ban_delay(server: RedisServer, trials: int) -> None:
     with group(server, 3, False, throttle={"enabled": False}, model={"policy": {"action": "ban"}}) as (replicas, endpoint):
         delays, refused_first = [], 0
         with with_stage(replicas[0], Flagger()):
             for n in range(trials):
                 endpoint.turn = 0  # the marked request goes to the first replica, the next to the second
-                assert status(endpoint, marked(IMAGES[n : n + 1]), f"banned-{n}") == "PERMISSION_DENIED"
+                assert endpoint.outcome(marked(IMAGES[n : n + 1]), f"banned-{n}") == "PERMISSION_DENIED"
                 banned_at = time.perf_counter()
-                answer = status(endpoint, IMAGES[n : n + 1], f"banned-{n}")
+                answer = endpoint.outcome(IMAGES[n : n + 1], f"banned-{n}")
                 delays.append(time.perf_counter() - banned_at)
                 refused_first += answer == "PERMISSION_DENIED"
     print(f"(a) ban raised on replica 1, next request on replica 2: refused {refused_first} of {trials}; "
@@ -100,7 +92,7 @@ def one_caller(addresses: list[str], turn: int, deadline: float) -> tuple[int, i
     endpoint.turn = turn
     sent = allowed = 0
     while time.perf_counter() < deadline:
-        allowed += status(endpoint, IMAGES[:1], "one-client") == "OK"
+        allowed += endpoint.outcome(IMAGES[:1], "one-client") == "OK"
         sent += 1
     endpoint.close()
     return sent, allowed

@@ -101,7 +101,8 @@ class ResponsePolicy:
         items = list(range(ctx.batch_size))
         if all(finding.item is not None for finding in ctx.findings):
             items = sorted({finding.item for finding in ctx.findings})
-        noisy = ctx.tensor[items] + self.rng.normal(0.0, sigma, ctx.tensor[items].shape).astype(np.float32)
+        images = ctx.tensor[items]
+        noisy = images + self.rng.normal(0.0, sigma, images.shape).astype(np.float32)
         labels = ctx.labels.copy()
         labels[items] = pipeline.classifier.predict(np.clip(noisy, 0.0, 1.0))
         ctx.labels = labels

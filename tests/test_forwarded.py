@@ -60,9 +60,10 @@ def test_without_trusted_proxies_headers_are_ignored():
 Send = Callable[[str, dict[str, str]], str]  # (client id, headers) -> "OK" or the error's status
 
 
-def grpc_sender(firewall, pixels: np.ndarray) -> Send:
-    client = triton_grpc.InferenceServerClient(address(firewall))
-    tensor = triton_grpc.InferInput("image", list(pixels.shape), "UINT8")
+def sender(triton, url: str, pixels: np.ndarray) -> Send:
+    """``triton``: tritonclient's gRPC or HTTP module, the same calls on either binding."""
+    client = triton.InferenceServerClient(url)
+    tensor = triton.InferInput("image", list(pixels.shape), "UINT8")
     tensor.set_data_from_numpy(pixels)
 
     def send(client_id: str, headers: dict[str, str]) -> str:
@@ -73,21 +74,14 @@ def grpc_sender(firewall, pixels: np.ndarray) -> Send:
         return "OK"
 
     return send
+
+
+def grpc_sender(firewall, pixels: np.ndarray) -> Send:
+    return sender(triton_grpc, address(firewall), pixels)
 
 
 def http_sender(firewall, pixels: np.ndarray) -> Send:
-    client = triton_http.InferenceServerClient(f"127.0.0.1:{firewall.http_port}")
-    tensor = triton_http.InferInput("image", list(pixels.shape), "UINT8")
-    tensor.set_data_from_numpy(pixels)
-
-    def send(client_id: str, headers: dict[str, str]) -> str:
-        try:
-            client.infer("mnist", [tensor], headers={"x-client-id": client_id, **headers})
-        except InferenceServerException as error:
-            return error.status()
-        return "OK"
-
-    return send
+    return sender(triton_http, f"127.0.0.1:{firewall.http_port}", pixels)
 
 
 THROTTLED = {"grpc": "StatusCode.RESOURCE_EXHAUSTED", "http": "429"}

@@ -24,7 +24,7 @@ from detectors.evidence import ClientRateConfig, ClientRateStage, client_rate_fi
 from firewall.config import Settings
 from firewall.evaluate.adaptive import onnx_judge, run_adaptive_attack
 from firewall.evaluate.attacks import ATTACKS, run_attack
-from firewall.evaluate.endpoint import Endpoint, Refusal, RoundRobin
+from firewall.evaluate.endpoint import Endpoint, RoundRobin
 from firewall.protocol import pb, pb_grpc
 from firewall.server import Firewall
 from models.runtime import OnnxClassifier, bundled_model_path
@@ -255,15 +255,6 @@ def test_two_serve_processes_configured_from_the_environment_share_a_bucket_and_
 # -- three replicas behind a round-robin client (tritonclient) ---------------------------------------------
 
 
-def sent(endpoint: RoundRobin, pixels: np.ndarray, client_id: str) -> str:
-    """What one request through the round-robin client got: OK or the refusal's status."""
-    try:
-        endpoint.send(endpoint.request(pixels), client_id)
-    except Refusal as refusal:
-        return refusal.status
-    return "OK"
-
-
 @contextmanager
 def round_robin(group: list[Firewall]) -> Iterator[RoundRobin]:
     endpoint = RoundRobin([address(replica) for replica in group], "mnist")
@@ -276,16 +267,16 @@ def round_robin(group: list[Firewall]) -> Iterator[RoundRobin]:
 def test_a_ban_raised_on_one_of_three_replicas_refuses_the_client_on_the_next_two(redis_server, images):
     policy = {"mnist": {"policy": {"action": "ban"}}}
     with replicas(redis_server, count=3, models=policy) as group, round_robin(group) as endpoint, with_stage(group[0], Flagger()):
-        assert sent(endpoint, marked(images[:1]), "attacker") == "PERMISSION_DENIED"  # banned on the first
-        assert [sent(endpoint, images[:1], "attacker") for _ in range(3)] == ["PERMISSION_DENIED"] * 3
-        assert [sent(endpoint, images[:1], "bystander") for _ in range(3)] == ["OK"] * 3
+        assert endpoint.outcome(marked(images[:1]), "attacker") == "PERMISSION_DENIED"  # banned on the first
+        assert [endpoint.outcome(images[:1], "attacker") for _ in range(3)] == ["PERMISSION_DENIED"] * 3
+        assert [endpoint.outcome(images[:1], "bystander") for _ in range(3)] == ["OK"] * 3
 
 
 def test_a_bucket_holds_across_three_replicas(redis_server, images):
     """Nine tokens (a refill too slow to matter) spent round-robin over three replicas, then none left anywhere."""
     with replicas(redis_server, count=3, throttle={"rate": 0.01, "burst": 9}) as group, round_robin(group) as endpoint:
-        assert [sent(endpoint, images[:1], "c") for _ in range(9)] == ["OK"] * 9
-        assert [sent(endpoint, images[:1], "c") for _ in range(3)] == ["RESOURCE_EXHAUSTED"] * 3
+        assert [endpoint.outcome(images[:1], "c") for _ in range(9)] == ["OK"] * 9
+        assert [endpoint.outcome(images[:1], "c") for _ in range(3)] == ["RESOURCE_EXHAUSTED"] * 3
 
 
 class MarkedRate(ClientRateStage):
@@ -318,10 +309,10 @@ def test_a_client_spreading_flagged_images_over_three_replicas_is_refused_as_soo
     expected = ["OK"] * 5 + ["PERMISSION_DENIED"]
     policy = {"mnist": {"policy": {"action": "reject"}}}
     with replicas(redis_server, count=3, models=policy) as group, round_robin(group) as endpoint, marked_rate(group):
-        assert [sent(endpoint, marked(images[n : n + 1]), "spread") for n in range(6)] == expected
+        assert [endpoint.outcome(marked(images[n : n + 1]), "spread") for n in range(6)] == expected
         assert scrape(group[1], "firewall_shared_state_up") == 1
     with running_firewall(make_settings(models=policy)) as alone, round_robin([alone]) as endpoint, marked_rate([alone]):
-        assert [sent(endpoint, marked(images[n : n + 1]), "alone") for n in range(6)] == expected
+        assert [endpoint.outcome(marked(images[n : n + 1]), "alone") for n in range(6)] == expected
 
 
 def calibrated(state: dict | None, action: str = "reject") -> Settings:

@@ -171,6 +171,14 @@ class Endpoint:
             raise _failure(self.address, error) from None
         return self.adapter.answer(result)
 
+    def outcome(self, pixels: np.ndarray, client_id: str) -> str:
+        """What one request of ``pixels`` (uint8 [N, H, W, C]) got: "OK" or the refusal's status."""
+        try:
+            self.send(self.request(pixels), client_id)
+        except Refusal as refusal:
+            return refusal.status
+        return "OK"
+
     def send_patiently(self, request: Request, client_id: str, patience_s: float = PATIENCE_S) -> tuple[Answer, int]:
         """``send``, retried with backoff while throttled, for up to ``patience_s`` seconds of waiting.
 
